@@ -1,0 +1,165 @@
+"""Lazy, one-tensor-at-a-time access to a checkpoint's safetensors shards.
+
+The safetensors header is parsed here rather than through `safe_open` so that a truncated or
+corrupt file is reported by name before the build writes anything, and so that a tensor can be
+read a block of rows at a time: the largest tensors (embedding, lm head) are quantized and
+transposed in slices, which is what keeps peak memory flat as models grow.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from internlm2_graph.errors import InternLM2GraphError
+
+DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live: file, byte offset, dtype, shape."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of the tensor as float32; rows are contiguous on disk."""
+        rows = self.shape[0] if self.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        row_shape = self.shape[1:]
+        dtype = np.dtype(DTYPES[self.dtype])
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        count = (stop - start) * row_bytes // dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * row_bytes)
+            raw = np.fromfile(f, dtype=dtype, count=count)
+        if raw.size != count:
+            raise InternLM2GraphError(
+                f"{self.path}: tensor {self.name} is cut short (file truncated); "
+                "download the shard again"
+            )
+        out = raw.astype(np.float32, copy=dtype != np.float32)
+        return out.reshape((stop - start, *row_shape) if self.shape else ())
+
+    def read(self) -> np.ndarray:
+        return self.read_rows()
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, by their InternLM2 names; nothing read until asked."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.tensors: dict[str, TensorRef] = {}
+        for shard in self._shards():
+            for ref in read_header(shard):
+                self.tensors[ref.name] = ref
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> TensorRef:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InternLM2GraphError(
+                f"{self.folder}: tensor {name} is missing from the checkpoint; "
+                "it is incomplete or not an InternLM2 checkpoint"
+            ) from None
+
+    def __iter__(self) -> Iterator[TensorRef]:
+        return iter(self.tensors.values())
+
+    def _shards(self) -> list[Path]:
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise InternLM2GraphError(
+                    f"{index}: not a safetensors index (needs a 'weight_map' object)"
+                ) from None
+            shards = [self.folder / name for name in dict.fromkeys(weight_map.values())]
+            for shard in shards:
+                if not shard.is_file():
+                    raise InternLM2GraphError(
+                        f"{index} names shard {shard.name}, which is not in {self.folder}; "
+                        "download the missing shard"
+                    )
+            return shards
+        if (self.folder / SINGLE).is_file():
+            return [self.folder / SINGLE]
+        loose = sorted(self.folder.glob("*.safetensors"))
+        if loose:
+            return loose
+        if any(self.folder.glob("pytorch_model*.bin")) or any(self.folder.glob("*.pt")):
+            raise InternLM2GraphError(
+                f"{self.folder}: only PyTorch *.bin weights found; internlm2_graph reads "
+                "safetensors. Download the safetensors revision of the repo, or convert once "
+                "with: python -c \"import torch, safetensors.torch as s; "
+                "s.save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\""
+            )
+        raise InternLM2GraphError(
+            f"{self.folder}: no *.safetensors weights found (expected {SINGLE} or "
+            f"{INDEX} with its shards)"
+        )
+
+
+def read_header(path: Path) -> list[TensorRef]:
+    """The tensors a safetensors file declares, checked against the file's real size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, "shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER, size - 8):
+            raise _corrupt(path, "header length points past the end of the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _corrupt(path, "header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    data_start = 8 + length
+    refs = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"entry for {name} is malformed") from None
+        if dtype not in DTYPES:
+            raise InternLM2GraphError(
+                f"{path}: tensor {name} has dtype {dtype}; expected one of "
+                f"{', '.join(DTYPES)} (bf16 as published)"
+            )
+        ref = TensorRef(name, path, dtype, shape, data_start + begin)
+        if end - begin != ref.nbytes or data_start + end > size:
+            raise _corrupt(path, f"tensor {name} does not fit in the file (truncated?)")
+        refs.append(ref)
+    return refs
+
+
+def _corrupt(path: Path, why: str) -> InternLM2GraphError:
+    return InternLM2GraphError(
+        f"{path}: corrupt safetensors file ({why}); download it again"
+    )

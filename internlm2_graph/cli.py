@@ -1,0 +1,127 @@
+"""Command line: `python -m internlm2_graph` / `internlm2-graph`.
+
+Build flags match `onnxruntime_genai.models.builder` (-i -o -p -e --extra_options), so the
+commands users know work with the module name swapped. `verify` and `inspect` are subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
+
+SUBCOMMANDS = ("build", "verify", "inspect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph",
+        description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI folder.",
+        epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT`, "
+        "`internlm2-graph inspect CHECKPOINT`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-i", "--input", required=True, help="checkpoint folder or hub id")
+    parser.add_argument("-o", "--output", required=True, help="folder to write")
+    parser.add_argument("-p", "--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("-e", "--execution_provider", default="cpu", choices=EXECUTION_PROVIDERS)
+    parser.add_argument("-c", "--cache_dir", default=None, help="Hugging Face cache folder")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    parser.add_argument(
+        "--extra_options",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="options as named by the onnxruntime-genai builder:\n"
+        + "\n".join(f"  {k}: {v}" for k, v in OPTIONS.items()),
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument(
+        "--allow_nonfinite", action="store_true", help="warn instead of failing on NaN/Inf weights"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    return parser
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph verify",
+        description="Run a few greedy tokens through a built model and the numpy reference.",
+    )
+    parser.add_argument("model", help="the built folder")
+    parser.add_argument("--against", required=True, help="the checkpoint folder it was built from")
+    parser.add_argument("--prompt", default="The quick brown fox", help="text to start from")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference|")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph inspect",
+        description="Config, parameter count, and memory per precision for a checkpoint.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder or hub id")
+    parser.add_argument("--context", type=int, default=None, help="KV cache length (default 4096)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
+    parser = {"build": build_parser, "verify": verify_parser, "inspect": inspect_parser}[command]()
+    args = parser.parse_args(argv)
+    try:
+        return {"build": _build, "verify": _verify, "inspect": _inspect}[command](args)
+    except InternLM2GraphError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _build(args) -> int:
+    from internlm2_graph.build import build
+    from internlm2_graph.progress import Progress
+
+    summary = build(
+        args.input,
+        args.output,
+        args.precision,
+        args.execution_provider,
+        args.extra_options,
+        cache_dir=args.cache_dir,
+        revision=args.revision,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=Progress(quiet=args.quiet),
+    )
+    if not args.quiet:
+        print(summary)
+    return 0
+
+
+def _verify(args) -> int:
+    from internlm2_graph.verify import encode_prompt, verify
+
+    prompt = encode_prompt(args.against, args.prompt)
+    verdict = verify(args.model, args.against, prompt, args.steps)
+    print(verdict)
+    ok = verdict.max_logit_error <= args.tolerance and verdict.tokens_agree == verdict.steps
+    print("OK" if ok else f"MISMATCH (tolerance {args.tolerance})")
+    return 0 if ok else 1
+
+
+def _inspect(args) -> int:
+    from internlm2_graph.inspect import describe
+
+    print(describe(args.checkpoint, args.context))
+    return 0

@@ -1,0 +1,235 @@
+"""The InternLM2 decoder as onnxscript modules.
+
+Module and parameter names are the checkpoint's own (`model.layers.3.attention.wqkv.weight`),
+so the saved graph reads like the checkpoint and weights bind by name (see weights.py).
+Parameters carry shapes and dtypes only; their data is attached lazily when the model is saved.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript import nn
+
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.precision import Target
+from internlm2_graph.quantize import QuantSpec
+
+MS = "com.microsoft"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32 (stash_type=1); with a skip input it also returns the residual sum."""
+
+    def __init__(self, hidden: int, eps: float, dtype: ir.DataType) -> None:
+        super().__init__()
+        self.weight = nn.Parameter([hidden], dtype)
+        self.eps = eps
+
+    def forward(self, op, x, residual=None):
+        if residual is None:
+            normed = op.SimplifiedLayerNormalization(x, self.weight, axis=-1, epsilon=self.eps, stash_type=1)
+            return normed, x
+        normed, _, _, total = op.SkipSimplifiedLayerNormalization(
+            x, residual, self.weight, epsilon=self.eps, _domain=MS, _version=1, _outputs=4
+        )
+        return normed, total
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ b), with W kept as float [in, out] for MatMul."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: ir.DataType) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter([in_features, out_features], dtype)
+        self.bias = nn.Parameter([out_features], dtype) if bias else None
+
+    def forward(self, op, x):
+        y = op.MatMul(x, self.weight)
+        return y if self.bias is None else op.Add(y, self.bias)
+
+
+class QuantizedLinear(nn.Module):
+    """The same contract as Linear, through com.microsoft MatMulNBits (block-wise int4/int8)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: ir.DataType, spec: QuantSpec
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        blocks = -(-in_features // spec.block_size)
+        blob = spec.block_size * spec.bits // 8
+        self.weight = nn.Parameter([out_features, blocks, blob], ir.DataType.UINT8)
+        self.scales = nn.Parameter([out_features * blocks], dtype)
+        self.zero_points = (
+            None
+            if spec.symmetric
+            else nn.Parameter([out_features * zero_point_bytes(blocks, spec.bits)], ir.DataType.UINT8)
+        )
+        self.bias = nn.Parameter([out_features], dtype) if bias else None
+
+    def forward(self, op, x):
+        inputs = [x, self.weight, self.scales]
+        if self.zero_points is not None:
+            inputs.append(self.zero_points)
+        y = op.MatMulNBits(
+            *inputs,
+            K=self.in_features,
+            N=self.out_features,
+            bits=self.spec.bits,
+            block_size=self.spec.block_size,
+            accuracy_level=self.spec.accuracy_level,
+            _domain=MS,
+            _version=1,
+        )
+        return y if self.bias is None else op.Add(y, self.bias)
+
+
+def zero_point_bytes(blocks: int, bits: int) -> int:
+    per_byte = 8 // bits
+    return -(-blocks // per_byte)
+
+
+def linear(in_features: int, out_features: int, bias: bool, dtype: ir.DataType, spec: QuantSpec | None):
+    """The one place where precision picks the kind of linear layer."""
+    if spec is not None:
+        return QuantizedLinear(in_features, out_features, bias, dtype, spec)
+    return Linear(in_features, out_features, bias, dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin caches [context, head_dim/2] that GroupQueryAttention indexes by position."""
+
+    def __init__(self, length: int, head_dim: int, dtype: ir.DataType) -> None:
+        super().__init__()
+        self.cos_cache = nn.Parameter([length, head_dim // 2], dtype)
+        self.sin_cache = nn.Parameter([length, head_dim // 2], dtype)
+
+    def forward(self, op):
+        return self.cos_cache, self.sin_cache
+
+
+class Attention(nn.Module):
+    """Causal GQA with rotate-half RoPE and a KV cache, one fused op.
+
+    wqkv's rows are regrouped to [Q | K | V] when the weights are bound, so a single MatMul feeds
+    GroupQueryAttention's packed-QKV input.
+    """
+
+    def __init__(self, config: InternLM2Config, target: Target) -> None:
+        super().__init__()
+        self.config = config
+        qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        heads_out = config.num_attention_heads * config.head_dim
+        self.wqkv = linear(config.hidden_size, qkv, config.bias, target.io_dtype, target.quant)
+        self.wo = linear(heads_out, config.hidden_size, config.bias, target.io_dtype, target.quant)
+
+    def forward(self, op, x, past_key, past_value, seqlens_k, total_length, cos, sin):
+        c = self.config
+        attended, present_key, present_value = op.GroupQueryAttention(
+            self.wqkv(op, x),
+            None,
+            None,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            cos,
+            sin,
+            num_heads=c.num_attention_heads,
+            kv_num_heads=c.num_key_value_heads,
+            scale=c.head_dim**-0.5,
+            do_rotary=1,
+            rotary_interleaved=0,
+            _domain=MS,
+            _version=1,
+            _outputs=3,
+        )
+        return self.wo(op, attended), present_key, present_value
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: InternLM2Config, target: Target) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.w1 = linear(h, i, False, target.io_dtype, target.quant)
+        self.w3 = linear(h, i, False, target.io_dtype, target.quant)
+        self.w2 = linear(i, h, False, target.io_dtype, target.quant)
+
+    def forward(self, op, x):
+        gate = self.w1(op, x)
+        return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), self.w3(op, x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: InternLM2Config, target: Target) -> None:
+        super().__init__()
+        dtype = target.io_dtype
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attention = Attention(config, target)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.feed_forward = FeedForward(config, target)
+
+    def forward(self, op, hidden, residual, past_key, past_value, mask_info, rotary):
+        """`hidden` is the last sublayer's output, not yet added to the `residual` stream."""
+        x, residual = self.attention_norm(op, hidden, residual)
+        hidden, present_key, present_value = self.attention(
+            op, x, past_key, past_value, *mask_info, *rotary
+        )
+        x, residual = self.ffn_norm(op, hidden, residual)
+        return self.feed_forward(op, x), residual, present_key, present_value
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, dtype: ir.DataType) -> None:
+        super().__init__()
+        self.weight = nn.Parameter([vocab, hidden], dtype)
+
+    def forward(self, op, input_ids):
+        return op.Gather(self.weight, input_ids, axis=0)
+
+
+class InternLM2Model(nn.Module):
+    def __init__(self, config: InternLM2Config, target: Target) -> None:
+        super().__init__()
+        dtype = target.io_dtype
+        self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, target) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary = Rotary(config.context_length, config.head_dim, dtype)
+
+    def forward(self, op, input_ids, attention_mask, past):
+        mask_info = attention_lengths(op, attention_mask)
+        rotary = self.rotary(op)
+        hidden, residual, presents = self.tok_embeddings(op, input_ids), None, []
+        for layer, (past_key, past_value) in zip(self.layers, past):
+            hidden, residual, present_key, present_value = layer(
+                op, hidden, residual, past_key, past_value, mask_info, rotary
+            )
+            presents.append((present_key, present_value))
+        normed, _ = self.norm(op, hidden, residual)
+        return normed, presents
+
+
+class InternLM2ForCausalLM(nn.Module):
+    def __init__(self, config: InternLM2Config, target: Target) -> None:
+        super().__init__()
+        self.model = InternLM2Model(config, target)
+        self.output = linear(
+            config.hidden_size, config.vocab_size, False, target.io_dtype, target.lm_head_quant
+        )
+
+    def forward(self, op, input_ids, attention_mask, past):
+        hidden, presents = self.model(op, input_ids, attention_mask, past)
+        return self.output(op, hidden), presents
+
+
+def attention_lengths(op, attention_mask):
+    """GroupQueryAttention's view of the 2D mask: per-row length - 1, and the total length."""
+    seqlens_k = op.Cast(op.Sub(op.ReduceSum(attention_mask, [1], keepdims=0), 1), to=ir.DataType.INT32)
+    total = op.Cast(op.Gather(op.Shape(attention_mask), 1, axis=0), to=ir.DataType.INT32)
+    return seqlens_k, total

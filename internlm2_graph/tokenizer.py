@@ -1,0 +1,4 @@
+"""stub"""
+
+def write_tokenizer(*a):
+    raise NotImplementedError

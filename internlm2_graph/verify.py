@@ -1,0 +1,82 @@
+"""Run a built folder with onnxruntime_genai and compare it with the numpy reference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from internlm2_graph.reference import Reference
+
+
+def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
+    """Greedy-decode a batch with onnxruntime_genai; the KV-cache path after the prompt.
+
+    Returns (tokens per prompt, logits per step [batch, vocab] as float32): step 0 holds the
+    last prompt position's logits, step k the logits after the k-th generated token.
+    """
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    longest = max(len(p) for p in prompts)
+    params.set_search_options(do_sample=False, max_length=longest + steps, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    pad = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["pad_token_id"]
+    batch = np.full((len(prompts), longest), pad, dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        batch[row, : len(prompt)] = prompt
+    generator.append_tokens(batch if len(prompts) > 1 else batch[:, :])
+    tokens: list[list[int]] = [[] for _ in prompts]
+    history = []
+    for _ in range(steps):
+        history.append(np.array(generator.get_logits(), dtype=np.float32).reshape(len(prompts), -1))
+        generator.generate_next_token()
+        for row, token in enumerate(generator.get_next_tokens()):
+            tokens[row].append(int(token))
+    history.append(np.array(generator.get_logits(), dtype=np.float32).reshape(len(prompts), -1))
+    return tokens, history
+
+
+def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
+    """<s> + SentencePiece ids of `text`, as the checkpoint's own tokenizer.model encodes it."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(Path(checkpoint) / "tokenizer.model"))
+    return [processor.bos_id(), *processor.encode(text)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    max_logit_error: float
+    per_step_error: list[float]
+    tokens_agree: int
+    steps: int
+    model_tokens: list[int]
+    reference_tokens: list[int]
+
+    def __str__(self) -> str:
+        lines = [
+            f"max |logit difference| {self.max_logit_error:.3g} over {len(self.per_step_error)} steps",
+            f"greedy tokens agree on {self.tokens_agree}/{self.steps}",
+            f"  model:     {self.model_tokens}",
+            f"  reference: {self.reference_tokens}",
+        ]
+        return "\n".join(lines)
+
+
+def verify(model_dir: str | Path, checkpoint: str | Path, prompt: list[int], steps: int = 8) -> Verdict:
+    reference_tokens, reference_logits = Reference(checkpoint).greedy(prompt, steps)
+    (model_tokens,), model_logits = og_greedy(model_dir, [prompt], steps)
+    errors = [
+        float(np.max(np.abs(m[0].astype(np.float64) - r)))
+        for m, r in zip(model_logits, reference_logits)
+    ]
+    agree = 0
+    for m, r in zip(model_tokens, reference_tokens):
+        if m != r:
+            break
+        agree += 1
+    return Verdict(max(errors), errors, agree, steps, model_tokens, reference_tokens)

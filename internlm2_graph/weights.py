@@ -1,0 +1,237 @@
+"""Checkpoint tensors -> graph initializers: pure per-tensor transforms and lazy binding.
+
+Every graph parameter is named after the checkpoint tensor it comes from, so binding needs no
+mapping table: a module's path is the tensor's prefix. Data is produced only when the saver asks
+for it, one tensor (or one block of rows) at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from internlm2_graph import modules
+from internlm2_graph.checkpoint import Checkpoint, TensorRef
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.quantize import QuantizedWeight, QuantSpec, quantize
+from internlm2_graph.rope import rotary_tables
+
+NUMPY_DTYPES = {
+    ir.DataType.FLOAT: np.dtype(np.float32),
+    ir.DataType.FLOAT16: np.dtype(np.float16),
+    ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+}
+# Rows per slice when transposing or quantizing a large matrix: bounds the fp32 working set.
+SLICE_BYTES = 64 * 1024 * 1024
+
+Rows = Callable[[int, int], np.ndarray]
+
+
+# --- pure transforms ------------------------------------------------------------------------
+
+
+def expected_shapes(config: InternLM2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor an InternLM2 checkpoint of this config must hold, with its shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    heads_out = config.num_attention_heads * config.head_dim
+    shapes = {"model.tok_embeddings.weight": (v, h), "model.norm.weight": (h,), "output.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "attention_norm.weight": (h,),
+            p + "attention.wqkv.weight": (qkv, h),
+            p + "attention.wo.weight": (h, heads_out),
+            p + "ffn_norm.weight": (h,),
+            p + "feed_forward.w1.weight": (i, h),
+            p + "feed_forward.w3.weight": (i, h),
+            p + "feed_forward.w2.weight": (h, i),
+        }
+        if config.bias:
+            shapes |= {p + "attention.wqkv.bias": (qkv,), p + "attention.wo.bias": (h,)}
+    return shapes
+
+
+def split_wqkv(wqkv: np.ndarray, config: InternLM2Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """InternLM2's grouped rows -> (q, k, v), each in standard head order.
+
+    Rows are grouped by KV head: [kv_heads, group + 2, head_dim]; in each group come `group`
+    query heads, then that group's key head, then its value head. Works for weight and bias.
+    """
+    kv, g, d = config.num_key_value_heads, config.group, config.head_dim
+    rest = wqkv.shape[1:]
+    grouped = wqkv.reshape(kv, g + 2, d, *rest)
+    q = grouped[:, :g].reshape(kv * g * d, *rest)
+    k = grouped[:, g].reshape(kv * d, *rest)
+    v = grouped[:, g + 1].reshape(kv * d, *rest)
+    return q, k, v
+
+
+def wqkv_to_qkv(wqkv: np.ndarray, config: InternLM2Config) -> np.ndarray:
+    """Grouped wqkv rows reordered to [Q | K | V], the packed layout GroupQueryAttention reads."""
+    return np.concatenate(split_wqkv(wqkv, config), axis=0)
+
+
+def check_checkpoint(checkpoint: Checkpoint, config: InternLM2Config) -> None:
+    """Fail before writing anything if a tensor is missing or has the wrong shape."""
+    for name, shape in expected_shapes(config).items():
+        ref = checkpoint[name]
+        if ref.shape != shape:
+            raise InternLM2GraphError(
+                f"{ref.path}: tensor {name} has shape {list(ref.shape)}, but config.json implies "
+                f"{list(shape)}; the config and the weights are from different models"
+            )
+
+
+# --- lazy binding ---------------------------------------------------------------------------
+
+
+class WeightBinder:
+    """Attaches a lazy tensor to every graph parameter, reading the checkpoint on demand."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        config: InternLM2Config,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.config = config
+        self.allow_nonfinite = allow_nonfinite
+        self._quantized: dict[str, list] = {}
+
+    def bind(self, root: modules.InternLM2ForCausalLM) -> None:
+        for path, module in root.named_modules():
+            if isinstance(module, modules.QuantizedLinear):
+                self._bind_quantized(path, module)
+            elif isinstance(module, modules.Linear):
+                self._bind_linear(path, module)
+            elif isinstance(module, (modules.RMSNorm, modules.Embedding)):
+                ref = self.checkpoint[f"{path}.weight"]
+                _attach(module.weight, lambda ref=ref, p=module.weight: self._cast_rows(ref, p))
+            elif isinstance(module, modules.Rotary):
+                self._bind_rotary(module)
+
+    def _rows(self, path: str, suffix: str) -> tuple[int, Callable[[], Rows]]:
+        """Row count of a linear's [out, in] tensor, and a loader of its float32 rows.
+
+        The loader is called when the saver needs the data, so nothing stays in memory between.
+        """
+        ref = self.checkpoint[f"{path}.{suffix}"]
+        if path.endswith("attention.wqkv"):
+
+            def load_regrouped() -> Rows:
+                # Small enough to regroup whole: at most (heads + 2 kv) * head_dim rows.
+                whole = wqkv_to_qkv(self._checked(ref, ref.read()), self.config)
+                return lambda start, stop: whole[start:stop]
+
+            return ref.shape[0], load_regrouped
+        return ref.shape[0], lambda: lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
+
+    def _bind_linear(self, path: str, module: modules.Linear) -> None:
+        out_rows, load = self._rows(path, "weight")
+        _attach(module.weight, lambda: _transposed(load(), out_rows, module.in_features, module.weight))
+        self._bind_bias(path, module)
+
+    def _bind_bias(self, path: str, module: modules.Linear | modules.QuantizedLinear) -> None:
+        if module.bias is not None:
+            out_rows, load = self._rows(path, "bias")
+            _attach(module.bias, lambda: _as(load()(0, out_rows), module.bias))
+
+    def _bind_quantized(self, path: str, module: modules.QuantizedLinear) -> None:
+        out_rows, load = self._rows(path, "weight")
+        params = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
+
+        def part(index: int) -> np.ndarray:
+            # The saver asks for weight, scales and zero points one after another: quantize once,
+            # keep the result only until its last part has been written.
+            entry = self._quantized.get(path)
+            if entry is None:
+                entry = [_quantize_rows(load(), out_rows, module.in_features, module.spec), 0]
+                self._quantized[path] = entry
+            entry[1] += 1
+            if entry[1] == len(params):
+                del self._quantized[path]
+            q = entry[0]
+            return [q.packed, q.scales.reshape(-1), q.zero_points][index]
+
+        _attach(module.weight, lambda: part(0))
+        _attach(module.scales, lambda: _as(part(1), module.scales))
+        if module.zero_points is not None:
+            _attach(module.zero_points, lambda: part(2).reshape(-1))
+        self._bind_bias(path, module)
+
+    def _bind_rotary(self, module: modules.Rotary) -> None:
+        length = module.cos_cache.shape[0]
+        _attach(module.cos_cache, lambda: _as(rotary_tables(self.config, length)[0], module.cos_cache))
+        _attach(module.sin_cache, lambda: _as(rotary_tables(self.config, length)[1], module.sin_cache))
+
+    def _cast_rows(self, ref: TensorRef, param: ir.Value) -> np.ndarray:
+        out = np.empty(ref.shape, NUMPY_DTYPES[param.dtype])
+        step = _slice_rows(ref.shape)
+        for start in range(0, ref.shape[0], step):
+            out[start : start + step] = self._checked(ref, ref.read_rows(start, start + step))
+        return out
+
+    def _checked(self, ref: TensorRef, block: np.ndarray) -> np.ndarray:
+        if not np.isfinite(block).all():
+            message = (
+                f"{ref.path}: tensor {ref.name} contains NaN or Inf values; the checkpoint is "
+                "damaged (pass --allow_nonfinite to convert it anyway)"
+            )
+            if not self.allow_nonfinite:
+                raise InternLM2GraphError(message)
+            warnings.warn(message, stacklevel=2)
+        return block
+
+
+def _slice_rows(shape: tuple[int, ...]) -> int:
+    row_bytes = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
+    return max(1, SLICE_BYTES // max(row_bytes, 1))
+
+
+def _transposed(rows: Rows, out_rows: int, in_features: int, param: ir.Value) -> np.ndarray:
+    """[out, in] checkpoint rows -> [in, out] for MatMul, a slice of rows at a time."""
+    result = np.empty((in_features, out_rows), NUMPY_DTYPES[param.dtype])
+    step = _slice_rows((out_rows, in_features))
+    for start in range(0, out_rows, step):
+        block = rows(start, min(start + step, out_rows))
+        result[:, start : start + block.shape[0]] = block.T
+    return result
+
+
+def _quantize_rows(rows: Rows, out_rows: int, in_features: int, spec: QuantSpec) -> QuantizedWeight:
+    """Quantize slice by slice: output rows are independent, so slices concatenate exactly."""
+    step = _slice_rows((out_rows, in_features))
+    parts = [quantize(rows(s, min(s + step, out_rows)), spec) for s in range(0, out_rows, step)]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    zero_points = (
+        None
+        if first.zero_points is None
+        else np.concatenate([p.zero_points for p in parts], axis=0)
+    )
+    return QuantizedWeight(
+        packed=np.concatenate([p.packed for p in parts], axis=0),
+        scales=np.concatenate([p.scales for p in parts], axis=0),
+        zero_points=zero_points,
+        k=first.k,
+        n=out_rows,
+        spec=spec,
+    )
+
+
+def _as(array: np.ndarray, param: ir.Value) -> np.ndarray:
+    return np.asarray(array).astype(NUMPY_DTYPES[param.dtype], copy=False)
+
+
+def _attach(param: ir.Value, produce: Callable[[], np.ndarray]) -> None:
+    param.const_value = ir.LazyTensor(
+        lambda: ir.tensor(produce()), dtype=param.dtype, shape=param.shape, name=param.name
+    )
