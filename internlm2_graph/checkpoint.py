@@ -113,7 +113,7 @@ class Checkpoint:
             raise InternLM2GraphError(
                 f"{self.folder}: only PyTorch *.bin weights found; internlm2_graph reads "
                 "safetensors. Download the safetensors revision of the repo, or convert once "
-                "with: python -c \"import torch, safetensors.torch as s; "
+                'with: python -c "import torch, safetensors.torch as s; '
                 "s.save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\""
             )
         raise InternLM2GraphError(
@@ -144,7 +144,11 @@ def read_header(path: Path) -> list[TensorRef]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (begin, end) = (
+                entry["dtype"],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"entry for {name} is malformed") from None
         if dtype not in DTYPES:
@@ -160,6 +164,4 @@ def read_header(path: Path) -> list[TensorRef]:
 
 
 def _corrupt(path: Path, why: str) -> InternLM2GraphError:
-    return InternLM2GraphError(
-        f"{path}: corrupt safetensors file ({why}); download it again"
-    )
+    return InternLM2GraphError(f"{path}: corrupt safetensors file ({why}); download it again")

@@ -51,7 +51,9 @@ class InternLM2Config:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InternLM2GraphError(f"{where}: '{name}' must be a positive integer, got {value!r}")
+                raise InternLM2GraphError(
+                    f"{where}: '{name}' must be a positive integer, got {value!r}"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise InternLM2GraphError(
                 f"{where}: hidden_size {self.hidden_size} is not divisible by "

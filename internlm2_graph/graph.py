@@ -6,6 +6,7 @@ import onnx_ir as ir
 from onnxscript._internal.builder import GraphBuilder
 
 from internlm2_graph.config import InternLM2Config
+from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.modules import InternLM2ForCausalLM
 from internlm2_graph.precision import Target
 
@@ -17,6 +18,11 @@ PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 def build_graph(config: InternLM2Config, target: Target) -> tuple[ir.Model, InternLM2ForCausalLM]:
     """The decoder as an ir.Model whose initializers have shapes but no data yet."""
+    if config.head_dim % 16:
+        raise InternLM2GraphError(
+            f"{config.source}: head_dim {config.head_dim} (hidden_size / num_attention_heads) "
+            "is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
+        )
     graph = ir.Graph(
         [], [], nodes=[], opset_imports={"": OPSET, "com.microsoft": 1}, name="internlm2"
     )
@@ -39,7 +45,13 @@ def build_graph(config: InternLM2Config, target: Target) -> tuple[ir.Model, Inte
     present_shape = ir.Shape(
         ["batch_size", config.num_key_value_heads, "total_sequence_length", config.head_dim]
     )
-    _output(builder, logits, "logits", target.io_dtype, ["batch_size", "sequence_length", config.vocab_size])
+    _output(
+        builder,
+        logits,
+        "logits",
+        target.io_dtype,
+        ["batch_size", "sequence_length", config.vocab_size],
+    )
     for i, (key, value) in enumerate(presents):
         _output(builder, key, PRESENT_KEY % i, target.io_dtype, present_shape)
         _output(builder, value, PRESENT_VALUE % i, target.io_dtype, present_shape)

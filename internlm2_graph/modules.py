@@ -27,7 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, op, x, residual=None):
         if residual is None:
-            normed = op.SimplifiedLayerNormalization(x, self.weight, axis=-1, epsilon=self.eps, stash_type=1)
+            normed = op.SimplifiedLayerNormalization(
+                x, self.weight, axis=-1, epsilon=self.eps, stash_type=1
+            )
             return normed, x
         normed, _, _, total = op.SkipSimplifiedLayerNormalization(
             x, residual, self.weight, epsilon=self.eps, _domain=MS, _version=1, _outputs=4
@@ -64,7 +66,9 @@ class QuantizedLinear(nn.Module):
         self.zero_points = (
             None
             if spec.symmetric
-            else nn.Parameter([out_features * zero_point_bytes(blocks, spec.bits)], ir.DataType.UINT8)
+            else nn.Parameter(
+                [out_features * zero_point_bytes(blocks, spec.bits)], ir.DataType.UINT8
+            )
         )
         self.bias = nn.Parameter([out_features], dtype) if bias else None
 
@@ -90,7 +94,9 @@ def zero_point_bytes(blocks: int, bits: int) -> int:
     return -(-blocks // per_byte)
 
 
-def linear(in_features: int, out_features: int, bias: bool, dtype: ir.DataType, spec: QuantSpec | None):
+def linear(
+    in_features: int, out_features: int, bias: bool, dtype: ir.DataType, spec: QuantSpec | None
+):
     """The one place where precision picks the kind of linear layer."""
     if spec is not None:
         return QuantizedLinear(in_features, out_features, bias, dtype, spec)
@@ -230,6 +236,8 @@ class InternLM2ForCausalLM(nn.Module):
 
 def attention_lengths(op, attention_mask):
     """GroupQueryAttention's view of the 2D mask: per-row length - 1, and the total length."""
-    seqlens_k = op.Cast(op.Sub(op.ReduceSum(attention_mask, [1], keepdims=0), 1), to=ir.DataType.INT32)
+    seqlens_k = op.Cast(
+        op.Sub(op.ReduceSum(attention_mask, [1], keepdims=0), 1), to=ir.DataType.INT32
+    )
     total = op.Cast(op.Gather(op.Shape(attention_mask), 1, axis=0), to=ir.DataType.INT32)
     return seqlens_k, total

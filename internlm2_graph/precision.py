@@ -14,7 +14,11 @@ from internlm2_graph.quantize import QuantSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
-FLOAT_DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+FLOAT_DTYPES = {
+    "fp32": ir.DataType.FLOAT,
+    "fp16": ir.DataType.FLOAT16,
+    "bf16": ir.DataType.BFLOAT16,
+}
 
 # Builder option names; the `int4_` spellings are the builder's older aliases, still in use.
 ALIASES = {
@@ -49,19 +53,13 @@ class Target:
 
 
 def parse_extra_options(items: list[str] | None) -> dict[str, str]:
-    """KEY=VALUE strings to a dict with canonical keys; unknown keys are errors, not ignored."""
+    """KEY=VALUE strings to a dict; resolve_target checks the keys."""
     options: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise InternLM2GraphError(
                 f"--extra_options: {item!r} is not KEY=VALUE (e.g. int4_block_size=32)"
-            )
-        key = ALIASES.get(key, key)
-        if key not in OPTIONS:
-            known = "\n  ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-            raise InternLM2GraphError(
-                f"--extra_options: unknown option {key!r}; known options:\n  {known}"
             )
         options[key] = value
     return options
@@ -70,10 +68,13 @@ def parse_extra_options(items: list[str] | None) -> dict[str, str]:
 def resolve_target(
     precision: str, execution_provider: str, extra_options: dict[str, str] | None = None
 ) -> Target:
-    options = dict(extra_options or {})
+    options = {ALIASES.get(k, k): str(v) for k, v in (extra_options or {}).items()}
     for key in options:
         if key not in OPTIONS:
-            raise InternLM2GraphError(f"extra option {key!r} is unknown; known: {', '.join(OPTIONS)}")
+            known = "\n  ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise InternLM2GraphError(
+                f"--extra_options: unknown option {key!r}; known options:\n  {known}"
+            )
     if precision not in PRECISIONS:
         raise InternLM2GraphError(
             f"--precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
@@ -95,7 +96,13 @@ def resolve_target(
             "GroupQueryAttention runs fp16/bf16 only; use fp16, bf16 or int4 on cuda"
         )
     quantized = precision in ("int4", "int8")
-    not_for_float = {"block_size", "accuracy_level", "is_symmetric", "lm_head_precision", "use_cuda_bf16"}
+    not_for_float = {
+        "block_size",
+        "accuracy_level",
+        "is_symmetric",
+        "lm_head_precision",
+        "use_cuda_bf16",
+    }
     misplaced = sorted(not_for_float & options.keys()) if not quantized else []
     if misplaced:
         raise InternLM2GraphError(
@@ -109,7 +116,9 @@ def resolve_target(
         bf16 = _bool(options, "use_cuda_bf16", False)
         io_dtype = ir.DataType.BFLOAT16 if bf16 else ir.DataType.FLOAT16
     if "use_cuda_bf16" in options and not cuda:
-        raise InternLM2GraphError("--extra_options use_cuda_bf16 only applies to --execution_provider cuda")
+        raise InternLM2GraphError(
+            "--extra_options use_cuda_bf16 only applies to --execution_provider cuda"
+        )
 
     quant = lm_head_quant = None
     if quantized:

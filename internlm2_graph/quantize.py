@@ -1,13 +1,15 @@
 """Block-wise weight quantization into the com.microsoft ``MatMulNBits`` layout.
 
-One weight at a time, HF layout ``[N=out_features, K=in_features]``; codes, scales and zero
+One weight at a time, HF layout ``[N=out_features, K=in_features]``. Codes, scales and zero
 points are identical to what onnxruntime's own quantizer (MLAS ``MlasQuantizeBlockwise``, reached
-through ``MatMulNBitsQuantizer``) writes for the same weight, so our int4/int8 models match the
-ones the onnxruntime-genai builder makes. The one difference is the padding of a ragged K: MLAS
-leaves those codes 0 or stale, we write the zero point so they dequantize to exactly 0. ``quantize_ort`` calls that C++ kernel and is kept as the oracle;
-``quantize`` is a chunked, threaded numpy port of it that is 2-3x faster here, because the kernel
-wants the weight as a contiguous ``[K, N]`` fp32 array and making that transposed copy costs more
-than the quantization itself (numbers: ``benchmarks/quantize_speed.py``).
+through ``MatMulNBitsQuantizer``, which the onnxruntime-genai builder uses) writes for the same
+float32 weight. The one difference is the padding of a ragged K: MLAS
+leaves those codes 0 or stale, we write the zero point so they dequantize to exactly 0.
+
+``quantize_ort`` calls that C++ kernel and is kept as the oracle. ``quantize`` is a chunked,
+threaded numpy port of it, 2-3x faster here: the kernel wants the weight as a contiguous
+``[K, N]`` float32 array, and making that transposed copy costs more than the quantization
+itself (numbers: ``benchmarks/quantize_speed.py``).
 
 Layout, with ``k_blocks = ceil(K / block_size)`` (K is zero-padded up to whole blocks):
 
@@ -69,7 +71,7 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
-            raise InternLM2GraphError(f"int4_bits must be 4 or 8, got {self.bits!r}")
+            raise InternLM2GraphError(f"bits must be 4 or 8 (int4 or int8), got {self.bits!r}")
         bs = self.block_size
         if not (isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0):
             raise InternLM2GraphError(
@@ -140,7 +142,7 @@ def _to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
     """float32 [rows, k_blocks, block]; zero-pads a ragged K (padding never moves min/max
     ranking for the symmetric extreme, and asymmetric ranges include 0 anyway)."""
     n, k = rows.shape
-    if k == k_blocks * block_size and rows.dtype == np.float32:
+    if k == k_blocks * block_size and rows.dtype == np.float32 and rows.flags.c_contiguous:
         return rows.reshape(n, k_blocks, block_size)  # a view: no copy at all
     out = np.zeros((n, k_blocks * block_size), np.float32)
     out[:, :k] = rows
@@ -160,7 +162,7 @@ def _quantize_rows(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start:
     if spec.symmetric:
         ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
         scale = ext * np.float32(-1.0 / mid)  # exact: dividing by a power of two
-        zp = np.full_like(scale, mid)
+        zp = np.float32(mid)  # a scalar: broadcasting a per-block array costs a pass
     else:
         np.minimum(lo, 0, out=lo)
         np.maximum(hi, 0, out=hi)
@@ -168,7 +170,7 @@ def _quantize_rows(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start:
         with np.errstate(divide="ignore", invalid="ignore"):
             zp_f = np.where(scale != 0, np.float32(0) - lo / scale, lo)
         # floor(v + 0.5) == roundf(v) for v >= 0, and zp_f >= 0 here since lo <= 0.
-        zp = np.clip(np.floor(zp_f + np.float32(0.5)), 0, qmax)
+        zp = np.clip(np.floor(zp_f + np.float32(0.5)), 0, qmax)[..., None]
     with np.errstate(divide="ignore", over="ignore"):
         recip = np.float32(1) / scale
     # A zero scale (all-zero block) and a subnormal one (1/scale overflows) both map the block
@@ -178,7 +180,7 @@ def _quantize_rows(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start:
     # Same float32 operation order as MLAS: (w * recip + zp) then roundf, written as +0.5 and
     # truncation after clamping to [0, qmax] (equal to roundf for every non-negative float32).
     y = x * recip[..., None]
-    y += zp[..., None]
+    y += zp
     y += np.float32(0.5)
     np.clip(y, 0, qmax, out=y)
     codes = y.astype(np.uint8)
@@ -187,7 +189,7 @@ def _quantize_rows(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start:
     q.scales[start:stop] = scale
     q.packed[start:stop] = codes if spec.bits == 8 else _pack_nibbles(codes)
     if q.zero_points is not None:
-        zp_codes = zp.astype(np.uint8)
+        zp_codes = zp[..., 0].astype(np.uint8)
         if spec.bits == 4:
             if zp_codes.shape[1] % 2:  # odd k_blocks: MLAS fills the spare nibble with mid
                 zp_codes = np.pad(zp_codes, ((0, 0), (0, 1)), constant_values=mid)
@@ -253,14 +255,16 @@ def quantize_ort(weight_out_in: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         # Chunked transpose: a whole-matrix one is 2-3x slower (cache misses) and as big as W.
         src = np.ascontiguousarray(weight_out_in[start:stop].T, dtype=np.float32)
         zp_rows = zp[start:stop] if q.zero_points is not None else zp
-        kernel(q.packed[start:stop], src, q.scales[start:stop], zp_rows, spec.block_size,
-               stop - start, k, spec.symmetric)  # fmt: skip
+        kernel(
+            q.packed[start:stop], src, q.scales[start:stop], zp_rows,
+            spec.block_size, stop - start, k, spec.symmetric,
+        )  # fmt: skip
     return q
 
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:
     """[N, K] float32 reference: (code - zero_point) * scale, as MatMulNBits defines it."""
-    qmax, mid = _levels(q.spec.bits)
+    _, mid = _levels(q.spec.bits)
     codes = q.packed if q.spec.bits == 8 else _unpack_nibbles(q.packed)
     if q.zero_points is None:
         zp = np.full(q.scales.shape, mid, np.float32)

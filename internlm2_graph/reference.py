@@ -127,13 +127,20 @@ class Reference:
         x = self.rmsnorm(x, self.w["model.norm.weight"])
         return x @ self.w["output.weight"].T, cache
 
-    def greedy(self, prompt, steps: int) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy decode: the new tokens and the logits that chose each (prompt's last first)."""
+    def greedy(
+        self, prompt, steps: int, eos: tuple[int, ...] = ()
+    ) -> tuple[list[int], list[np.ndarray]]:
+        """Greedy decode: the new tokens and the logits that chose each (prompt's last first).
+
+        Stops after emitting an id in `eos`, as the runtime does.
+        """
         logits, cache = self.forward(prompt)
         chosen, history = [], [logits[-1]]
         for _ in range(steps):
             token = int(np.argmax(history[-1]))
             chosen.append(token)
+            if token in eos:
+                break
             logits, cache = self.forward([token], cache)
             history.append(logits[-1])
         return chosen, history

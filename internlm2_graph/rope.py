@@ -27,7 +27,9 @@ def rope_bases(config: InternLM2Config, length: int) -> np.ndarray:
     return bases
 
 
-def rotary_tables(config: InternLM2Config, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(
+    config: InternLM2Config, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin, float32 [length, head_dim / 2], for rotate-half (non-interleaved) RoPE."""
     length = config.context_length if length is None else length
     d = config.head_dim

@@ -1,4 +1,322 @@
-"""stub"""
+"""InternLM2's SentencePiece tokenizer as the `tokenizer.json` ONNX Runtime GenAI needs.
 
-def write_tokenizer(*a):
-    raise NotImplementedError
+`tokenizer.model` is the source of truth. A `tokenizer.json` shipped with the checkpoint is not
+used: those come from the hub's remote-code fast converter, whose decoder always strips a leading
+space (wrong without a dummy prefix), and fine-tunes can carry re-appended special tokens in them.
+
+How the `tokenizers` pipeline reproduces SentencePiece BPE exactly (tests/test_tokenizer.py):
+- model: BPE over the proto's pieces with its byte fallback. The merges are every split of a
+  normal piece into two normal pieces, ranked by the merged piece's score: SentencePiece's BPE
+  repeatedly merges the adjacent pair whose concatenation is the best-scored piece.
+- normalizer: the proto's normalizer_spec, in SentencePiece's order: precompiled character map
+  (empty for InternLM2's "identity" rule), remove_extra_whitespaces, the dummy-prefix "▁" (off
+  for InternLM2: llama.cpp#5184 turns the space prefix off for it), then " " -> "▁".
+- pre-tokenizer: none in effect. SentencePiece runs BPE over the whole text (see pre_tokenizer()).
+- atomic tokens: `added_tokens_decoder` (and `added_tokens.json`) override the proto's names, so
+  InternLM2's `[UNUSED_TOKEN_145]` piece becomes `<|im_end|>`, matched in text as one id. The
+  proto's control pieces stay special (they decode to nothing, as in SentencePiece) and its
+  user-defined pieces become plain added tokens (SentencePiece matches those atomically too).
+- decoder: "▁" -> " ", byte pieces -> UTF-8, and the dummy prefix stripped when there is one.
+
+Where onnxruntime-genai 0.18 differs: its own tokenizer (onnxruntime-extensions) reads this file
+but cuts text into chunks before BPE (after 10 characters at a space or newline, after 100
+anywhere), so where SentencePiece has a piece across such a cut ("):\\n" ending a long line,
+runs over 100 characters) its ids differ. Decoding and special tokens are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from tokenizers.models import BPE
+
+from internlm2_graph.errors import InternLM2GraphError
+
+ModelProto = sentencepiece_model_pb2.ModelProto
+Piece = ModelProto.SentencePiece
+TURN_END = "<|im_end|>"
+TOKEN_FLAGS = ("lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+class TokenizerError(InternLM2GraphError):
+    """The checkpoint's tokenizer files are missing, broken or disagree with the model."""
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Token ids of the converted tokenizer that the runtime config needs."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    im_end_token_id: int | None
+    special_tokens: Mapping[str, int]
+    chat_template: str | None
+
+    @property
+    def turn_end_ids(self) -> tuple[int, ...]:
+        """Ids that end a chat turn: generation must stop on them as well as on eos."""
+        return () if self.im_end_token_id is None else (self.im_end_token_id,)
+
+
+def write_tokenizer(checkpoint_dir: Path, out_dir: Path, vocab_size: int) -> TokenizerInfo:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model.
+
+    `vocab_size` is the number of embedding rows; every token id must be below it.
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    proto = load_model(checkpoint_dir / "tokenizer.model")
+    config = _read_json(checkpoint_dir / "tokenizer_config.json")
+    added = added_tokens(config, _read_json(checkpoint_dir / "added_tokens.json"))
+    atomic = atomic_tokens(proto, added)
+    names = token_names(proto, atomic)
+    check_ids(names, vocab_size, checkpoint_dir)
+
+    build_tokenizer(proto, atomic, config).save(str(out_dir / "tokenizer.json"))
+    # onnxruntime-genai reads tokenizer_class, the special tokens and chat_template from here;
+    # added_tokens_decoder is rewritten to list exactly the added tokens of tokenizer.json.
+    config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        **config,
+        "added_tokens_decoder": {str(i): entry for i, entry in sorted(atomic.items())},
+    }
+    _write_json(out_dir / "tokenizer_config.json", config)
+    special_map = _read_json(checkpoint_dir / "special_tokens_map.json") or _special_map(config)
+    _write_json(out_dir / "special_tokens_map.json", special_map)
+    shutil.copyfile(checkpoint_dir / "tokenizer.model", out_dir / "tokenizer.model")
+    return tokenizer_info(proto, names, atomic, config)
+
+
+def load_model(path: Path) -> ModelProto:
+    """The SentencePiece model proto, or a TokenizerError saying how to get a usable one."""
+    if not path.is_file():
+        raise TokenizerError(
+            f"{path}: not found. InternLM2 checkpoints ship their SentencePiece tokenizer as "
+            "tokenizer.model; copy it from the base model's hub repo (e.g. "
+            "internlm/internlm2-chat-7b) into the checkpoint folder."
+        )
+    proto = ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as error:
+        raise TokenizerError(
+            f"{path}: not a SentencePiece model ({error}); the file is truncated or a Git LFS "
+            "pointer. Download it again (git lfs pull, or from the hub)."
+        ) from error
+    if not proto.pieces:
+        raise TokenizerError(f"{path}: a SentencePiece model without pieces; download it again.")
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+        raise TokenizerError(f"{path}: a SentencePiece {kind} model, but InternLM2's is BPE.")
+    return proto
+
+
+def added_tokens(config: dict, added_json: dict) -> dict[int, dict]:
+    """id -> token entry, from added_tokens.json (older transformers) and added_tokens_decoder."""
+    # added_tokens.json only maps names to ids; in InternLM2 checkpoints they are chat controls.
+    tokens = {int(i): _entry(name, special=True) for name, i in added_json.items()}
+    for i, entry in config.get("added_tokens_decoder", {}).items():
+        flags = {key: entry[key] for key in TOKEN_FLAGS if key in entry}
+        tokens[int(i)] = _entry(entry["content"], **flags)
+    return tokens
+
+
+def atomic_tokens(proto: ModelProto, added: dict[int, dict]) -> dict[int, dict]:
+    """Every token matched whole in text: the added ones, then the proto's own atomic pieces."""
+    atomic = {}
+    for i, piece in enumerate(proto.pieces):
+        if piece.type in (Piece.CONTROL, Piece.UNKNOWN):
+            atomic[i] = _entry(piece.piece, special=True)
+        elif piece.type == Piece.USER_DEFINED:
+            atomic[i] = _entry(piece.piece, special=False)
+    return atomic | added
+
+
+def token_names(proto: ModelProto, atomic: dict[int, dict]) -> dict[int, str]:
+    """id -> token string: the proto's pieces, renamed or extended by the atomic tokens."""
+    names = {i: piece.piece for i, piece in enumerate(proto.pieces)}
+    names.update({i: entry["content"] for i, entry in atomic.items()})
+    return names
+
+
+def check_ids(names: dict[int, str], vocab_size: int, checkpoint_dir: Path) -> None:
+    """Fail when a token has no embedding row, or when two ids share one token string."""
+    outside = sorted(i for i in names if i >= vocab_size)
+    if outside:
+        listed = ", ".join(f"{i} {names[i]!r}" for i in outside[:8])
+        more = f" and {len(outside) - 8} more" if len(outside) > 8 else ""
+        raise TokenizerError(
+            f"{checkpoint_dir}: the tokenizer has ids {listed}{more}, but the model's embedding "
+            f"has {vocab_size} rows (config.json vocab_size), so those ids are out of range. A "
+            "fine-tune probably appended special tokens again as new ids, although InternLM2 "
+            "already has its chat tokens at the end of tokenizer.model (InternLM#715). Remove "
+            "those ids from added_tokens.json and tokenizer_config.json's added_tokens_decoder "
+            "(or copy both files from the base model); if the model really was trained with "
+            "them, its embeddings and vocab_size must grow to match."
+        )
+    first: dict[str, int] = {}
+    for i, name in sorted(names.items()):
+        if name in first:
+            raise TokenizerError(
+                f"{checkpoint_dir}: token {name!r} has two ids, {first[name]} and {i} "
+                "(tokenizer.model, added_tokens.json and tokenizer_config.json's "
+                "added_tokens_decoder disagree); keep one of them."
+            )
+        first[name] = i
+
+
+def build_tokenizer(proto: ModelProto, atomic: dict[int, dict], config: dict) -> Tokenizer:
+    """A `tokenizers` pipeline that encodes and decodes like SentencePiece on `proto`."""
+    vocab = {name: i for i, name in token_names(proto, atomic).items()}
+    tokenizer = Tokenizer(
+        BPE(
+            vocab,
+            bpe_merges(proto, set(atomic)),
+            unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
+    )
+    spec = proto.normalizer_spec
+    tokenizer.normalizer = normalizer(spec)
+    tokenizer.pre_tokenizer = pre_tokenizer(spec.add_dummy_prefix)
+    # SentencePiece's decoder drops a leading space whenever encoding cannot have made one.
+    tokenizer.decoder = decoder(spec.add_dummy_prefix or spec.remove_extra_whitespaces)
+    tokenizer.post_processor = post_processor(config, vocab)
+    tokenizer.add_tokens([AddedToken(**entry) for _, entry in sorted(atomic.items())])
+    return tokenizer
+
+
+def bpe_merges(proto: ModelProto, atomic: set[int]) -> list[tuple[str, str]]:
+    """Every (left, right) whose concatenation is a normal piece, best-scored result first."""
+    normal = {
+        piece.piece: i
+        for i, piece in enumerate(proto.pieces)
+        if piece.type == Piece.NORMAL and i not in atomic
+    }
+    ranked = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-proto.pieces[i].score, i, normal[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def normalizer(spec: sentencepiece_model_pb2.NormalizerSpec) -> normalizers.Normalizer:
+    """SentencePiece's normalization steps, in its order."""
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        # Only U+0020 counts here (normalizers.Strip would also trim newlines and tabs).
+        steps.append(normalizers.Replace(Regex(r"\A +| +\z"), ""))
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    steps.append(normalizers.Replace(" ", "▁"))
+    return normalizers.Sequence(steps)
+
+
+def pre_tokenizer(add_dummy_prefix: bool) -> pre_tokenizers.PreTokenizer | None:
+    """A no-op for `tokenizers`, chosen for what onnxruntime-genai's tokenizer makes of it.
+
+    The Split on " " never matches because the normalizer has replaced every space. Without it
+    (or with no pre-tokenizer at all) onnxruntime-genai cuts SentencePiece text with a Llama-3
+    regex, which breaks up runs such as "▁▁▁▁return"; with it, it runs BPE over whole chunks,
+    closer to SentencePiece. That mode also skips the dummy prefix, so a model with one (not
+    InternLM2) keeps the regex mode, which adds the prefix.
+    """
+    return None if add_dummy_prefix else pre_tokenizers.Split(" ", behavior="isolated")
+
+
+def decoder(strip_leading_space: bool) -> decoders.Decoder:
+    """Pieces back to text: "▁" to spaces, byte pieces to UTF-8, maybe one leading space off."""
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if strip_leading_space:
+        steps.append(decoders.Strip(" ", 1, 0))
+    return decoders.Sequence(steps)
+
+
+def post_processor(config: dict, vocab: dict[str, int]) -> processors.TemplateProcessing:
+    """bos (and eos) around each encoding, as InternLM2Tokenizer's add_bos/eos_token say."""
+    single, special = "$A", []
+    if config.get("add_bos_token", True):
+        bos = _content(config.get("bos_token", "<s>"))
+        single = f"{bos} {single}"
+        special.append((bos, vocab[bos]))
+    if config.get("add_eos_token", False):
+        eos = _content(config.get("eos_token", "</s>"))
+        single = f"{single} {eos}"
+        special.append((eos, vocab[eos]))
+    pair = f"{single} {single.replace('$A', '$B')}"
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def tokenizer_info(
+    proto: ModelProto, names: dict[int, str], atomic: dict[int, dict], config: dict
+) -> TokenizerInfo:
+    """The ids, in the converted vocab, of the tokens tokenizer_config.json names."""
+    ids = {name: i for i, name in names.items()}
+    spec = proto.trainer_spec
+
+    def token_id(key: str, default: str | None) -> int | None:
+        return ids.get(_content(config.get(key, default)))
+
+    return TokenizerInfo(
+        bos_token_id=token_id("bos_token", spec.bos_piece),
+        eos_token_id=token_id("eos_token", spec.eos_piece),
+        pad_token_id=token_id("pad_token", None),
+        unk_token_id=token_id("unk_token", spec.unk_piece),
+        im_end_token_id=ids.get(TURN_END),
+        special_tokens=MappingProxyType(
+            {entry["content"]: i for i, entry in sorted(atomic.items()) if entry["special"]}
+        ),
+        chat_template=config.get("chat_template"),
+    )
+
+
+def _entry(content: str, **flags: bool) -> dict:
+    """A token as added_tokens_decoder spells it, unset flags false."""
+    return {"content": content, **{key: bool(flags.get(key, False)) for key in TOKEN_FLAGS}}
+
+
+def _special_map(config: dict) -> dict:
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
+    return {key: config[key] for key in keys if config.get(key) is not None}
+
+
+def _content(token: str | dict | None) -> str | None:
+    """A token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TokenizerError(f"{path}: not valid JSON ({error}); download it again.") from error
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -15,7 +15,8 @@ def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
     """Greedy-decode a batch with onnxruntime_genai; the KV-cache path after the prompt.
 
     Returns (tokens per prompt, logits per step [batch, vocab] as float32): step 0 holds the
-    last prompt position's logits, step k the logits after the k-th generated token.
+    last prompt position's logits, step k the logits after the k-th generated token. Stops early
+    when every row has produced an eos id; a finished row is padded with pad ids.
     """
     import onnxruntime_genai as og
 
@@ -36,8 +37,15 @@ def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
         generator.generate_next_token()
         for row, token in enumerate(generator.get_next_tokens()):
             tokens[row].append(int(token))
+        if generator.is_done():
+            break
     history.append(np.array(generator.get_logits(), dtype=np.float32).reshape(len(prompts), -1))
     return tokens, history
+
+
+def eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+    eos = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
 def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
@@ -68,7 +76,7 @@ class Verdict:
 
 
 def verify(model_dir: str | Path, checkpoint: str | Path, prompt: list[int], steps: int = 8) -> Verdict:
-    reference_tokens, reference_logits = Reference(checkpoint).greedy(prompt, steps)
+    reference_tokens, reference_logits = Reference(checkpoint).greedy(prompt, steps, eos_ids(model_dir))
     (model_tokens,), model_logits = og_greedy(model_dir, [prompt], steps)
     errors = [
         float(np.max(np.abs(m[0].astype(np.float64) - r)))

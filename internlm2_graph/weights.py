@@ -40,7 +40,11 @@ def expected_shapes(config: InternLM2Config) -> dict[str, tuple[int, ...]]:
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     heads_out = config.num_attention_heads * config.head_dim
-    shapes = {"model.tok_embeddings.weight": (v, h), "model.norm.weight": (h,), "output.weight": (v, h)}
+    shapes = {
+        "model.tok_embeddings.weight": (v, h),
+        "model.norm.weight": (h,),
+        "output.weight": (v, h),
+    }
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
         shapes |= {
@@ -57,7 +61,9 @@ def expected_shapes(config: InternLM2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def split_wqkv(wqkv: np.ndarray, config: InternLM2Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_wqkv(
+    wqkv: np.ndarray, config: InternLM2Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """InternLM2's grouped rows -> (q, k, v), each in standard head order.
 
     Rows are grouped by KV head: [kv_heads, group + 2, head_dim]; in each group come `group`
@@ -131,11 +137,15 @@ class WeightBinder:
                 return lambda start, stop: whole[start:stop]
 
             return ref.shape[0], load_regrouped
-        return ref.shape[0], lambda: lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
+        return ref.shape[
+            0
+        ], lambda: lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
 
     def _bind_linear(self, path: str, module: modules.Linear) -> None:
         out_rows, load = self._rows(path, "weight")
-        _attach(module.weight, lambda: _transposed(load(), out_rows, module.in_features, module.weight))
+        _attach(
+            module.weight, lambda: _transposed(load(), out_rows, module.in_features, module.weight)
+        )
         self._bind_bias(path, module)
 
     def _bind_bias(self, path: str, module: modules.Linear | modules.QuantizedLinear) -> None:
@@ -168,8 +178,12 @@ class WeightBinder:
 
     def _bind_rotary(self, module: modules.Rotary) -> None:
         length = module.cos_cache.shape[0]
-        _attach(module.cos_cache, lambda: _as(rotary_tables(self.config, length)[0], module.cos_cache))
-        _attach(module.sin_cache, lambda: _as(rotary_tables(self.config, length)[1], module.sin_cache))
+        _attach(
+            module.cos_cache, lambda: _as(rotary_tables(self.config, length)[0], module.cos_cache)
+        )
+        _attach(
+            module.sin_cache, lambda: _as(rotary_tables(self.config, length)[1], module.sin_cache)
+        )
 
     def _cast_rows(self, ref: TensorRef, param: ir.Value) -> np.ndarray:
         out = np.empty(ref.shape, NUMPY_DTYPES[param.dtype])

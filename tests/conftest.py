@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, settings
 
 # CI: few, fast examples. `HYPOTHESIS_PROFILE=thorough pytest` explores far more.
 settings.register_profile(
-    "ci", max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
     "thorough", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -14,7 +14,7 @@ class Forbid:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers"):
             attempted.append(name)
-            raise ImportError(f"{name} is forbidden in this test")
+            raise ImportError(name + " is forbidden in this test")
 
 
 sys.meta_path.insert(0, Forbid())

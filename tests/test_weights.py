@@ -69,6 +69,12 @@ def test_split_real_7b_weight_moves_whole_rows():
     q, k, v = split_wqkv(wqkv, config)
     g, d = config.group, config.head_dim
     # query head 5 = group 1, slot 1; key head 3 = slot g of group 3; value head 7 = slot g + 1
-    np.testing.assert_array_equal(q[5 * d : 6 * d], wqkv[(1 * (g + 2) + 1) * d : (1 * (g + 2) + 2) * d])
-    np.testing.assert_array_equal(k[3 * d : 4 * d], wqkv[(3 * (g + 2) + g) * d : (3 * (g + 2) + g + 1) * d])
-    np.testing.assert_array_equal(v[7 * d : 8 * d], wqkv[(7 * (g + 2) + g + 1) * d : (8 * (g + 2)) * d])
+    np.testing.assert_array_equal(
+        q[5 * d : 6 * d], wqkv[(1 * (g + 2) + 1) * d : (1 * (g + 2) + 2) * d]
+    )
+    np.testing.assert_array_equal(
+        k[3 * d : 4 * d], wqkv[(3 * (g + 2) + g) * d : (3 * (g + 2) + g + 1) * d]
+    )
+    np.testing.assert_array_equal(
+        v[7 * d : 8 * d], wqkv[(7 * (g + 2) + g + 1) * d : (8 * (g + 2)) * d]
+    )

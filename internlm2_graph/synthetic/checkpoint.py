@@ -20,17 +20,45 @@ import numpy as np
 from internlm2_graph.synthetic.tokenizer import train_tokenizer
 
 SIZES: dict[str, dict] = {
-    "1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=8, intermediate_size=8192, vocab_size=92544),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336, vocab_size=92544),
-    "20b": dict(hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
-                num_key_value_heads=8, intermediate_size=16384, vocab_size=92544),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=160, vocab_size=1024),
+    "1.8b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=92544,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=92544,
+    ),
+    "20b": dict(
+        hidden_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=48,
+        num_key_value_heads=8,
+        intermediate_size=16384,
+        vocab_size=92544,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        vocab_size=1024,
+    ),
 }
 SLICE_ELEMENTS = 16 * 1024 * 1024
-DTYPES = {"bf16": ("BF16", ml_dtypes.bfloat16), "fp16": ("F16", np.float16), "fp32": ("F32", np.float32)}
+DTYPES = {
+    "bf16": ("BF16", ml_dtypes.bfloat16),
+    "fp16": ("F16", np.float16),
+    "fp32": ("F32", np.float32),
+}
 
 
 def make_config(size: str = "tiny", **overrides) -> dict:
@@ -136,8 +164,13 @@ def _write_shards(folder, shapes, config, seed, dtype, shard_bytes) -> None:
     )
     weight_map = {}
     for filename, members in zip(names, shards):
-        _write_safetensors(folder / filename, {n: shapes[n] for n in members}, code, itemsize,
-                           lambda n, s: _random_slices(rng, n, s, config, np_dtype))
+        _write_safetensors(
+            folder / filename,
+            {n: shapes[n] for n in members},
+            code,
+            itemsize,
+            lambda n, s: _random_slices(rng, n, s, config, np_dtype),
+        )
         weight_map |= {n: filename for n in members}
     if len(shards) > 1:
         total = sum(math.prod(s) * itemsize for s in shapes.values())

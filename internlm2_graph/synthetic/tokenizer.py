@@ -1,7 +1,7 @@
 """A real, small SentencePiece BPE tokenizer laid out like InternLM2's.
 
-Trained at call time (a second or two) on a generated multilingual corpus, so tests exercise the
-same code paths as the published `tokenizer.model`: byte fallback, digits split one by one,
+Trained at call time (well under a second) on a generated multilingual corpus, so tests exercise
+the code paths of the published `tokenizer.model`: byte fallback, digits split one by one,
 whitespace runs, CJK, and InternLM2's chat-token quirk. The last six pieces are named
 `[UNUSED_TOKEN_141]`..`[UNUSED_TOKEN_146]` in the model itself; only `tokenizer_config.json`'s
 `added_tokens_decoder` calls them `<|plugin|>`..`<|im_start|>` (ids 92538..92543 of 92544 in the
@@ -34,10 +34,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 META_TOKENS = ("<unk>", "<s>", "</s>")
+USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
 
-# Trainer settings of the published model as far as its tokenizer shows: BPE with byte fallback,
-# no Unicode normalization, no dummy-prefix space ("<|im_start|>user" encodes "user" without a
-# leading "▁"), whitespace kept as typed, and every digit its own piece.
+# As far as the published tokenizer shows: BPE with byte fallback, no Unicode normalization,
+# whitespace kept as typed and no dummy-prefix space (llama.cpp#5184 turns the space prefix off
+# for InternLM2). Split digits and whitespace-only pieces (code indentation) are assumptions.
 TRAINER_OPTIONS = dict(
     model_type="bpe",
     byte_fallback=True,
@@ -57,14 +58,20 @@ TRAINER_OPTIONS = dict(
     minloglevel=2,
 )
 
+# fmt: off
 _WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which "
-    "but have an they you were her she there one all we can their has been if more when will "
-    "would who so no model token tokenizer graph layer attention weight runtime export convert "
-    "language chat assistant user system message hello world python number time year people "
-    "between through during before after under again further then once here where why how "
-    "about against each few most other some such only own same than too very just should now"
-).split()
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "they", "you", "were", "her", "she", "there", "one", "all", "we", "can", "their", "has",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "model", "token",
+    "tokenizer", "graph", "layer", "attention", "weight", "runtime", "export", "convert",
+    "language", "chat", "assistant", "user", "system", "message", "hello", "world", "python",
+    "number", "time", "year", "people", "between", "through", "during", "before", "after",
+    "under", "again", "further", "then", "once", "here", "where", "why", "how", "about",
+    "against", "each", "few", "most", "other", "some", "such", "only", "own", "same", "than",
+    "too", "very", "just", "should", "now",
+)
+# fmt: on
 _CJK = (
     "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说"
     "产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使"
@@ -72,7 +79,9 @@ _CJK = (
     "看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料"
     "模型分词器语言中文测试"
 )
-_KANA = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん"
+_KANA = (
+    "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん"
+)
 _HANGUL = "가나다라마바사아자차카타파하는을를이에서의고한국어"
 _EMOJI = "😀😂🙂🚀🎉👍❤✨🔥🌍"
 _PUNCT = ".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`"
@@ -81,7 +90,7 @@ _CODE = (
     "for i in range({n}):\n\tif i % 2 == 0:\n\t\tprint(i, '{w}')\n",
     "const {w} = ({a}) => {{\n  return {a}.map(x => x * {n});\n}};\n",
     "class {W}:\n    def __init__(self):\n        self.{w} = [{n}, {m}]\n",
-    "#include <stdio.h>\nint main() {{ printf(\"%d\\n\", {n}); return 0; }}\n",
+    '#include <stdio.h>\nint main() {{ printf("%d\\n", {n}); return 0; }}\n',
     '{{"{w}": {n}, "{a}": [{m}, "{b}"], "ok": true}}\n',
 )
 
@@ -98,7 +107,7 @@ def train_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = _train_model(vocab_size - len(CHAT_TOKENS), seed)
     for piece, _ in CHAT_TOKENS:
-        proto.pieces.add(piece=piece, score=0.0, type=proto.pieces[0].USER_DEFINED)
+        proto.pieces.add(piece=piece, score=0.0, type=USER_DEFINED)
     (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
     added = _added_tokens(vocab_size, chat)
     config = _tokenizer_config(added, chat)
@@ -133,21 +142,27 @@ def _prose(rng: random.Random) -> str:
 
 
 def _numbers(rng: random.Random) -> str:
-    n = rng.randint(0, 10**rng.randint(1, 9))
-    return rng.choice([
-        f"{n}",
-        f"{rng.randint(1990, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-        f"v{rng.randint(0, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}",
-        f"{n / 7:.4f} + {rng.randint(0, 99)}% = {n}",
-        f"+86 {rng.randint(100, 999)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}",
-    ])
+    n = rng.randint(0, 10 ** rng.randint(1, 9))
+    return rng.choice(
+        [
+            f"{n}",
+            f"{rng.randint(1990, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+            f"v{rng.randint(0, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}",
+            f"{n / 7:.4f} + {rng.randint(0, 99)}% = {n}",
+            f"+86 {rng.randint(100, 999)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}",
+        ]
+    )
 
 
 def _code(rng: random.Random) -> str:
     names = rng.choices(_WORDS, k=3)
     return rng.choice(_CODE).format(
-        w=names[0], a=names[1], b=names[2], W=names[0].capitalize(),
-        n=rng.randint(0, 999), m=rng.randint(0, 99),
+        w=names[0],
+        a=names[1],
+        b=names[2],
+        W=names[0].capitalize(),
+        n=rng.randint(0, 999),
+        m=rng.randint(0, 99),
     )
 
 
