@@ -12,8 +12,9 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
+from internlm2_graph.inspect import weight_bytes
 from internlm2_graph.precision import parse_extra_options, resolve_target
-from internlm2_graph.progress import Progress
+from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.tokenizer import write_tokenizer
 from internlm2_graph.weights import WeightBinder, check_checkpoint
 
@@ -30,9 +31,9 @@ class BuildSummary:
 
     def __str__(self) -> str:
         return (
-            f"built {self.output}: {self.parameters / 1e9:.3g}B parameters, {self.precision} "
-            f"on {self.execution_provider}, {self.output_bytes / 1e9:.3g} GB on disk, "
-            f"{self.seconds:.1f} s, peak memory {self.peak_rss_bytes / 1e9:.2f} GB"
+            f"built {self.output}: {human_count(self.parameters)} parameters, {self.precision} on "
+            f"{self.execution_provider}, {human_bytes(self.output_bytes)} on disk, "
+            f"{self.seconds:.1f} s, peak memory {human_bytes(self.peak_rss_bytes)}"
         )
 
 
@@ -50,33 +51,43 @@ def build(
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> BuildSummary:
-    """Convert an InternLM2 checkpoint (folder or hub id) into an ONNX Runtime GenAI folder."""
+    """Convert an InternLM2 checkpoint (folder or hub id) into an ONNX Runtime GenAI folder.
+
+    Everything that can be checked without writing is checked first (options, --output, config,
+    every tensor's name, shape and dtype); the folder is then written beside --output and moved
+    into place only when complete, so a failure or Ctrl-C leaves nothing behind.
+    """
     start = time.perf_counter()
     progress = progress or Progress(quiet=True)
     if not isinstance(extra_options, dict):
         extra_options = parse_extra_options(extra_options)
     target = resolve_target(precision, execution_provider, extra_options)
+    output = Path(output)
+    package.check_output(output, overwrite)  # before a download that could take an hour
     folder = resolve_checkpoint(str(input), cache_dir=cache_dir, revision=revision, token=token)
+    package.check_apart(output, folder)
     config = InternLM2Config.from_dir(folder)
     checkpoint = Checkpoint(folder)
     check_checkpoint(checkpoint, config)
 
-    output = Path(output)
-    with package.staged_folder(output, overwrite) as staging:
+    expected_bytes = weight_bytes(config, precision, execution_provider)
+    with package.staged_folder(output, overwrite, expected_bytes) as staging:
         tokenizer = write_tokenizer(folder, staging, config.vocab_size)
         model, module = build_graph(config, target)
         WeightBinder(checkpoint, config, allow_nonfinite).bind(module)
+        # Tensors are read, converted and quantized lazily as the saver asks for them, so this
+        # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:
             package.save_model(model, staging, target.filename, on_tensor)
+        # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
         eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.turn_end_ids]))
         package.write_json(staging / "genai_config.json", package.genai_config(config, target, eos))
-    size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     return BuildSummary(
         output=output,
         parameters=config.num_parameters,
         precision=precision,
         execution_provider=execution_provider,
-        output_bytes=size,
+        output_bytes=sum(f.stat().st_size for f in output.iterdir() if f.is_file()),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
     )

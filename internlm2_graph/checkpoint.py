@@ -23,6 +23,9 @@ DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024
+# How a shard cloned without git-lfs starts: "version https://git-lfs.github.com/spec/v1".
+# As a header length these bytes would be ~2e18, so no real safetensors file starts so.
+LFS_POINTER = b"version "
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class Checkpoint:
             return self.tensors[name]
         except KeyError:
             raise InternLM2GraphError(
-                f"{self.folder}: tensor {name} is missing from the checkpoint; "
-                "it is incomplete or not an InternLM2 checkpoint"
+                f"{self.folder}: tensor {name} is missing from the checkpoint (none of its "
+                "*.safetensors files holds it); download the checkpoint again or check it is "
+                "an InternLM2 model"
             ) from None
 
     def __iter__(self) -> Iterator[TensorRef]:
@@ -111,10 +115,10 @@ class Checkpoint:
             return loose
         if any(self.folder.glob("pytorch_model*.bin")) or any(self.folder.glob("*.pt")):
             raise InternLM2GraphError(
-                f"{self.folder}: only PyTorch *.bin weights found; internlm2_graph reads "
-                "safetensors. Download the safetensors revision of the repo, or convert once "
-                'with: python -c "import torch, safetensors.torch as s; '
-                "s.save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\""
+                f"{self.folder}: only PyTorch *.bin weights found, and internlm2_graph reads "
+                "safetensors (pickles can run code); download the repo's *.safetensors files, "
+                "or convert once with transformers: AutoModelForCausalLM.from_pretrained(folder, "
+                "trust_remote_code=True).save_pretrained(new_folder, safe_serialization=True)"
             )
         raise InternLM2GraphError(
             f"{self.folder}: no *.safetensors weights found (expected {SINGLE} or "
@@ -129,6 +133,11 @@ def read_header(path: Path) -> list[TensorRef]:
         head = f.read(8)
         if len(head) < 8:
             raise _corrupt(path, "shorter than a safetensors header")
+        if head == LFS_POINTER:
+            raise InternLM2GraphError(
+                f"{path}: a Git LFS pointer, not the weights (cloned without git-lfs); run "
+                "`git lfs pull` in the checkpoint folder or download it with huggingface_hub"
+            )
         (length,) = struct.unpack("<Q", head)
         if length > min(MAX_HEADER, size - 8):
             raise _corrupt(path, "header length points past the end of the file")
@@ -153,8 +162,8 @@ def read_header(path: Path) -> list[TensorRef]:
             raise _corrupt(path, f"entry for {name} is malformed") from None
         if dtype not in DTYPES:
             raise InternLM2GraphError(
-                f"{path}: tensor {name} has dtype {dtype}; expected one of "
-                f"{', '.join(DTYPES)} (bf16 as published)"
+                f"{path}: tensor {name} has dtype {dtype}, but weights must be "
+                f"{', '.join(DTYPES)}; re-save the checkpoint in bf16 as published"
             )
         ref = TensorRef(name, path, dtype, shape, data_start + begin)
         if end - begin != ref.nbytes or data_start + end > size:

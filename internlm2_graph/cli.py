@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from internlm2_graph.errors import InternLM2GraphError
@@ -19,7 +20,8 @@ SUBCOMMANDS = ("build", "verify", "inspect")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="internlm2-graph",
-        description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI folder.",
+        description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI "
+        "folder.",
         epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT`, "
         "`internlm2-graph inspect CHECKPOINT`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,7 +56,7 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="the built folder")
     parser.add_argument("--against", required=True, help="the checkpoint folder it was built from")
     parser.add_argument("--prompt", default="The quick brown fox", help="text to start from")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=_positive_int, default=8, help="tokens to decode")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference|")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -66,7 +68,12 @@ def inspect_parser() -> argparse.ArgumentParser:
         description="Config, parameter count, and memory per precision for a checkpoint.",
     )
     parser.add_argument("checkpoint", help="checkpoint folder or hub id")
-    parser.add_argument("--context", type=int, default=None, help="KV cache length (default 4096)")
+    parser.add_argument(
+        "--context",
+        type=_positive_int,
+        default=None,
+        help="KV cache length in tokens (default: the context, at most 4096)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -76,16 +83,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     parser = {"build": build_parser, "verify": verify_parser, "inspect": inspect_parser}[command]()
     args = parser.parse_args(argv)
+    run = {"build": _build, "verify": _verify, "inspect": _inspect}[command]
     try:
-        return {"build": _build, "verify": _verify, "inspect": _inspect}[command](args)
-    except InternLM2GraphError as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
+    except (InternLM2GraphError, OSError) as err:
+        # Problems with the input, options or disk: one line that says what to do. A traceback
+        # would only bury it; --verbose brings it back for bug reports.
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted: stopped before finishing; nothing was written", file=sys.stderr)
         return 130
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, InternLM2GraphError):
+        return str(err)
+    where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+    return f"{where}{err.strerror or err} (run with --verbose for details)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as `warning: ...` lines, without the source line Python would print."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _build(args) -> int:
@@ -110,13 +134,16 @@ def _build(args) -> int:
 
 
 def _verify(args) -> int:
-    from internlm2_graph.verify import encode_prompt, verify
+    from internlm2_graph.hub import resolve_checkpoint
+    from internlm2_graph.verify import check_model_folder, encode_prompt, verify
 
-    prompt = encode_prompt(args.against, args.prompt)
-    verdict = verify(args.model, args.against, prompt, args.steps)
+    check_model_folder(args.model)
+    checkpoint = resolve_checkpoint(args.against)
+    prompt = encode_prompt(checkpoint, args.prompt)
+    verdict = verify(args.model, checkpoint, prompt, args.steps)
     print(verdict)
-    ok = verdict.max_logit_error <= args.tolerance and verdict.tokens_agree == verdict.steps
-    print("OK" if ok else f"MISMATCH (tolerance {args.tolerance})")
+    ok = verdict.ok(args.tolerance)
+    print("OK" if ok else f"MISMATCH (tolerance {args.tolerance:g})")
     return 0 if ok else 1
 
 
@@ -125,3 +152,13 @@ def _inspect(args) -> int:
 
     print(describe(args.checkpoint, args.context))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value

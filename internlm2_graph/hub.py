@@ -15,19 +15,6 @@ import re
 from pathlib import Path
 from typing import TypeVar
 
-from httpx2 import TransportError
-from huggingface_hub import constants, get_cached_repo_tree, snapshot_download
-from huggingface_hub.errors import (
-    CachedRepoTreeNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from internlm2_graph.errors import InternLM2GraphError
 
 # What the build reads. Anything else in the repo (pytorch_model*.bin, *.pt, *.pth, *.msgpack,
@@ -94,6 +81,11 @@ def _looks_like_path(source: str) -> bool:
 def _download(
     repo_id: str, *, cache_dir: str | None, revision: str | None, token: str | None
 ) -> Path:
+    # Imported here: a local folder needs no Hub client (and none of its HTTP stack).
+    from httpx2 import TransportError
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
     try:
         folder = snapshot_download(
             repo_id,
@@ -110,6 +102,16 @@ def _download(
 
 def _explain(err: Exception, repo_id: str, revision: str | None) -> str:
     """One line for a failed download: what went wrong and what the user can do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     at = _label(repo_id, revision)
     if isinstance(err, HFValidationError):
         return (
@@ -183,6 +185,9 @@ def _require_safetensors(folder: Path, repo_id: str, revision: str | None, cache
 
 def _other_weights(repo_id: str, *, commit: str, cache_dir: str | None) -> list[str]:
     """Weight files in the cached listing of `commit` that this converter cannot read."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
     try:
         listing = get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir)
     except CachedRepoTreeNotFoundError:

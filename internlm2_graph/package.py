@@ -7,11 +7,12 @@ when complete, so a failed or interrupted build never leaves a half-written fold
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,14 +22,20 @@ from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from internlm2_graph.precision import Target
+from internlm2_graph.progress import human_bytes
 
 DEFAULT_MAX_LENGTH = 4096
+# Below this much free space a failed write is taken for a full disk: numpy's tofile, which
+# onnx_ir writes tensors with, reports a short write as an OSError without an errno.
+LOW_SPACE = 64 * 1024 * 1024
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2  # renameat2 flag and "current directory" fd (linux/fcntl.h)
+SAVE_WORKERS = min(8, os.cpu_count() or 1)
+SAVE_IN_FLIGHT_BYTES = 512 * 1024 * 1024
 
 
-def genai_config(
-    config: InternLM2Config, target: Target, eos_token_ids: list[int]
-) -> dict:
-    """genai_config.json: the decoder's sizes and I/O names, and the checkpoint's search defaults."""
+def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[int]) -> dict:
+    """genai_config.json: the decoder's sizes and I/O names, the checkpoint's search defaults."""
     gen = config.generation
     provider_options = []
     if target.execution_provider == "cuda":
@@ -42,7 +49,10 @@ def genai_config(
             "bos_token_id": config.bos_token_id,
             "context_length": config.context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": provider_options,
+                },
                 "filename": target.filename,
                 "head_size": config.head_dim,
                 "hidden_size": config.hidden_size,
@@ -91,47 +101,169 @@ def save_model(
     filename: str,
     on_tensor: Callable[[ir.TensorProtocol, int, int], None] | None = None,
 ) -> None:
-    """model.onnx + one external data file, tensors produced and written one at a time."""
+    """model.onnx + one external data file, its tensors produced lazily by a few threads.
+
+    Producing a tensor (read, cast, transpose, quantize) is numpy work that releases the GIL, so
+    threads overlap it with each other and with disk writes. `max_in_flight_bytes` bounds what
+    they hold at once: peak memory is that plus the largest single tensor, whatever the model.
+    """
 
     def callback(tensor, info) -> None:
         if on_tensor is not None:
             on_tensor(tensor, info.index, info.total)
 
-    ir.save(model, folder / filename, external_data=filename + ".data", callback=callback)
+    ir.save(
+        model,
+        folder / filename,
+        external_data=filename + ".data",
+        callback=callback,
+        max_workers=SAVE_WORKERS,
+        max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES,
+        # Page-aligned tensors let onnxruntime map the weights instead of copying them.
+        alignment=4096,
+    )
 
 
 def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=4) + "\n", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def staged_folder(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `output` that becomes `output` only if the block succeeds."""
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an --output that exists (unless --overwrite) before any work or download starts."""
     output = Path(output).absolute()
-    if output.exists() and not overwrite:
+    if not output.exists():
+        return
+    if not overwrite:
         raise InternLM2GraphError(
-            f"{output}: already exists; choose another --output or pass --overwrite"
+            f"{output}: already exists; choose another --output or pass --overwrite to replace it"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    if not output.is_dir():
+        raise InternLM2GraphError(f"{output}: is a file, not a folder; choose another --output")
+    # --overwrite deletes the old folder: only ever one this tool wrote (or an empty one), so a
+    # slip such as `-o . --overwrite` cannot wipe a home or project folder.
+    if any(output.iterdir()) and not (output / "genai_config.json").is_file():
+        raise InternLM2GraphError(
+            f"{output}: exists and is not a model folder (no genai_config.json), so --overwrite "
+            "will not delete it; remove it yourself or choose another --output"
+        )
+
+
+def check_apart(output: Path, source: Path) -> None:
+    """Refuse to replace the folder the weights are read from (or one holding it)."""
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source or output in source.parents:
+        raise InternLM2GraphError(
+            f"{output}: --output would replace the checkpoint being converted ({source}); "
+            "choose another --output"
+        )
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, overwrite: bool, expected_bytes: int = 0) -> Iterator[Path]:
+    """A temporary sibling of `output` that becomes `output` only if the block succeeds.
+
+    On any failure, Ctrl-C included, the sibling (and any parent folders made for it) is
+    removed, and an existing `output` is left exactly as it was.
+    """
+    output = Path(output).absolute()
+    check_output(output, overwrite)
+    made = _make_parents(output.parent)
+    try:
+        _check_free_space(output.parent, expected_bytes)
+        # Created with mkdir, not mkdtemp, so the folder gets the umask's permissions (mkdtemp's
+        # 0700 would hide the model from other users once moved into place).
+        staging = output.with_name(f".{output.name}.{secrets.token_hex(4)}.partial")
+        staging.mkdir()
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield staging
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        _move_into_place(staging, output)
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
+        full = _disk_full(err, staging)
+        _discard(staging, made)
+        if full:
+            needs = human_bytes(expected_bytes)
             raise InternLM2GraphError(
-                f"{output.parent}: no space left on the device while writing the model; "
-                "free some space or choose another --output"
+                f"{output.parent}: no space left on the device while writing the model (it "
+                f"needs about {needs}); free some space or choose another --output"
             ) from None
         raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging, made)
         raise
+
+
+def _check_free_space(folder: Path, expected_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if expected_bytes > free:
+        needs, left = human_bytes(expected_bytes), human_bytes(free)
+        raise InternLM2GraphError(
+            f"{folder}: the model needs about {needs} but only {left} is free there; free some "
+            "space or choose another --output"
+        )
+
+
+def _disk_full(err: OSError, folder: Path) -> bool:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return err.errno is None and shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename `staging` to `output`; an existing `output` is swapped out atomically."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    if _exchange(staging, output):
+        shutil.rmtree(staging)  # now holds the old folder
+        return
+    # No atomic swap here (not Linux, or a filesystem without it): two renames, undone on error.
+    old = staging.with_suffix(".old")
+    os.replace(output, old)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux's renameat2(RENAME_EXCHANGE); False if unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created, deepest first, to undo on failure."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _discard(staging: Path, made: list[Path]) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    _remove_empty(made)

@@ -61,6 +61,10 @@ def parse_extra_options(items: list[str] | None) -> dict[str, str]:
             raise InternLM2GraphError(
                 f"--extra_options: {item!r} is not KEY=VALUE (e.g. int4_block_size=32)"
             )
+        if key in options and options[key] != value:
+            raise InternLM2GraphError(
+                f"--extra_options: {key} is given twice ({options[key]!r} and {value!r}); keep one"
+            )
         options[key] = value
     return options
 
@@ -71,9 +75,9 @@ def resolve_target(
     options = {ALIASES.get(k, k): str(v) for k, v in (extra_options or {}).items()}
     for key in options:
         if key not in OPTIONS:
-            known = "\n  ".join(f"{k}: {v}" for k, v in OPTIONS.items())
             raise InternLM2GraphError(
-                f"--extra_options: unknown option {key!r}; known options:\n  {known}"
+                f"--extra_options: unknown option {key!r}; use one of {', '.join(OPTIONS)} "
+                "(--help describes them)"
             )
     if precision not in PRECISIONS:
         raise InternLM2GraphError(

@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+BAR_WIDTH = 30
+
 
 class Progress:
     def __init__(self, quiet: bool = False, stream=None) -> None:
@@ -15,7 +17,11 @@ class Progress:
 
     @contextlib.contextmanager
     def task(self, label: str) -> Iterator[Callable[[object, int, int], None]]:
-        """Yields `update(item, index, total)`; draws a bar (TTY) or a line every ~10%."""
+        """Yields `update(item, index, total)`; draws a bar (TTY) or a line every ~10%.
+
+        Redrawing one line only works on a terminal: in a log file or CI output each redraw
+        would be a new line, so there a line is written per tenth of the work instead.
+        """
         if self.quiet:
             yield lambda item, index, total: None
             return
@@ -26,24 +32,43 @@ class Progress:
         def update(item, index: int, total: int) -> None:
             nonlocal last_decile
             done = index + 1
-            name = getattr(item, "name", "") or ""
             elapsed = time.perf_counter() - start
             if tty:
-                width = 30
-                filled = int(width * done / max(total, 1))
-                bar = "#" * filled + "-" * (width - filled)
+                name = getattr(item, "name", "") or ""
+                filled = BAR_WIDTH * done // max(total, 1)
+                bar = "#" * filled + "-" * (BAR_WIDTH - filled)
                 self.stream.write(
                     f"\r{label} [{bar}] {done}/{total} {elapsed:5.1f}s {name[:40]:<40}"
                 )
-                self.stream.flush()
             else:
                 decile = 10 * done // max(total, 1)
-                if decile != last_decile:
-                    last_decile = decile
-                    self.stream.write(f"{label}: {done}/{total} tensors, {elapsed:.1f}s\n")
-                    self.stream.flush()
+                if decile == last_decile:
+                    return
+                last_decile = decile
+                self.stream.write(f"{label}: {done}/{total} tensors, {elapsed:.1f}s\n")
+            self.stream.flush()
 
-        yield update
-        if tty:
-            self.stream.write("\n")
-        self.stream.flush()
+        try:
+            yield update
+        finally:
+            # End the bar's line even on failure, so an error message starts on its own line.
+            if tty:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def human_bytes(nbytes: float) -> str:
+    """Bytes for people: 1.5 GB, 870 kB (decimal units, as df -H and file managers show)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.3g} TB"
+
+
+def human_count(n: int) -> str:
+    """217k, 1.89B: parameter counts as model cards write them."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)

@@ -139,8 +139,8 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 def _to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
-    """float32 [rows, k_blocks, block]; zero-pads a ragged K (padding never moves min/max
-    ranking for the symmetric extreme, and asymmetric ranges include 0 anyway)."""
+    """float32 [rows, k_blocks, block]; zero-pads a ragged K (zeros never change which element
+    is the symmetric extreme, and asymmetric ranges include 0 anyway)."""
     n, k = rows.shape
     if k == k_blocks * block_size and rows.dtype == np.float32 and rows.flags.c_contiguous:
         return rows.reshape(n, k_blocks, block_size)  # a view: no copy at all
@@ -279,7 +279,7 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 def matmul_nbits_attributes(q: QuantizedWeight) -> dict[str, int]:
     """Attributes of the com.microsoft MatMulNBits node that consumes ``q``."""
     attrs = {"K": q.k, "N": q.n, "bits": q.spec.bits, "block_size": q.spec.block_size}
-    # Like ORT's quantizer, leave accuracy_level out when 0 ("unset"): some EPs reject it.
+    # 0 means "unset": ORT's own quantizer then omits the attribute, as most EPs ignore it.
     if q.spec.accuracy_level:
         attrs["accuracy_level"] = q.spec.accuracy_level
     return attrs
@@ -289,8 +289,10 @@ def matmul_nbits_initializers(q: QuantizedWeight, scales_dtype=np.float32) -> li
     """Arrays for MatMulNBits inputs 1.. in order: B, scales, then zero_points if asymmetric.
 
     Input 0 (A) is the activation; ``scales_dtype`` must equal A's dtype (np.float16,
-    ml_dtypes.bfloat16 or np.float32). Symmetric weights omit zero_points entirely (the kernel's
-    default midpoint is the one they were quantized with).
+    ml_dtypes.bfloat16 or np.float32); fp16 keeps about 3 significant digits of each scale,
+    fewer below 6e-5 (subnormal), and rounds scales under 3e-8 to 0. Symmetric weights
+    omit zero_points entirely (the kernel's default midpoint is the one they were quantized
+    with).
     """
     arrays = [q.packed, q.scales.astype(scales_dtype)]
     if q.zero_points is not None:

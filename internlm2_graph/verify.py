@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.reference import Reference
 
 
@@ -52,8 +53,22 @@ def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
     """<s> + SentencePiece ids of `text`, as the checkpoint's own tokenizer.model encodes it."""
     import sentencepiece
 
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(Path(checkpoint) / "tokenizer.model"))
+    path = Path(checkpoint) / "tokenizer.model"
+    if not path.is_file():
+        raise InternLM2GraphError(
+            f"{path}: not found; --against must be the checkpoint folder the model was built from"
+        )
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
     return [processor.bos_id(), *processor.encode(text)]
+
+
+def check_model_folder(model_dir: str | Path) -> None:
+    """Fail with a plain message, not the runtime's, when `model_dir` is not a built folder."""
+    if not (Path(model_dir) / "genai_config.json").is_file():
+        raise InternLM2GraphError(
+            f"{model_dir}: not a built model folder (no genai_config.json); pass the --output "
+            "folder of an internlm2-graph build"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,18 +80,26 @@ class Verdict:
     model_tokens: list[int]
     reference_tokens: list[int]
 
+    def ok(self, tolerance: float) -> bool:
+        """Logits within `tolerance` and the same greedy tokens (both stop at the same eos)."""
+        return self.max_logit_error <= tolerance and self.model_tokens == self.reference_tokens
+
     def __str__(self) -> str:
+        steps = len(self.per_step_error)
         lines = [
-            f"max |logit difference| {self.max_logit_error:.3g} over {len(self.per_step_error)} steps",
-            f"greedy tokens agree on {self.tokens_agree}/{self.steps}",
+            f"max |logit difference| {self.max_logit_error:.3g} over {steps} steps",
+            f"greedy tokens agree on {self.tokens_agree}/{len(self.reference_tokens)}",
             f"  model:     {self.model_tokens}",
             f"  reference: {self.reference_tokens}",
         ]
         return "\n".join(lines)
 
 
-def verify(model_dir: str | Path, checkpoint: str | Path, prompt: list[int], steps: int = 8) -> Verdict:
-    reference_tokens, reference_logits = Reference(checkpoint).greedy(prompt, steps, eos_ids(model_dir))
+def verify(
+    model_dir: str | Path, checkpoint: str | Path, prompt: list[int], steps: int = 8
+) -> Verdict:
+    reference = Reference(checkpoint)
+    reference_tokens, reference_logits = reference.greedy(prompt, steps, eos_ids(model_dir))
     (model_tokens,), model_logits = og_greedy(model_dir, [prompt], steps)
     errors = [
         float(np.max(np.abs(m[0].astype(np.float64) - r)))

@@ -7,6 +7,7 @@ for it, one tensor (or one block of rows) at a time.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -157,16 +158,19 @@ class WeightBinder:
         out_rows, load = self._rows(path, "weight")
         params = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
 
+        lock = threading.Lock()
+
         def part(index: int) -> np.ndarray:
-            # The saver asks for weight, scales and zero points one after another: quantize once,
-            # keep the result only until its last part has been written.
-            entry = self._quantized.get(path)
-            if entry is None:
-                entry = [_quantize_rows(load(), out_rows, module.in_features, module.spec), 0]
-                self._quantized[path] = entry
-            entry[1] += 1
-            if entry[1] == len(params):
-                del self._quantized[path]
+            # The saver asks for weight, scales and zero points separately, possibly from several
+            # threads: quantize once, keep the result until its last part has been taken.
+            with lock:
+                entry = self._quantized.get(path)
+                if entry is None:
+                    entry = [_quantize_rows(load(), out_rows, module.in_features, module.spec), 0]
+                    self._quantized[path] = entry
+                entry[1] += 1
+                if entry[1] == len(params):
+                    del self._quantized[path]
             q = entry[0]
             return [q.packed, q.scales.reshape(-1), q.zero_points][index]
 
@@ -220,25 +224,31 @@ def _transposed(rows: Rows, out_rows: int, in_features: int, param: ir.Value) ->
 
 
 def _quantize_rows(rows: Rows, out_rows: int, in_features: int, spec: QuantSpec) -> QuantizedWeight:
-    """Quantize slice by slice: output rows are independent, so slices concatenate exactly."""
+    """Quantize slice by slice into preallocated outputs: output rows are independent."""
     step = _slice_rows((out_rows, in_features))
-    parts = [quantize(rows(s, min(s + step, out_rows)), spec) for s in range(0, out_rows, step)]
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    zero_points = (
-        None
-        if first.zero_points is None
-        else np.concatenate([p.zero_points for p in parts], axis=0)
-    )
-    return QuantizedWeight(
-        packed=np.concatenate([p.packed for p in parts], axis=0),
-        scales=np.concatenate([p.scales for p in parts], axis=0),
-        zero_points=zero_points,
+    first = quantize(rows(0, min(step, out_rows)), spec)
+    if step >= out_rows:
+        return first
+
+    def grown(part: np.ndarray | None) -> np.ndarray | None:
+        return None if part is None else np.empty((out_rows, *part.shape[1:]), part.dtype)
+
+    whole = QuantizedWeight(
+        packed=grown(first.packed),
+        scales=grown(first.scales),
+        zero_points=grown(first.zero_points),
         k=first.k,
         n=out_rows,
         spec=spec,
     )
+    for start in range(0, out_rows, step):
+        part = first if start == 0 else quantize(rows(start, min(start + step, out_rows)), spec)
+        stop = start + part.packed.shape[0]
+        whole.packed[start:stop] = part.packed
+        whole.scales[start:stop] = part.scales
+        if whole.zero_points is not None:
+            whole.zero_points[start:stop] = part.zero_points
+    return whole
 
 
 def _as(array: np.ndarray, param: ir.Value) -> np.ndarray:

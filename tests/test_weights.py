@@ -78,3 +78,32 @@ def test_split_real_7b_weight_moves_whole_rows():
     np.testing.assert_array_equal(
         v[7 * d : 8 * d], wqkv[(7 * (g + 2) + g + 1) * d : (8 * (g + 2)) * d]
     )
+
+
+def test_sliced_transforms_equal_whole_ones(monkeypatch):
+    """Large tensors are transposed and quantized a slice of rows at a time; slices must not show."""
+    from internlm2_graph import weights
+    from internlm2_graph.quantize import QuantSpec, quantize
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((1000, 96), dtype=np.float32)
+    rows = lambda start, stop: w[start:stop]  # noqa: E731
+    monkeypatch.setattr(weights, "SLICE_BYTES", 96 * 4 * 64)  # 64 rows per slice
+    for spec in (
+        QuantSpec(bits=4, block_size=32),
+        QuantSpec(bits=8, block_size=16, symmetric=False),
+    ):
+        sliced, whole = weights._quantize_rows(rows, 1000, 96, spec), quantize(w, spec)
+        np.testing.assert_array_equal(sliced.packed, whole.packed)
+        np.testing.assert_array_equal(sliced.scales, whole.scales)
+        if spec.symmetric:
+            assert sliced.zero_points is None
+        else:
+            np.testing.assert_array_equal(sliced.zero_points, whole.zero_points)
+
+    class Param:
+        dtype = weights.ir.DataType.FLOAT16
+
+    np.testing.assert_array_equal(
+        weights._transposed(rows, 1000, 96, Param()), w.T.astype(np.float16)
+    )

@@ -124,7 +124,6 @@ def corpus(seed: int, lines: int = 6000) -> Iterator[str]:
 
 
 def _train_model(pieces: int, seed: int) -> sentencepiece_model_pb2.ModelProto:
-    spm.set_random_generator_seed(seed)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=corpus(seed), model_writer=buffer, vocab_size=pieces, **TRAINER_OPTIONS

@@ -1,0 +1,291 @@
+"""Export side by side: internlm2_graph vs the onnxruntime-genai builder, same weights.
+
+For each size, one synthetic InternLM2 checkpoint is written (bf16, the published layout) plus
+its Llama-layout copy for the builder (which cannot read InternLM2 without remote code). Each
+export runs as its own child process; wall time and peak RSS (of the whole process tree) come
+from the kernel. Runs alternate between the two tools, medians are reported.
+
+    python -m benchmarks.export                        # 1.8b, int4 and fp32, cpu, 1 repetition
+    python -m benchmarks.export --sizes 1.8b,7b --precisions int4 --repeat 3 --keep
+
+Results: a markdown table on stdout and benchmarks/results/export-<machine>.{json,md}.
+The builder needs torch and transformers (`pip install -e .[bench]`); without them its rows say
+"not installed". It is stopped at --memory-limit-gb (default: 90% of the memory available at
+start) and reported as out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+TOOLS = ("ours", "builder")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1.8b", help="comma list of synthetic sizes")
+    parser.add_argument("--precisions", default="int4,fp32", help="comma list")
+    parser.add_argument("-e", "--ep", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and precision")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of ours,builder")
+    parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="scratch folder")
+    parser.add_argument("--keep", action="store_true", help="keep checkpoints and models")
+    parser.add_argument("--machine", default=None, help="name in the results file")
+    parser.add_argument("--memory-limit-gb", type=float, default=None)
+    parser.add_argument(
+        "--extra-options",
+        nargs="+",
+        default=[],
+        metavar="K=V",
+        help="passed to both tools' --extra_options",
+    )
+    return parser.parse_args(argv)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def prepare(size: str, work: Path, with_llama: bool) -> tuple[Path, Path | None]:
+    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy."""
+    from benchmarks.llama_layout import write_llama_copy
+    from internlm2_graph.synthetic import make_config, write_checkpoint
+
+    ckpt, llama = work / f"{size}-internlm2", work / f"{size}-llama"
+    if not (ckpt / "config.json").is_file():
+        start = time.perf_counter()
+        write_checkpoint(ckpt, make_config(size), chat=True, seed=0)
+        print(f"wrote {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
+    if with_llama and not (llama / "config.json").is_file():
+        start = time.perf_counter()
+        write_llama_copy(ckpt, llama)
+        print(f"wrote {llama} in {time.perf_counter() - start:.0f} s", flush=True)
+    return ckpt, llama if with_llama else None
+
+
+def command(tool: str, source: Path, out: Path, precision: str, args) -> list[str]:
+    if tool == "ours":
+        cmd = [
+            sys.executable,
+            "-m",
+            "internlm2_graph",
+            "-i",
+            str(source),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            args.ep,
+            "--overwrite",
+        ]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(source),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            args.ep,
+            "-c",
+            str(out) + "-cache",
+        ]
+    return cmd + (["--extra_options", *args.extra_options] if args.extra_options else [])
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: int) -> dict:
+    out = work / f"{source.name.split('-')[0]}-{precision}-{args.ep}-{tool}"
+    shutil.rmtree(out, ignore_errors=True)
+    log = work / "logs" / f"{out.name}-{rep}.log"
+    env = {"HF_HUB_OFFLINE": "1"} if tool == "builder" else None
+    print(f"  {tool:8s} {precision:5s} run {rep + 1} ...", end=" ", flush=True)
+    m = common.run_measured(command(tool, source, out, precision, args), log, env, args.limit)
+    print(f"{m.status}: {m.seconds:.0f} s, peak {m.peak_rss_bytes / 1e9:.2f} GB", flush=True)
+    result = {
+        "tool": tool,
+        "precision": precision,
+        "rep": rep,
+        "status": m.status,
+        "seconds": m.seconds,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "log": m.log,
+        "command": m.command,
+        "output": str(out),
+    }
+    if m.ok:
+        result["output_bytes"] = common.folder_bytes(out)
+        result["graph"] = common.quant_summary(out)
+    else:
+        print(common.tail(log), flush=True)
+    last = rep == args.repeat - 1
+    if not (args.keep and last):
+        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(str(out) + "-cache", ignore_errors=True)
+    return result
+
+
+def run_size(size: str, args, tools: list[str], work: Path) -> list[dict]:
+    ckpt, llama = prepare(size, work, "builder" in tools)
+    results = []
+    for rep in range(args.repeat):
+        order = tools if rep % 2 == 0 else tools[::-1]
+        for precision in args.precisions.split(","):
+            for tool in order:
+                source = ckpt if tool == "ours" else llama
+                results.append(
+                    {"size": size, **run_export(tool, source, precision, args, work, rep)}
+                )
+    if not args.keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if llama:
+            shutil.rmtree(llama, ignore_errors=True)
+    return results
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict], tools: list[str], builder_missing: bool) -> list[dict]:
+    """Median per (size, precision, tool), plus ours/builder ratios."""
+    rows = []
+    keys = dict.fromkeys((r["size"], r["precision"]) for r in runs)
+    for size, precision in keys:
+        row = {"size": size, "precision": precision}
+        for tool in TOOLS:
+            mine = [
+                r for r in runs if (r["size"], r["precision"], r["tool"]) == (size, precision, tool)
+            ]
+            ok = [r for r in mine if r["status"] == "ok"]
+            status = (
+                "not installed"
+                if tool == "builder" and builder_missing
+                else "not run"
+                if tool not in tools or not mine
+                else "ok"
+                if len(ok) == len(mine)
+                else mine[-1]["status"]
+            )
+            row[tool] = {
+                "status": status,
+                "runs": len(mine),
+                "seconds": common.median([r["seconds"] for r in ok]),
+                "peak_rss_bytes": common.median([r["peak_rss_bytes"] for r in ok]),
+                "peak_rss_bytes_failed": max((r["peak_rss_bytes"] for r in mine), default=None),
+                "output_bytes": ok[0].get("output_bytes") if ok else None,
+                "graph": ok[0].get("graph") if ok else None,
+            }
+        row["ratio_seconds"] = common.ratio(row["ours"]["seconds"], row["builder"]["seconds"])
+        row["ratio_peak_rss"] = common.ratio(
+            row["ours"]["peak_rss_bytes"], row["builder"]["peak_rss_bytes"]
+        )
+        rows.append(row)
+    return rows
+
+
+def cell(entry: dict, key: str, scale: float, spec: str) -> str:
+    """A median, or (for a tool that did not finish) its status: in full in the wall-time
+    column, shortened elsewhere, with the RSS it had reached when it stopped."""
+    if entry["status"] != "ok":
+        peak = entry.get("peak_rss_bytes_failed")
+        if key == "seconds":
+            return entry["status"]
+        if key == "peak_rss_bytes" and peak:
+            return f"{peak / 1e9:.1f} when it stopped"
+        return "-"
+    return common.fmt(entry[key] / scale if entry[key] is not None else None, spec)
+
+
+def markdown(rows: list[dict], args, info: dict) -> str:
+    header = [
+        "size",
+        "precision",
+        "ours wall s",
+        "builder wall s",
+        "ours/builder wall",
+        "ours peak RSS GB",
+        "builder peak RSS GB",
+        "ours/builder RSS",
+        "ours out GB",
+        "builder out GB",
+    ]
+    body = []
+    for r in rows:
+        o, b = r["ours"], r["builder"]
+        body.append(
+            [
+                r["size"],
+                f"{r['precision']} {args.ep}",
+                cell(o, "seconds", 1, ".1f"),
+                cell(b, "seconds", 1, ".1f"),
+                common.fmt(r["ratio_seconds"], ".2f", "x"),
+                cell(o, "peak_rss_bytes", 1e9, ".2f"),
+                cell(b, "peak_rss_bytes", 1e9, ".2f"),
+                common.fmt(r["ratio_peak_rss"], ".2f", "x"),
+                cell(o, "output_bytes", 1e9, ".2f"),
+                cell(b, "output_bytes", 1e9, ".2f"),
+            ]
+        )
+    title = (
+        f"Export, {info['cpu_count']} cores / {info['memory_gb']} GB"
+        f"{', ' + info['gpu'] if info['gpu'] else ''}; median of {args.repeat} run(s) each, "
+        "synthetic bf16 checkpoints"
+    )
+    return f"{title}\n\n" + common.markdown_table(header, body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tools = [t for t in args.tools.split(",") if t]
+    builder_missing = not common.has_module("torch", "transformers")
+    if builder_missing and "builder" in tools:
+        print("onnxruntime-genai builder needs torch + transformers: not installed, skipped")
+        tools.remove("builder")
+    limit_gb = args.memory_limit_gb or 0.9 * common.memory_available_bytes() / 1e9
+    args.limit = int(limit_gb * 1e9)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    info = common.machine_info()
+    print(f"memory limit per export: {limit_gb:.1f} GB; work folder {work}", flush=True)
+    runs = []
+    for size in args.sizes.split(","):
+        runs += run_size(size, args, tools, work)
+    rows = summarize(runs, tools, builder_missing)
+    text = markdown(rows, args, info)
+    print("\n" + text)
+    name = f"export-{args.machine or common.default_machine_name()}"
+    payload = {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if k != "limit"},
+        "memory_limit_bytes": args.limit,
+        "summary": rows,
+        "runs": runs,
+    }
+    print(f"\nwrote {common.write_results(name, payload, text)}")
+    plot(rows, common.RESULTS / f"{name}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    labels = [f"{r['size']} {r['precision']}" for r in rows]
+    for key, unit, scale in (("seconds", "s", 1), ("peak_rss_bytes", "GB", 1e9)):
+        series = {tool: [(r[tool][key] or 0) / scale for r in rows] for tool in TOOLS}
+        target = path.with_name(path.stem + f"-{key.split('_')[0]}.png")
+        common.try_plot(target, f"export {key.replace('_bytes', '')} ({unit})", labels, series)
+
+
+if __name__ == "__main__":
+    main()
