@@ -142,6 +142,28 @@ def has_module(*names: str) -> bool:
 # --- machine --------------------------------------------------------------------------------
 
 
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine may be shared: other work skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def git_state() -> dict:
+    """The commit and the files changed since, so a result can be matched to the code."""
+
+    def git(*a: str) -> str:
+        try:
+            out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "internlm2_graph").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "changed": [c[3:] for c in changed]}
+
+
 def memory_total_bytes() -> int:
     return _meminfo("MemTotal:")
 
@@ -179,6 +201,7 @@ def machine_info() -> dict:
         "gpu": gpu_name(),
         "python": sys.version.split()[0],
         "versions": package_versions(),
+        "git": git_state(),
     }
 
 

@@ -18,24 +18,13 @@ import numpy as np
 
 from internlm2_graph import build
 from internlm2_graph.precision import resolve_target
-from internlm2_graph.quantize import dequantize, quantize
-from internlm2_graph.reference import Reference
+from internlm2_graph.reference import Reference, quantized_reference
 from internlm2_graph.synthetic import make_config, write_checkpoint
 from internlm2_graph.verify import eos_ids, og_greedy
 
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73, 8, 19, 400]
 STEPS = 10
 CASES = [("fp16", []), ("bf16", []), ("int4", []), ("int4", ["use_cuda_bf16=true"]), ("int8", [])]
-
-
-def dequantized(reference: Reference, target) -> Reference:
-    for name, weight in reference.w.items():
-        spec = target.lm_head_quant if name == "output.weight" else target.quant
-        if weight.ndim == 2 and "tok_embeddings" not in name and spec is not None:
-            reference.w[name] = dequantize(quantize(weight.astype(np.float32), spec)).astype(
-                np.float64
-            )
-    return reference
 
 
 def compare(model_dir: Path, reference: Reference) -> dict:
@@ -76,7 +65,7 @@ def main() -> None:
         if precision in ("int4", "int8"):
             target = resolve_target(precision, "cuda", dict(o.split("=") for o in options))
             results[name]["vs_dequantized_reference"] = compare(
-                out, dequantized(Reference(checkpoint), target)
+                out, quantized_reference(checkpoint, target)
             )
         print(name, json.dumps(results[name]), flush=True)
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)

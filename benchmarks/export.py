@@ -11,12 +11,17 @@ from the kernel. Runs alternate between the two tools, medians are reported.
 Results: a markdown table on stdout and benchmarks/results/export-<machine>.{json,md}.
 The builder needs torch and transformers (`pip install -e .[bench]`); without them its rows say
 "not installed". It is stopped at --memory-limit-gb (default: 90% of the memory available at
-start) and reported as out of memory.
+start) and reported as out of memory. It is not started at all (nor its Llama copy written) when
+the peak it needs is known to be over that limit: measured for the same size and precision in an
+earlier results file (benchmarks/results/export-*.json, any machine), or else estimated from the
+largest measured size scaled by parameters; --builder-anyway runs it regardless. A build whose
+output would not fit on the free disk is skipped and reported likewise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -41,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--machine", default=None, help="name in the results file")
     parser.add_argument("--memory-limit-gb", type=float, default=None)
     parser.add_argument(
+        "--builder-anyway",
+        action="store_true",
+        help="run the builder even where its known or estimated peak exceeds the memory limit",
+    )
+    parser.add_argument(
         "--extra-options",
         nargs="+",
         default=[],
@@ -53,21 +63,138 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def prepare(size: str, work: Path, with_llama: bool) -> tuple[Path, Path | None]:
-    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy."""
+def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path, Path | None]:
+    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy.
+
+    `facts` gets the checkpoint's parameters, bytes and write seconds (None if it was there).
+    """
     from benchmarks.llama_layout import write_llama_copy
     from internlm2_graph.synthetic import make_config, write_checkpoint
 
     ckpt, llama = work / f"{size}-internlm2", work / f"{size}-llama"
+    facts.update(size=size, params=parameters(size), write_seconds=None, llama_seconds=None)
     if not (ckpt / "config.json").is_file():
+        need = 2 * facts["params"] + GB
+        if need > free_disk(work):
+            raise SystemExit(
+                f"{size}: the checkpoint needs ~{need / GB:.0f} GB, {free_disk(work) / GB:.0f} "
+                f"GB free in {work}"
+            )
         start = time.perf_counter()
         write_checkpoint(ckpt, make_config(size), chat=True, seed=0)
-        print(f"wrote {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
+        facts["write_seconds"] = time.perf_counter() - start
+        print(f"wrote {ckpt} in {facts['write_seconds']:.0f} s", flush=True)
+    facts["bytes"] = common.folder_bytes(ckpt)
     if with_llama and not (llama / "config.json").is_file():
         start = time.perf_counter()
         write_llama_copy(ckpt, llama)
-        print(f"wrote {llama} in {time.perf_counter() - start:.0f} s", flush=True)
+        facts["llama_seconds"] = time.perf_counter() - start
+        print(f"wrote {llama} in {facts['llama_seconds']:.0f} s", flush=True)
     return ckpt, llama if with_llama else None
+
+
+def parameters(size: str) -> int:
+    from internlm2_graph.synthetic import make_config
+    from internlm2_graph.synthetic.checkpoint import tensor_shapes
+
+    total = 0
+    for shape in tensor_shapes(make_config(size)).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
+
+
+def free_disk(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+# --- what cannot run here -------------------------------------------------------------------
+
+GB = 1e9
+# Output bytes per parameter, generously (int4 on cpu keeps an fp32 embedding table: + its rows).
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.2, "int4": 0.7}
+
+
+def known_builder_peaks(skip: Path | None = None) -> list[dict]:
+    """The builder's measured peaks (status ok) from earlier export results files."""
+    known = []
+    for path in sorted(common.RESULTS.glob("export-*.json")):
+        if skip is not None and path.resolve() == skip.resolve():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        machine = data.get("machine", {})
+        where = machine.get("gpu") or f"{machine.get('cpu_count')} cores"
+        for row in data.get("summary", []):
+            entry = row.get("builder", {})
+            if entry.get("status") == "ok" and entry.get("peak_rss_bytes"):
+                known.append(
+                    {
+                        "size": row["size"],
+                        "precision": row["precision"],
+                        "ep": data.get("args", {}).get("ep", "cpu"),
+                        "peak_rss_bytes": entry["peak_rss_bytes"],
+                        "where": where,
+                        "file": path.name,
+                    }
+                )
+    return known
+
+
+def builder_needs(size: str, precision: str, ep: str, known: list[dict]) -> dict | None:
+    """The builder's peak RSS for (size, precision, ep): measured if some results file has it
+    (the same ep preferred), else the largest measured size of that precision scaled by
+    parameters (an estimate). None if nothing of that precision was measured."""
+    same = [k for k in known if k["precision"] == precision]
+    exact = [k for k in same if k["size"] == size]
+    if exact:
+        best = max(exact, key=lambda k: (k["ep"] == ep, k["peak_rss_bytes"]))
+        return {
+            "bytes": best["peak_rss_bytes"],
+            "estimate": False,
+            "how": f"measured: {size} {precision} {best['ep']} on {best['where']}",
+            "from": best,
+        }
+    if not same:
+        return None
+    sizes = {k["size"]: parameters(k["size"]) for k in same}
+    base = max(same, key=lambda k: (sizes[k["size"]], k["ep"] == ep, k["peak_rss_bytes"]))
+    scale = parameters(size) / sizes[base["size"]]
+    return {
+        "bytes": base["peak_rss_bytes"] * scale,
+        "estimate": True,
+        "how": (
+            f"estimate: {base['size']} {precision} {base['ep']} on {base['where']} "
+            f"({base['peak_rss_bytes'] / GB:.1f} GB) x {scale:.2f} parameters"
+        ),
+        "from": base,
+    }
+
+
+def output_estimate(size: str, precision: str) -> int:
+    from internlm2_graph.synthetic import make_config
+
+    config = make_config(size)
+    embedding = config["vocab_size"] * config["hidden_size"] * 4
+    return int(BYTES_PER_PARAM.get(precision, 4.0) * parameters(size) + embedding)
+
+
+def skipped(tool: str, precision: str, rep: int, status: str, needs: dict | None) -> dict:
+    print(f"  {tool:8s} {precision:5s} run {rep + 1} ... {status}", flush=True)
+    return {
+        "tool": tool,
+        "precision": precision,
+        "rep": rep,
+        "status": status,
+        "skipped": True,
+        "seconds": None,
+        "peak_rss_bytes": None,
+        "needs": needs,
+    }
 
 
 def command(tool: str, source: Path, out: Path, precision: str, args) -> list[str]:
@@ -139,13 +266,41 @@ def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: i
     return result
 
 
-def run_size(size: str, args, tools: list[str], work: Path) -> list[dict]:
-    ckpt, llama = prepare(size, work, "builder" in tools)
+def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list[dict]:
+    precisions = args.precisions.split(",")
+    too_big = {}  # precision -> what the builder needs, where that is over the memory limit
+    if "builder" in tools and not args.builder_anyway:
+        for precision in precisions:
+            needs = builder_needs(size, precision, args.ep, args.known)
+            if needs and needs["bytes"] > args.limit:
+                too_big[precision] = needs
+    with_llama = "builder" in tools and len(too_big) < len(precisions)
+    ckpt, llama = prepare(size, work, with_llama, facts)
     results = []
     for rep in range(args.repeat):
         order = tools if rep % 2 == 0 else tools[::-1]
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             for tool in order:
+                if tool == "builder" and precision in too_big:
+                    needs = too_big[precision]
+                    status = (
+                        f"not run: needs {'~' if needs['estimate'] else ''}"
+                        f"{needs['bytes'] / GB:.1f} GB > {args.limit / GB:.1f} GB limit"
+                    )
+                    results.append({"size": size, **skipped(tool, precision, rep, status, needs)})
+                    continue
+                need = output_estimate(size, precision) + 2 * GB
+                free = free_disk(work)
+                if need > free:
+                    status = f"not run: disk (output ~{need / GB:.0f} GB, {free / GB:.0f} GB free)"
+                    results.append(
+                        {
+                            "size": size,
+                            **skipped(tool, precision, rep, status, None),
+                            "disk": {"need_bytes": need, "free_bytes": free},
+                        }
+                    )
+                    continue
                 source = ckpt if tool == "ours" else llama
                 results.append(
                     {"size": size, **run_export(tool, source, precision, args, work, rep)}
@@ -182,10 +337,13 @@ def summarize(runs: list[dict], tools: list[str], builder_missing: bool) -> list
             )
             row[tool] = {
                 "status": status,
-                "runs": len(mine),
+                "needs": next((r["needs"] for r in mine if r.get("needs")), None),
+                "runs": len([r for r in mine if not r.get("skipped")]),
                 "seconds": common.median([r["seconds"] for r in ok]),
                 "peak_rss_bytes": common.median([r["peak_rss_bytes"] for r in ok]),
-                "peak_rss_bytes_failed": max((r["peak_rss_bytes"] for r in mine), default=None),
+                "peak_rss_bytes_failed": max(
+                    (r["peak_rss_bytes"] for r in mine if r["peak_rss_bytes"]), default=None
+                ),
                 "output_bytes": ok[0].get("output_bytes") if ok else None,
                 "graph": ok[0].get("graph") if ok else None,
             }
@@ -202,8 +360,12 @@ def cell(entry: dict, key: str, scale: float, spec: str) -> str:
     column, shortened elsewhere, with the RSS it had reached when it stopped."""
     if entry["status"] != "ok":
         peak = entry.get("peak_rss_bytes_failed")
+        needs = entry.get("needs")
         if key == "seconds":
             return entry["status"]
+        if key == "peak_rss_bytes" and needs:
+            approx = "~" if needs["estimate"] else ""
+            return f"needs {approx}{needs['bytes'] / 1e9:.1f} ({needs['how']})"
         if key == "peak_rss_bytes" and peak:
             return f"{peak / 1e9:.1f} when it stopped"
         return "-"
@@ -245,7 +407,19 @@ def markdown(rows: list[dict], args, info: dict) -> str:
         f"{', ' + info['gpu'] if info['gpu'] else ''}; median of {args.repeat} run(s) each, "
         "synthetic bf16 checkpoints"
     )
-    return f"{title}\n\n" + common.markdown_table(header, body)
+    notes = [
+        f"- {f['size']} checkpoint: {f['params'] / 1e9:.2f} B parameters, "
+        f"{f.get('bytes', 0) / 1e9:.1f} GB"
+        + (f", written in {f['write_seconds']:.0f} s" if f.get("write_seconds") else "")
+        for f in args.facts
+    ]
+    if any(r["builder"].get("needs") for r in rows):
+        notes.append(
+            f"- builder rows marked 'not run' were not started: the peak RSS it needs (GB) is "
+            f"over this machine's limit of {args.limit / 1e9:.1f} GB (90% of the memory "
+            "available at start unless --memory-limit-gb); '~' marks an estimate"
+        )
+    return f"{title}\n\n" + common.markdown_table(header, body) + "\n\n" + "\n".join(notes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,18 +434,25 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     info = common.machine_info()
+    name = f"export-{args.machine or common.default_machine_name()}"
+    args.known = known_builder_peaks(skip=common.RESULTS / f"{name}.json")
     print(f"memory limit per export: {limit_gb:.1f} GB; work folder {work}", flush=True)
-    runs = []
+    runs, args.facts = [], []
+    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
     for size in args.sizes.split(","):
-        runs += run_size(size, args, tools, work)
+        args.facts.append({})
+        runs += run_size(size, args, tools, work, args.facts[-1])
     rows = summarize(runs, tools, builder_missing)
     text = markdown(rows, args, info)
     print("\n" + text)
-    name = f"export-{args.machine or common.default_machine_name()}"
     payload = {
         "machine": info,
-        "args": {k: v for k, v in vars(args).items() if k != "limit"},
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load": {"start": load_start, "end": common.load_average()},
+        "args": {k: v for k, v in vars(args).items() if k not in ("limit", "known", "facts")},
         "memory_limit_bytes": args.limit,
+        "checkpoints": args.facts,
         "summary": rows,
         "runs": runs,
     }

@@ -167,7 +167,7 @@ def read_header(path: Path) -> list[TensorRef]:
             )
         ref = TensorRef(name, path, dtype, shape, data_start + begin)
         if end - begin != ref.nbytes or data_start + end > size:
-            raise _corrupt(path, f"tensor {name} does not fit in the file (truncated?)")
+            raise _corrupt(path, f"tensor {name} runs past the end of the file")
         refs.append(ref)
     return refs
 

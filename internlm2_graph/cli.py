@@ -10,6 +10,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
@@ -116,6 +117,11 @@ def _build(args) -> int:
     from internlm2_graph.build import build
     from internlm2_graph.progress import Progress
 
+    if args.quiet and not Path(args.input).expanduser().is_dir():
+        # A hub download draws its own progress bars; --quiet means those too.
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     summary = build(
         args.input,
         args.output,

@@ -131,6 +131,12 @@ def write_json(path: Path, value: dict) -> None:
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse an --output that exists (unless --overwrite) before any work or download starts."""
     output = Path(output).absolute()
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        raise InternLM2GraphError(
+            f"{existing}: is a file, so --output {output} cannot be made inside it; "
+            "choose another --output"
+        )
     if not output.exists():
         return
     if not overwrite:
@@ -219,8 +225,10 @@ def _move_into_place(staging: Path, output: Path) -> None:
     if not output.exists():
         os.replace(staging, output)
         return
+    # The new folder is in place once the swap is done: failing to delete the old one after
+    # that must not fail the build.
     if _exchange(staging, output):
-        shutil.rmtree(staging)  # now holds the old folder
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
         return
     # No atomic swap here (not Linux, or a filesystem without it): two renames, undone on error.
     old = staging.with_suffix(".old")
@@ -230,7 +238,7 @@ def _move_into_place(staging: Path, output: Path) -> None:
     except BaseException:
         os.replace(old, output)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -6,6 +6,7 @@ Flag and option names follow `onnxruntime_genai.models.builder`, so its commands
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import onnx_ir as ir
 
@@ -119,9 +120,10 @@ def resolve_target(
     else:
         bf16 = _bool(options, "use_cuda_bf16", False)
         io_dtype = ir.DataType.BFLOAT16 if bf16 else ir.DataType.FLOAT16
-    if "use_cuda_bf16" in options and not cuda:
+    cuda_only = sorted({"use_cuda_bf16", "enable_cuda_graph"} & options.keys())
+    if cuda_only and not cuda:
         raise InternLM2GraphError(
-            "--extra_options use_cuda_bf16 only applies to --execution_provider cuda"
+            f"--extra_options {', '.join(cuda_only)} only applies to --execution_provider cuda"
         )
 
     quant = lm_head_quant = None
@@ -152,9 +154,31 @@ def resolve_target(
         quant=quant,
         lm_head_quant=lm_head_quant,
         enable_cuda_graph=_bool(options, "enable_cuda_graph", cuda) if cuda else False,
-        max_length=_int(options, "max_length", 0) or None,
-        filename=options.get("filename", "model.onnx"),
+        max_length=_max_length(options),
+        filename=_filename(options),
     )
+
+
+def _max_length(options: dict[str, str]) -> int | None:
+    if "max_length" not in options:
+        return None
+    value = _int(options, "max_length", 0)
+    if value <= 0:
+        raise InternLM2GraphError(
+            f"--extra_options max_length={options['max_length']!r}: expected a positive number"
+        )
+    return value
+
+
+def _filename(options: dict[str, str]) -> str:
+    """A plain file name: a path such as ../model.onnx would write outside --output."""
+    name = options.get("filename", "model.onnx")
+    if PurePath(name).name != name or name in (".", "..") or not name.endswith(".onnx"):
+        raise InternLM2GraphError(
+            f"--extra_options filename={name!r}: expected a file name ending in .onnx, "
+            "without folders (the model is written into --output)"
+        )
+    return name
 
 
 def _bool(options: dict[str, str], key: str, default: bool) -> bool:

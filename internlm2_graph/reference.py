@@ -144,3 +144,18 @@ class Reference:
             logits, cache = self.forward([token], cache)
             history.append(logits[-1])
         return chosen, history
+
+
+def quantized_reference(folder: str | Path, target) -> Reference:
+    """The reference computing with the weights an int4/int8 build holds: each MatMulNBits
+    weight quantized and dequantized exactly as the build does. Comparing a quantized build with
+    this isolates the runtime's arithmetic from quantization noise."""
+    from internlm2_graph.quantize import dequantize, quantize
+
+    reference = Reference(folder)
+    for name, weight in reference.w.items():
+        spec = target.lm_head_quant if name == "output.weight" else target.quant
+        if weight.ndim == 2 and "tok_embeddings" not in name and spec is not None:
+            restored = dequantize(quantize(weight.astype(np.float32), spec))
+            reference.w[name] = restored.astype(np.float64)
+    return reference

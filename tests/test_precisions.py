@@ -13,25 +13,11 @@ import pytest
 
 from internlm2_graph import InternLM2GraphError, build
 from internlm2_graph.precision import resolve_target
-from internlm2_graph.quantize import dequantize, quantize
-from internlm2_graph.reference import Reference
+from internlm2_graph.reference import Reference, quantized_reference
 from internlm2_graph.verify import eos_ids, og_greedy
 
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73]
 STEPS = 6
-
-
-def dequantized_reference(checkpoint, target) -> Reference:
-    """The reference with every MatMulNBits weight replaced by what the graph will compute with."""
-    reference = Reference(checkpoint)
-    for name, weight in reference.w.items():
-        if weight.ndim != 2 or "tok_embeddings" in name:
-            continue
-        spec = target.lm_head_quant if name == "output.weight" else target.quant
-        if spec is not None:
-            restored = dequantize(quantize(weight.astype(np.float32), spec))
-            reference.w[name] = restored.astype(np.float64)
-    return reference
 
 
 def run(model_dir, steps=STEPS):
@@ -58,7 +44,7 @@ def test_quantized_graph_computes_exactly_with_its_dequantized_weights(
 ):
     build(tiny_checkpoint, tmp_path / "m", precision, "cpu", options)
     target = resolve_target(precision, "cpu", dict(o.split("=") for o in options))
-    expected_tokens, expected = dequantized_reference(tiny_checkpoint, target).greedy(
+    expected_tokens, expected = quantized_reference(tiny_checkpoint, target).greedy(
         PROMPT, STEPS, eos_ids(tmp_path / "m")
     )
     tokens, logits = run(tmp_path / "m")
@@ -73,7 +59,7 @@ def test_int4_accuracy_level_4_quantizes_activations_within_int8_error(tiny_chec
     build(tiny_checkpoint, tmp_path / "m", "int4", "cpu")
     target = resolve_target("int4", "cpu")
     assert target.quant.accuracy_level == 4
-    expected, _ = dequantized_reference(tiny_checkpoint, target).forward(PROMPT)
+    expected, _ = quantized_reference(tiny_checkpoint, target).forward(PROMPT)
     _, logits = run(tmp_path / "m", steps=1)
     scale = np.max(np.abs(expected[-1]))
     assert np.max(np.abs(logits[0] - expected[-1])) <= 0.05 * scale

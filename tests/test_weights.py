@@ -81,7 +81,7 @@ def test_split_real_7b_weight_moves_whole_rows():
 
 
 def test_sliced_transforms_equal_whole_ones(monkeypatch):
-    """Large tensors are transposed and quantized a slice of rows at a time; slices must not show."""
+    """Large tensors are transposed and quantized a slice of rows at a time, invisibly."""
     from internlm2_graph import weights
     from internlm2_graph.quantize import QuantSpec, quantize
 

@@ -1,4 +1,4 @@
-"""python -m internlm2_graph.synthetic OUT [--size tiny|1.8b|7b|20b] [--base]: a random checkpoint."""
+"""python -m internlm2_graph.synthetic OUT [--size tiny|1.8b|7b|20b]: a random checkpoint."""
 
 import argparse
 import json

@@ -1,0 +1,156 @@
+"""Chat models: the runtime renders InternLM2's ChatML prompt, and a reply stops at <|im_end|>.
+
+The tokenizer's own conversion is tested in test_tokenizer.py; here it is the built folder, as
+`og.Model` and `og.Tokenizer` load it, and examples/chat.py run as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+import sentencepiece as spm
+from surgery import copy_checkpoint, edit_json, get_tensor, set_tensor
+
+from internlm2_graph import build
+from internlm2_graph.synthetic import make_config, write_checkpoint
+
+CHAT_EXAMPLE = Path(__file__).parents[1] / "examples" / "chat.py"
+# The messages examples/chat.py sends with its default text.
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a haiku about rivers."},
+]
+CHATML = (
+    "<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWrite a haiku about rivers.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def special_ids(folder: Path) -> dict[str, int]:
+    decoder = json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    return {entry["content"]: int(i) for i, entry in decoder.items()}
+
+
+def eos_token_ids(folder: Path) -> list[int]:
+    eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return eos if isinstance(eos, list) else [eos]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_fp32) -> og.Tokenizer:
+    return og.Tokenizer(og.Model(str(tiny_fp32)))
+
+
+def steer(folder: Path, default: int, transitions: dict[int, int] | None = None) -> None:
+    """Make greedy decoding follow `transitions` (token -> next token), else emit `default`.
+
+    Each token with a transition gets a large component of its own in its embedding, and every
+    token a large shared one; both survive the residual stream (the layers add O(1) values to
+    a component of 100). The lm head reads the shared component into `default`'s row and each
+    own component, four times as strongly, into the next token's row; all other rows are zero.
+    """
+    transitions = transitions or {}
+    embedding = get_tensor(folder, "model.tok_embeddings.weight")
+    head = np.zeros_like(get_tensor(folder, "output.weight"))
+    embedding[:, 0] = 100.0
+    head[default, 0] = 1.0
+    for dim, (token, following) in enumerate(transitions.items(), start=1):
+        embedding[token, dim] = 100.0
+        head[following, dim] = 4.0
+    set_tensor(folder, "model.tok_embeddings.weight", embedding)
+    set_tensor(folder, "output.weight", head)
+
+
+def steered_model(tiny_checkpoint: Path, folder: Path, default: str, cycle=()) -> Path:
+    """A tiny chat model whose every reply is `default`, then `cycle` over and over."""
+    checkpoint = copy_checkpoint(tiny_checkpoint, folder / "ckpt")
+    ids = special_ids(checkpoint)
+    sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    token = {name: ids.get(name, sp.piece_to_id(name)) for name in (default, *cycle)}
+    transitions = {token[a]: token[b] for a, b in zip(cycle, [*cycle[1:], *cycle[:1]])}
+    steer(checkpoint, token[default], transitions)
+    build(checkpoint, folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def always_ends_turn(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Answers anything with <|im_end|> at once."""
+    return steered_model(tiny_checkpoint, tmp_path_factory.mktemp("ends"), "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def rockets(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Answers with 🚀 (UTF-8 F0 9F 9A 80) over and over, one byte-fallback token per byte."""
+    rocket = [f"<0x{b:02X}>" for b in "🚀".encode()]
+    return steered_model(tiny_checkpoint, tmp_path_factory.mktemp("rockets"), rocket[0], rocket)
+
+
+def test_runtime_renders_the_internlm2_chatml_prompt(tokenizer):
+    prompt = tokenizer.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True)
+    assert prompt == CHATML
+
+
+def test_chat_prompt_tokens(tokenizer, tiny_fp32):
+    ids = special_ids(tiny_fp32)
+    tokens = list(tokenizer.encode(CHATML))
+    assert tokens[:2] == [ids["<s>"], ids["<|im_start|>"]]  # one bos, not two
+    assert tokens.count(ids["<|im_start|>"]) == 3 and tokens.count(ids["<|im_end|>"]) == 2
+    assert tokens[-1] == tokenizer.encode("\n")[-1]
+
+
+def test_eos_includes_the_end_of_turn(tiny_fp32):
+    ids = special_ids(tiny_fp32)
+    assert eos_token_ids(tiny_fp32) == [ids["</s>"], ids["<|im_end|>"]]
+
+
+def test_end_of_turn_is_added_when_generation_config_omits_it(tiny_checkpoint, tmp_path):
+    """Older chat fine-tunes ship generation_config.json with eos 2 only."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    edit_json(folder / "generation_config.json", eos_token_id=2)
+    build(folder, tmp_path / "out")
+    assert eos_token_ids(tmp_path / "out") == [2, special_ids(folder)["<|im_end|>"]]
+
+
+def test_base_model_stops_on_eos_alone(tmp_path):
+    folder = write_checkpoint(tmp_path / "base", make_config("tiny"), chat=False)
+    build(folder, tmp_path / "out")
+    assert eos_token_ids(tmp_path / "out") == [2]
+
+
+def test_reply_stops_at_the_end_of_its_turn(always_ends_turn):
+    model = og.Model(str(always_ends_turn))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=128)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokenizer.encode(CHATML))
+    generator.generate_next_token()
+    assert generator.get_next_tokens()[0] == special_ids(always_ends_turn)["<|im_end|>"]
+    assert generator.is_done()
+
+
+def run_chat_example(model: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(CHAT_EXAMPLE), str(model)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_chat_example_streams_the_reply(rockets, tokenizer):
+    """TokenizerStream must hold a character's first bytes back until it is complete."""
+    prompt_tokens = len(tokenizer.encode(CHATML))
+    reply_tokens = 256 - prompt_tokens  # examples/chat.py decodes up to max_length=256
+    assert run_chat_example(rockets) == "🚀" * (reply_tokens // 4) + "\n"
+
+
+def test_chat_example_prints_nothing_past_the_end_of_turn(always_ends_turn):
+    assert run_chat_example(always_ends_turn) == "\n"
