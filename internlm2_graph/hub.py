@@ -30,6 +30,7 @@ ALLOW_PATTERNS = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+CONFIG_PATTERNS = ("config.json", "generation_config.json")
 # Patterns match across "/", so "*.safetensors" alone would also pull e.g. `onnx/model.safetensors`
 # or `original/*.safetensors` from sub-folders: the build only reads the repo's top level.
 IGNORE_PATTERNS = ("*/*",)
@@ -45,8 +46,12 @@ def resolve_checkpoint(
     cache_dir: str | None = None,
     revision: str | None = None,
     token: str | None = None,
+    config_only: bool = False,
 ) -> Path:
     """Return a local folder holding the checkpoint named by `source`.
+
+    With `config_only`, a hub id fetches just config.json and generation_config.json (what
+    `inspect` reads), not gigabytes of weights.
 
     An existing local folder is returned as is, without touching the network. A string that can
     only be a path is an error if it does not exist. Anything else is taken as a Hub repo id and
@@ -65,8 +70,10 @@ def resolve_checkpoint(
             f"--input {source!r} does not exist: pass an existing checkpoint folder, or a "
             "Hugging Face repo id such as internlm/internlm2_5-7b-chat"
         )
-    folder = _download(source, cache_dir=cache_dir, revision=revision, token=token)
-    _require_safetensors(folder, source, revision, cache_dir)
+    patterns = CONFIG_PATTERNS if config_only else ALLOW_PATTERNS
+    folder = _download(source, patterns, cache_dir=cache_dir, revision=revision, token=token)
+    if not config_only:
+        _require_safetensors(folder, source, revision, cache_dir)
     return folder
 
 
@@ -79,7 +86,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _download(
-    repo_id: str, *, cache_dir: str | None, revision: str | None, token: str | None
+    repo_id: str, patterns: tuple[str, ...], *, cache_dir: str | None, revision: str | None, token: str | None
 ) -> Path:
     # Imported here: a local folder needs no Hub client (and none of its HTTP stack).
     from httpx2 import TransportError
@@ -92,7 +99,7 @@ def _download(
             revision=revision,
             cache_dir=cache_dir,
             token=token,
-            allow_patterns=list(ALLOW_PATTERNS),
+            allow_patterns=list(patterns),
             ignore_patterns=list(IGNORE_PATTERNS),
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, TransportError) as err:

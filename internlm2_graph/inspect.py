@@ -66,7 +66,7 @@ def kv_cache_bytes(config: InternLM2Config, tokens: int, bytes_per_value: int) -
 
 def describe(source: str, context: int | None = None) -> str:
     """A few lines for people: the config, the parameters and the memory each build needs."""
-    config = InternLM2Config.from_dir(resolve_checkpoint(source))
+    config = InternLM2Config.from_dir(resolve_checkpoint(source, config_only=True))
     context = context or min(config.context_length, DEFAULT_CONTEXT)
     parts = parameter_breakdown(config)
     lines = [

@@ -136,6 +136,15 @@ def test_downloads_only_what_the_build_needs(hub: HubServer, cache: str) -> None
     assert hidden_size(folder) == 8
 
 
+def test_config_only_fetches_no_weights(hub: HubServer, cache: str) -> None:
+    """What `internlm2-graph inspect HUB_ID` asks for: sizes, not gigabytes."""
+    folder = resolve_checkpoint("org/model", cache_dir=cache, config_only=True)
+
+    assert hub.downloaded() <= {"config.json", "generation_config.json"}
+    assert "config.json" in hub.downloaded()
+    assert hidden_size(folder) == 8
+
+
 def test_offline_second_call_is_served_from_the_cache(
     hub: HubServer, cache: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
