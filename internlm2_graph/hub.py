@@ -86,7 +86,12 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _download(
-    repo_id: str, patterns: tuple[str, ...], *, cache_dir: str | None, revision: str | None, token: str | None
+    repo_id: str,
+    patterns: tuple[str, ...],
+    *,
+    cache_dir: str | None,
+    revision: str | None,
+    token: str | None,
 ) -> Path:
     # Imported here: a local folder needs no Hub client (and none of its HTTP stack).
     from httpx2 import TransportError
