@@ -155,18 +155,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x).
+
+    w1 and w3 read the same input, so their rows are stacked into one `w1_w3` projection: one
+    pass over x and one larger product instead of two (see weights.py for the stacking).
+    """
 
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.w1 = linear(h, i, False, target.io_dtype, target.quant)
-        self.w3 = linear(h, i, False, target.io_dtype, target.quant)
+        self.w1_w3 = linear(h, 2 * i, False, target.io_dtype, target.quant)
         self.w2 = linear(i, h, False, target.io_dtype, target.quant)
 
     def forward(self, op, x):
-        gate = self.w1(op, x)
-        return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), self.w3(op, x)))
+        gate, up = op.Split(self.w1_w3(op, x), axis=-1, num_outputs=2, _outputs=2)
+        return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
 
 
 class DecoderLayer(nn.Module):
