@@ -158,10 +158,13 @@ def git_state() -> dict:
             out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
+        return out.stdout.rstrip() if out.returncode == 0 else ""
 
     changed = git("status", "--porcelain", "--", "internlm2_graph").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"), "changed": [c[3:] for c in changed]}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "changed": [line[3:] for line in changed if len(line) > 3],
+    }
 
 
 def memory_total_bytes() -> int:

@@ -146,23 +146,44 @@ def known_builder_peaks(skip: Path | None = None) -> list[dict]:
 
 
 def builder_needs(size: str, precision: str, ep: str, known: list[dict]) -> dict | None:
-    """The builder's peak RSS for (size, precision, ep): measured if some results file has it
-    (the same ep preferred), else the largest measured size of that precision scaled by
-    parameters (an estimate). None if nothing of that precision was measured."""
+    """The builder's peak RSS for (size, precision, ep) from earlier measurements of that
+    precision, the first of: measured at this size and ep; measured at this size on another ep;
+    the largest measured size on this ep scaled by parameters; the same on another ep (the last
+    two marked estimates). The others found go in `also`: the builder's peak differs by ep (at
+    1.8B int4 its cpu build needed 1.4x its cuda one; at 7B fp16, 0.4x). None if nothing of
+    that precision was measured."""
     same = [k for k in known if k["precision"] == precision]
-    exact = [k for k in same if k["size"] == size]
-    if exact:
-        best = max(exact, key=lambda k: (k["ep"] == ep, k["peak_rss_bytes"]))
-        return {
-            "bytes": best["peak_rss_bytes"],
-            "estimate": False,
-            "how": f"measured: {size} {precision} {best['ep']} on {best['where']}",
-            "from": best,
-        }
-    if not same:
+    here, elsewhere = [k for k in same if k["ep"] == ep], [k for k in same if k["ep"] != ep]
+    candidates = []
+    for group in (here, elsewhere):
+        exact = [k for k in group if k["size"] == size]
+        if exact:
+            best = max(exact, key=lambda k: k["peak_rss_bytes"])
+            candidates.append(
+                {
+                    "bytes": best["peak_rss_bytes"],
+                    "estimate": False,
+                    "how": f"measured: {size} {precision} {best['ep']} on {best['where']}",
+                    "from": best,
+                }
+            )
+    for group in (here, elsewhere):
+        if group:
+            candidates.append(_scaled(size, precision, group))
+    if not candidates:
         return None
-    sizes = {k["size"]: parameters(k["size"]) for k in same}
-    base = max(same, key=lambda k: (sizes[k["size"]], k["ep"] == ep, k["peak_rss_bytes"]))
+    needs, seen = dict(candidates[0]), {id(candidates[0]["from"])}
+    needs["also"] = []
+    for c in candidates[1:]:
+        if id(c["from"]) not in seen:
+            seen.add(id(c["from"]))
+            needs["also"].append(c)
+    return needs
+
+
+def _scaled(size: str, precision: str, measured: list[dict]) -> dict:
+    sizes = {k["size"]: parameters(k["size"]) for k in measured}
+    base = max(measured, key=lambda k: (sizes[k["size"]], k["peak_rss_bytes"]))
     scale = parameters(size) / sizes[base["size"]]
     return {
         "bytes": base["peak_rss_bytes"] * scale,
@@ -274,7 +295,21 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
             needs = builder_needs(size, precision, args.ep, args.known)
             if needs and needs["bytes"] > args.limit:
                 too_big[precision] = needs
-    with_llama = "builder" in tools and len(too_big) < len(precisions)
+    estimates = {p: builder_needs(size, p, args.ep, args.known) for p in precisions}
+    runnable = [p for p in precisions if p not in too_big]
+    no_disk = {}  # precision -> why the builder cannot run: no room for its Llama copy + output
+    if "builder" in tools and runnable:
+        have = (work / f"{size}-internlm2" / "config.json").is_file()
+        copy = 0 if (work / f"{size}-llama" / "config.json").is_file() else 2 * parameters(size)
+        free = free_disk(work) - (0 if have else 2 * parameters(size))
+        for precision in runnable:
+            need = copy + output_estimate(size, precision) + 2 * GB
+            if need > free:
+                no_disk[precision] = (
+                    f"not run: disk (Llama copy ~{copy / GB:.0f} GB + output "
+                    f"~{(need - copy) / GB:.0f} GB, {free / GB:.0f} GB free)"
+                )
+    with_llama = "builder" in tools and any(p not in no_disk for p in runnable)
     ckpt, llama = prepare(size, work, with_llama, facts)
     results = []
     for rep in range(args.repeat):
@@ -287,6 +322,10 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
                         f"not run: needs {'~' if needs['estimate'] else ''}"
                         f"{needs['bytes'] / GB:.1f} GB > {args.limit / GB:.1f} GB limit"
                     )
+                    results.append({"size": size, **skipped(tool, precision, rep, status, needs)})
+                    continue
+                if tool == "builder" and precision in no_disk:
+                    status, needs = no_disk[precision], estimates[precision]
                     results.append({"size": size, **skipped(tool, precision, rep, status, needs)})
                     continue
                 need = output_estimate(size, precision) + 2 * GB
@@ -365,7 +404,11 @@ def cell(entry: dict, key: str, scale: float, spec: str) -> str:
             return entry["status"]
         if key == "peak_rss_bytes" and needs:
             approx = "~" if needs["estimate"] else ""
-            return f"needs {approx}{needs['bytes'] / 1e9:.1f} ({needs['how']})"
+            text = f"needs {approx}{needs['bytes'] / 1e9:.1f} ({needs['how']}"
+            for other in needs.get("also", [])[:1]:
+                text += f"; ~{other['bytes'] / 1e9:.1f} from {other['from']['size']} "
+                text += f"{other['from']['ep']}"
+            return text + ")"
         if key == "peak_rss_bytes" and peak:
             return f"{peak / 1e9:.1f} when it stopped"
         return "-"
@@ -435,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     info = common.machine_info()
     name = f"export-{args.machine or common.default_machine_name()}"
-    args.known = known_builder_peaks(skip=common.RESULTS / f"{name}.json")
+    args.known = known_builder_peaks()  # this name's previous file included
     print(f"memory limit per export: {limit_gb:.1f} GB; work folder {work}", flush=True)
     runs, args.facts = [], []
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()

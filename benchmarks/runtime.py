@@ -3,8 +3,9 @@
     python -m benchmarks.runtime ours=OUT_DIR builder=BUILDER_DIR --ep cpu --prompts 128 --gen 128
     python -m benchmarks.runtime OUT_DIR --ep cuda --prompts 128,1024 --repeat 5
 
-Several folders are loaded once each and measured in alternation (run 1 of A, run 1 of B, run 2
-of A, ...), so both see the same machine state. Per folder and prompt length:
+Several folders are loaded once each and measured in alternation (run 1 of A then B, run 2 of
+B then A, ...), so both see the same machine state and neither always goes first. Per folder
+and prompt length:
 - prompt: time for `append_tokens(prompt)` (the whole prompt through the model, ending with
   the first logits), as tokens/s;
 - generation: greedy decoding (batch 1) of --gen new tokens after that prompt, as tokens/s
@@ -14,7 +15,8 @@ One warm-up run per folder first, then the median of --repeat runs.
 Decode is bound by memory bandwidth: every step reads all weights (except the embedding table,
 of which one row) and the KV cache so far. The bound is bandwidth / bytes per step; bandwidth is
 measured (a BLAS dot over 1 GiB on CPU, all threads; a torch device copy on CUDA, read + write
-bytes, when torch is present) or given with --bandwidth.
+bytes, when torch is present; before and after the runs, the larger kept) or given with
+--bandwidth.
 
 Needs only onnxruntime-genai, onnx and numpy: runs on a machine with just the repo on PYTHONPATH.
 Results: markdown on stdout and benchmarks/results/runtime-<machine>.{json,md}.
@@ -123,7 +125,8 @@ def measure(targets: list[Target], lengths: list[int], args) -> None:
         for t in targets:
             one_run(t.model, prompt, min(args.gen, 8))  # warm-up
         for rep in range(args.repeat):
-            for t in targets:
+            # A B, B A, A B, ...: neither folder always runs first (right after the other's run)
+            for t in targets if rep % 2 == 0 else targets[::-1]:
                 prompt_s, gen_s = one_run(t.model, prompt, args.gen)
                 t.runs.setdefault(length, []).append((prompt_s, gen_s))
                 print(
@@ -299,16 +302,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     targets = parse_targets(args.models)
     lengths = [int(n) for n in args.prompts.split(",")]
+    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
+    samples = []
     if args.bandwidth:
         bandwidth, how = args.bandwidth, "given"
     else:
         bandwidth, how = measure_bandwidth(args.ep)
+        samples.append(bandwidth)
     print(f"bandwidth {bandwidth:.1f} GB/s ({how})", flush=True)
     for t in targets:
         start = time.perf_counter()
         t.model = load(t.folder, args.ep)
         print(f"loaded {t.name} ({t.folder}) in {time.perf_counter() - start:.1f} s", flush=True)
     measure(targets, lengths, args)
+    if samples:
+        # Measured again after the runs: on a shared machine one reading can be low (other work,
+        # writeback); the bound is the best the machine showed.
+        samples.append(measure_bandwidth(args.ep)[0])
+        bandwidth = max(samples)
+        how += f"; best of before/after the runs: {', '.join(f'{b:.1f}' for b in samples)}"
+        print(f"bandwidth {bandwidth:.1f} GB/s ({how})", flush=True)
     info = common.machine_info()
     rows = summarize(targets, args, bandwidth)
     text = markdown(rows, args, bandwidth, how, info)
@@ -317,8 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "machine": info,
         "args": vars(args),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load": {"start": load_start, "end": common.load_average()},
+        "alternation": "ABBA (A B, then B A, ...)",
         "bandwidth_gbps": bandwidth,
         "bandwidth_how": how,
+        "bandwidth_samples_gbps": samples,
         "results": rows,
     }
     print(f"\nwrote {common.write_results(name, payload, text)}")

@@ -22,6 +22,18 @@ Where onnxruntime-genai 0.18 differs: its own tokenizer (onnxruntime-extensions)
 but cuts text into chunks before BPE (after 10 characters at a space or newline, after 100
 anywhere), so where SentencePiece has a piece across such a cut ("):\\n" ending a long line,
 runs over 100 characters) its ids differ. Decoding and special tokens are exact.
+
+No tokenizer.json makes the runtime exact (onnxruntime-extensions, operators/tokenizer/):
+- with no pre-tokenizer in effect (a String Split, as here), SpmTokenize always cuts like that
+  (bpe_kernels.cc, the `byte_list.size() > 10` / `> 100` split in SpmTokenize);
+- with a Regex Split it BPEs each regex match on its own instead, but a pattern that is not one
+  of its built-in ones runs through std::regex, whose recursion grows with the match: one match
+  of ~25 KB (10,000 CJK characters) overflows an 8 MB stack and kills the process. Bounding the
+  match length instead forces cuts inside runs where every boundary lies inside some piece
+  (DNA, letters without spaces, repeated characters), which SentencePiece need not cut;
+- a Sequence of Splits is ignored by SpmTokenize (every character becomes one token), the
+  Unigram classes (SentencePieceBackend, T5Tokenizer...) run Viterbi, not BPE, and a byte-level
+  vocab cannot express byte fallback for characters that share UTF-8 prefixes with pieces.
 """
 
 from __future__ import annotations
