@@ -1,5 +1,8 @@
 """nox sessions: tests, lint, notebooks, benchmarks."""
 
+import shutil
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -43,8 +46,24 @@ def refresh_notebooks(session: nox.Session) -> None:
 
 @nox.session
 def benchmarks(session: nox.Session) -> None:
-    """Everything that runs on this machine; the builder side needs the `bench` extra (torch)."""
+    """Everything that runs on this machine (about an hour on 2 cores; 80 GB of free disk for
+    the 20B checkpoint), then the summary. The builder side needs the `bench` extra (torch).
+    The CUDA numbers come from `benchmarks/gpu.sh` on a GPU machine (benchmarks/README.md)."""
     session.install("-e", ".[bench]")
+    work = Path(session.create_tmp()) / "bench"
     session.run("python", "-m", "benchmarks.peak_rss", "--cases", "1.8b:fp32,1.8b:int4,7b:int4")
-    session.run("python", "-m", "benchmarks.export", "--sizes", "1.8b", "--precisions", "int4,fp32")
+    session.run(
+        "python", "-m", "benchmarks.export", "--sizes", "1.8b", "--precisions", "int4,fp32",
+        "--keep", "--workdir", str(work),
+    )  # fmt: skip
+    session.run(
+        "python", "-m", "benchmarks.runtime", f"ours={work}/1.8b-int4-cpu-ours",
+        f"builder={work}/1.8b-int4-cpu-builder", "--prompts", "128,1024", "--gen", "128",
+        "--repeat", "5", "--machine", "cpu2-1.8b-int4",
+    )  # fmt: skip
+    shutil.rmtree(work)
+    session.run(
+        "python", "-m", "benchmarks.export", "--sizes", "7b,20b", "--precisions", "int4,fp16",
+        "--workdir", str(work), "--machine", "cpu2-7b-20b",
+    )  # fmt: skip
     session.run("python", "-m", "benchmarks.summary")

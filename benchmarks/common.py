@@ -228,7 +228,14 @@ def _cpu_model() -> str:
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 
-    names = ("onnxruntime", "onnxruntime-genai", "onnxruntime-gpu", "torch", "transformers")
+    names = (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-genai",
+        "onnxruntime-genai-cuda",
+        "torch",
+        "transformers",
+    )
     versions = {}
     for name in names:
         try:
@@ -236,6 +243,11 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def genai_version(info: dict) -> str:
+    versions = info.get("versions", {})
+    return versions.get("onnxruntime-genai") or versions.get("onnxruntime-genai-cuda") or "?"
 
 
 # --- numbers and output ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """CUDA builds against the fp32 numpy reference, on a small config (run on the GPU machine).
 
-    PYTHONPATH=. python benchmarks/cuda_parity.py [--workdir /tmp/cuda-parity]
+    PYTHONPATH=. python -m benchmarks.cuda_parity [--workdir /tmp/cuda-parity]
 
 For each CUDA precision: max |logit difference| relative to the logit range over a prompt and
 decode steps, top-1 agreement, and greedy tokens. int4 is also compared with the reference on
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
 from internlm2_graph import build
 from internlm2_graph.precision import resolve_target
 from internlm2_graph.reference import Reference, quantized_reference
@@ -24,7 +25,13 @@ from internlm2_graph.verify import eos_ids, og_greedy
 
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73, 8, 19, 400]
 STEPS = 10
-CASES = [("fp16", []), ("bf16", []), ("int4", []), ("int4", ["use_cuda_bf16=true"]), ("int8", [])]
+CASES = [
+    ("fp16", []),
+    ("bf16", []),
+    ("int4", []),
+    ("int4", ["use_cuda_bf16=true"]),
+    ("int8", []),
+]
 
 
 def compare(model_dir: Path, reference: Reference) -> dict:
@@ -68,8 +75,11 @@ def main() -> None:
                 out, quantized_reference(checkpoint, target)
             )
         print(name, json.dumps(results[name]), flush=True)
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/cuda-parity.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["machine"] = common.machine_info()
+    out = common.RESULTS / "cuda-parity.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

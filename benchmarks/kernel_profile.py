@@ -29,7 +29,7 @@ from benchmarks import common, runtime
 
 # First match wins; names are CUDA kernel symbols (demangled) from onnxruntime and its libraries.
 KINDS = (
-    ("matmul nbits", r"nbits|int4|4bits|fpA_intB|dequant|MatMulFloat8|Int8|MatMulFloatInt"),
+    ("matmul nbits", r"nbits|4bits|8bits|fpA_intB|dequantize"),
     ("attention", r"flash|attention|attn|mha|gqa|softmax|rotary|kv_cache|concat.*kv|unpack"),
     ("norm", r"layernorm|layer_norm|rmsnorm|skip"),
     ("gemm (dense)", r"gemm|cutlass|sm90|xmma|cublas|ampere|hopper|gemv"),
@@ -67,19 +67,25 @@ def matmulnbits_bytes(folder: Path) -> int:
     return sum(sizes.get(name, 0) for name in names)
 
 
-def traced_decode(model, prompt: np.ndarray, gen: int):
-    """(wall seconds of `gen` decode steps, [(kernel name, microseconds)]) from one generation."""
+def traced_decode(model, prompt: np.ndarray, gen: int, settle: int = 8):
+    """(wall seconds of `gen` decode steps, [(kernel name, microseconds)]) from one generation.
+
+    The first `settle` steps are not traced: onnxruntime runs the step it captures into a CUDA
+    graph more than once, which would count as extra kernels per token.
+    """
     import onnxruntime_genai as og
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     params = og.GeneratorParams(model)
-    total = len(prompt) + gen + 1
+    total = len(prompt) + settle + gen + 1
     params.set_search_options(max_length=total, min_length=total, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
-    generator.generate_next_token()
+    for _ in range(1 + settle):
+        generator.generate_next_token()
+    generator.get_next_tokens()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -143,7 +149,7 @@ def markdown(rows: list[dict], info: dict) -> str:
     ]
     text = (
         f"Decode kernels ({info['gpu']}), onnxruntime-genai "
-        f"{info['versions'].get('onnxruntime-genai', '?')}: per generated token, CUPTI trace\n\n"
+        f"{common.genai_version(info)}: per generated token, CUPTI trace\n\n"
         + common.markdown_table(header, body)
     )
     for r in rows:

@@ -273,22 +273,23 @@ def markdown(rows: list[dict], args, bandwidth: float, how: str, info: dict) -> 
     ]
     text = (
         f"Runtime ({args.ep}; {info['gpu'] or str(info['cpu_count']) + ' cores'}), "
-        f"onnxruntime-genai {info['versions'].get('onnxruntime-genai', '?')}: greedy, batch 1, "
+        f"onnxruntime-genai {common.genai_version(info)}: greedy, batch 1, "
         f"{args.gen} new tokens, median of {args.repeat} after a warm-up; bandwidth "
         f"{bandwidth:.1f} GB/s ({how})\n\n" + common.markdown_table(header, body)
     )
     names = list(dict.fromkeys(r["model"] for r in rows))
-    if len(names) == 2:
-        text += "\n\n" + ratio_lines(rows, names)
+    # Each folder against the builder's (or, for two folders, the first against the second).
+    base = "builder" if "builder" in names else names[-1]
+    if len(names) > 1:
+        text += "\n\n" + "\n".join(ratio_lines(rows, name, base) for name in names if name != base)
     return text
 
 
-def ratio_lines(rows: list[dict], names: list[str]) -> str:
-    a, b = names
+def ratio_lines(rows: list[dict], a: str, b: str) -> str:
     lines = []
     for length in dict.fromkeys(r["prompt_len"] for r in rows):
         ra, rb = (
-            next(r for r in rows if r["model"] == n and r["prompt_len"] == length) for n in names
+            next(r for r in rows if r["model"] == n and r["prompt_len"] == length) for n in (a, b)
         )
         lines.append(
             f"- prompt {length}: {a}/{b} prompt throughput "

@@ -205,18 +205,19 @@ def describe(folder: str, name: str, stem: str) -> str:
 
 
 def pairs(data: dict) -> list[tuple[str, str | None]]:
-    """(ours, builder) model names of a runtime file: the builder's folder is ours with
-    'ours' -> 'builder'. Files with no builder give their models alone."""
+    """(ours, builder) model names of a runtime file: models named ours* whose folder, with
+    'ours' -> 'builder', is the builder's. Variant studies (other names) stay in their own .md;
+    a file with no builder gives its models alone."""
     folders = {r["model"]: r["folder"] for r in data["results"]}
     by_folder = {f: m for m, f in folders.items()}
+    if not any(m.startswith("builder") for m in folders):
+        return [(m, None) for m in folders]
     found = []
     for model, folder in folders.items():
-        if "ours" in Path(folder).name:
+        if model.startswith("ours") and "ours" in Path(folder).name:
             other = by_folder.get(folder.replace("ours", "builder"))
             if other:
                 found.append((model, other))
-    if not found:
-        found = [(m, None) for m in folders]
     return found
 
 
@@ -254,13 +255,14 @@ def runtime_rows(files: list[tuple[str, dict]]) -> list[dict]:
 
 
 def plot_selection(rows: list[dict]) -> list[dict]:
-    """One row per (machine, model, prompt): pooled sessions first, else the file named after
-    that model (not a variant such as block sizes), else the first."""
+    """One row per (machine, model, prompt): sessions that alternated in both orders (ABBA)
+    first, since a fixed order can favour one side; then pooled sessions, then the file named
+    after that model (not a variant such as block sizes), then the newest, then the most runs."""
     chosen: dict[tuple, dict] = {}
     for r in rows:
         key = (r["machine"], r["model"], r["prompt"])
         named = r["model"].split()[0] + "-" + r["model"].split()[1] in r["file"]
-        rank = (bool(r.get("pooled")), named, r["ours"]["runs"])
+        rank = (r["abba"], bool(r.get("pooled")), named, r["started"], r["ours"]["runs"])
         if key not in chosen or rank > chosen[key][0]:
             chosen[key] = (rank, r)
     return [r for _, r in chosen.values()]
@@ -308,6 +310,9 @@ def runtime_row(label: str, datas: list[dict], ours: str, builder: str | None, l
         "gen_ratio": common.ratio(o["gen_tok_s"], b and b["gen_tok_s"]),
         "prompt_ratio": common.ratio(o["prompt_tok_s"], b and b["prompt_tok_s"]),
         "load": [d.get("load") for d in datas],
+        # Both orders in every session: what the plots prefer (see plot_selection).
+        "abba": all(d.get("alternation", "").startswith("ABBA") for d in datas),
+        "started": max(d.get("started") or "" for d in datas),
     }
 
 
@@ -398,6 +403,8 @@ def parity_table(data: dict) -> str:
     header = ["case (cuda)", "against", "max rel. error", "top-1 agreement", "same tokens", "steps"]
     body = []
     for case, comparisons in data.items():
+        if case == "machine":
+            continue
         for against, r in comparisons.items():
             body.append(
                 [
@@ -625,7 +632,14 @@ def main(argv: list[str] | None = None) -> None:
                 written.append(name)
                 print(f"wrote {folder / name} ({(folder / name).stat().st_size // 1024} KB)")
         if written:
-            lines += ["", "## Plots", ""]
+            lines += [
+                "",
+                "## Plots",
+                "",
+                "Decode: one row per machine, model and prompt length; a session run in both "
+                "orders (ABBA) is preferred, then pooled sessions, then the newest file.",
+                "",
+            ]
             lines += [f"![{name}]({name})\n" for name in written]
     (folder / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {folder / 'SUMMARY.md'}")

@@ -157,19 +157,22 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    w1 and w3 read the same input, so their rows are stacked into one `w1_w3` projection: one
-    pass over x and one larger product instead of two (see weights.py for the stacking).
+    w1 and w3 stay two products. Stacked into one (then Split) they measured slower on both
+    devices: 0.95-0.98x decode on 2 CPU cores and on the H100, where the Split kernel costs more
+    than one larger int4 GEMV saves (benchmarks/results/runtime-cpu2-1.8b-int4-stacking-cpu.md,
+    kernels-h100-7b-int4-apart.md).
     """
 
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.w1_w3 = linear(h, 2 * i, False, target.io_dtype, target.quant)
+        self.w1 = linear(h, i, False, target.io_dtype, target.quant)
+        self.w3 = linear(h, i, False, target.io_dtype, target.quant)
         self.w2 = linear(i, h, False, target.io_dtype, target.quant)
 
     def forward(self, op, x):
-        gate, up = op.Split(self.w1_w3(op, x), axis=-1, num_outputs=2, _outputs=2)
-        return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
+        gate = self.w1(op, x)
+        return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), self.w3(op, x)))
 
 
 class DecoderLayer(nn.Module):

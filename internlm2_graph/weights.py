@@ -129,8 +129,6 @@ class WeightBinder:
 
         The loader is called when the saver needs the data, so nothing stays in memory between.
         """
-        if path.endswith("feed_forward.w1_w3"):
-            return self._stacked([f"{path[: -len('w1_w3')]}{n}.{suffix}" for n in ("w1", "w3")])
         ref = self.checkpoint[f"{path}.{suffix}"]
         if path.endswith("attention.wqkv"):
 
@@ -143,21 +141,6 @@ class WeightBinder:
         return ref.shape[
             0
         ], lambda: lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
-
-    def _stacked(self, names: list[str]) -> tuple[int, Callable[[], Rows]]:
-        """The rows of several checkpoint tensors one after another, read a slice at a time."""
-        refs = [self.checkpoint[name] for name in names]
-        bounds = np.cumsum([0] + [ref.shape[0] for ref in refs])
-
-        def rows(start: int, stop: int) -> np.ndarray:
-            parts = []
-            for ref, first, last in zip(refs, bounds[:-1], bounds[1:]):
-                lo, hi = max(start, first), min(stop, last)
-                if lo < hi:
-                    parts.append(self._checked(ref, ref.read_rows(lo - first, hi - first)))
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-        return int(bounds[-1]), lambda: rows
 
     def _bind_linear(self, path: str, module: modules.Linear) -> None:
         out_rows, load = self._rows(path, "weight")
