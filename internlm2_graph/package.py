@@ -105,7 +105,9 @@ def save_model(
 
     Producing a tensor (read, cast, transpose, quantize) is numpy work that releases the GIL, so
     threads overlap it with each other and with disk writes. `max_in_flight_bytes` bounds what
-    they hold at once: peak memory is that plus the largest single tensor, whatever the model.
+    they hold at once: peak memory is that plus the largest tensor produced whole (a transposed
+    or quantized matrix); tensors kept in the checkpoint's row order, the embedding table above
+    all, are written a slice of rows at a time (weights.RowStreamedTensor).
     """
 
     def callback(tensor, info) -> None:

@@ -30,6 +30,9 @@ NUMPY_DTYPES = {
 # Rows per slice when transposing or quantizing a large matrix: bounds the fp32 working set.
 SLICE_BYTES = 64 * 1024 * 1024
 
+# Transposed matrices larger than this (the float lm_head) are saved a block at a time too.
+STREAM_BYTES = 4 * SLICE_BYTES
+
 Rows = Callable[[int, int], np.ndarray]
 
 
@@ -120,7 +123,10 @@ class WeightBinder:
                 self._bind_linear(path, module)
             elif isinstance(module, (modules.RMSNorm, modules.Embedding)):
                 ref = self.checkpoint[f"{path}.weight"]
-                _attach(module.weight, lambda ref=ref, p=module.weight: self._cast_rows(ref, p))
+                _attach_rows(
+                    module.weight,
+                    lambda start, stop, ref=ref: self._checked(ref, ref.read_rows(start, stop)),
+                )
             elif isinstance(module, modules.Rotary):
                 self._bind_rotary(module)
 
@@ -144,9 +150,11 @@ class WeightBinder:
 
     def _bind_linear(self, path: str, module: modules.Linear) -> None:
         out_rows, load = self._rows(path, "weight")
-        _attach(
-            module.weight, lambda: _transposed(load(), out_rows, module.in_features, module.weight)
-        )
+        weight = module.weight
+        if out_rows * module.in_features * NUMPY_DTYPES[weight.dtype].itemsize > STREAM_BYTES:
+            weight.const_value = TransposedStreamedTensor(load, out_rows, weight)
+        else:
+            _attach(weight, lambda: _transposed(load(), out_rows, module.in_features, weight))
         self._bind_bias(path, module)
 
     def _bind_bias(self, path: str, module: modules.Linear | modules.QuantizedLinear) -> None:
@@ -188,13 +196,6 @@ class WeightBinder:
         _attach(
             module.sin_cache, lambda: _as(rotary_tables(self.config, length)[1], module.sin_cache)
         )
-
-    def _cast_rows(self, ref: TensorRef, param: ir.Value) -> np.ndarray:
-        out = np.empty(ref.shape, NUMPY_DTYPES[param.dtype])
-        step = _slice_rows(ref.shape)
-        for start in range(0, ref.shape[0], step):
-            out[start : start + step] = self._checked(ref, ref.read_rows(start, start + step))
-        return out
 
     def _checked(self, ref: TensorRef, block: np.ndarray) -> np.ndarray:
         if not np.isfinite(block).all():
@@ -259,3 +260,64 @@ def _attach(param: ir.Value, produce: Callable[[], np.ndarray]) -> None:
     param.const_value = ir.LazyTensor(
         lambda: ir.tensor(produce()), dtype=param.dtype, shape=param.shape, name=param.name
     )
+
+
+def _attach_rows(param: ir.Value, rows: Rows) -> None:
+    """For a parameter stored in the checkpoint's own row order: saved a slice at a time."""
+    param.const_value = RowStreamedTensor(rows, param)
+
+
+class RowStreamedTensor(ir.LazyTensor):
+    """A lazy tensor that the saver writes a slice of rows at a time (`tofile`), so that its
+    size never shows in peak memory: the embedding table is the largest tensor of an int4
+    build (2.3 GB at fp32 for 20B), and with it whole in memory, peak memory grows with the
+    model's width. `numpy()` and `tobytes()` still give the whole tensor."""
+
+    def __init__(self, rows: Rows, param: ir.Value) -> None:
+        self._row_source = rows
+        self._np_dtype = NUMPY_DTYPES[param.dtype]
+        self._row_count = param.shape[0] if param.shape.rank() else 1
+        super().__init__(
+            lambda: ir.tensor(self._block(0, self._row_count).reshape(param.shape.numpy())),
+            dtype=param.dtype,
+            shape=param.shape,
+            name=param.name,
+        )
+
+    def _block(self, start: int, stop: int) -> np.ndarray:
+        return np.ascontiguousarray(self._row_source(start, stop), dtype=self._np_dtype)
+
+    def tofile(self, file) -> None:
+        step = _slice_rows(tuple(self.shape.numpy()) or (1,))
+        for start in range(0, self._row_count, step):
+            file.write(self._block(start, min(start + step, self._row_count)).tobytes())
+
+
+class TransposedStreamedTensor(ir.LazyTensor):
+    """[out, in] checkpoint rows stored as [in, out] (MatMul's layout), written a block of
+    checkpoint rows at a time: each block is a band of columns, one short write per stored row.
+    The float lm_head (0.8 GB at 7B fp16) never sits in memory whole."""
+
+    def __init__(self, load: Callable[[], Rows], out_rows: int, param: ir.Value) -> None:
+        self._load = load
+        self._out_rows = out_rows
+        self._in_features = param.shape[0]
+        self._np_dtype = NUMPY_DTYPES[param.dtype]
+        super().__init__(
+            lambda: ir.tensor(_transposed(load(), out_rows, self._in_features, param)),
+            dtype=param.dtype,
+            shape=param.shape,
+            name=param.name,
+        )
+
+    def tofile(self, file) -> None:
+        rows, itemsize = self._load(), self._np_dtype.itemsize
+        base, row_bytes = file.tell(), self._out_rows * itemsize
+        step = _slice_rows((self._out_rows, self._in_features))
+        for start in range(0, self._out_rows, step):
+            band = np.ascontiguousarray(rows(start, min(start + step, self._out_rows)).T)
+            band = band.astype(self._np_dtype, copy=False)
+            for r in range(self._in_features):
+                file.seek(base + r * row_bytes + start * itemsize)
+                file.write(band[r].data)
+        file.seek(base + self._in_features * row_bytes)
