@@ -316,7 +316,8 @@ class TransposedStreamedTensor(ir.LazyTensor):
         step = _slice_rows((self._out_rows, self._in_features))
         for start in range(0, self._out_rows, step):
             band = np.ascontiguousarray(rows(start, min(start + step, self._out_rows)).T)
-            band = band.astype(self._np_dtype, copy=False)
+            # As bytes: numpy cannot hand out a buffer of bfloat16 (an ml_dtypes type).
+            band = band.astype(self._np_dtype, copy=False).view(np.uint8)
             for r in range(self._in_features):
                 file.seek(base + r * row_bytes + start * itemsize)
                 file.write(band[r].data)

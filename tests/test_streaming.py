@@ -30,7 +30,7 @@ def test_row_streamed_tensor_writes_the_whole_tensor_a_slice_at_a_time(dtype, mo
     assert tensor.numpy().shape == (10, 8)
 
 
-@pytest.mark.parametrize("dtype", [ir.DataType.FLOAT, ir.DataType.FLOAT16])
+@pytest.mark.parametrize("dtype", [ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16])
 def test_transposed_tensor_is_written_a_band_of_columns_at_a_time(dtype, monkeypatch):
     monkeypatch.setattr(weights, "SLICE_BYTES", 4 * 6 * 4)  # 4 checkpoint rows of 6 per band
     data = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)  # [out, in]
@@ -55,12 +55,17 @@ def test_transposed_tensor_is_written_a_band_of_columns_at_a_time(dtype, monkeyp
     assert tensor.tobytes() == expected
 
 
+@pytest.mark.parametrize(
+    "precision, provider, options",
+    [("fp32", "cpu", {}), ("bf16", "cuda", {}), ("int4", "cuda", {"lm_head_precision": "float"})],
+)
 def test_a_model_saved_in_slices_is_byte_identical_to_one_saved_whole(
-    tiny_checkpoint, tmp_path, monkeypatch
+    precision, provider, options, tiny_checkpoint, tmp_path, monkeypatch
 ):
-    build(tiny_checkpoint, tmp_path / "whole", "fp32", "cpu")
+    """Building needs no GPU: the cuda folders are only written here, and compared."""
+    build(tiny_checkpoint, tmp_path / "whole", precision, provider, options)
     monkeypatch.setattr(weights, "SLICE_BYTES", 256)  # a few rows per slice
     monkeypatch.setattr(weights, "STREAM_BYTES", 0)  # every transposed matrix streamed
-    build(tiny_checkpoint, tmp_path / "sliced", "fp32", "cpu")
+    build(tiny_checkpoint, tmp_path / "sliced", precision, provider, options)
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "sliced" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
