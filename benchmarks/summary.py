@@ -129,7 +129,7 @@ def export_table(rows: list[dict]) -> str:
         out = o.get("output_bytes") or b.get("output_bytes")
         body.append(
             [
-                r["machine"],
+                r["machine"] + ("" if r["rank"] else " †"),
                 r["size"],
                 f"{r['precision']} {r['ep']}",
                 export_cell(o, "seconds"),
@@ -151,6 +151,12 @@ def ckpt_gb(data: dict, run: dict) -> str:
 
 def export_notes(files: list[tuple[str, dict]], rows: list[dict]) -> list[str]:
     notes = []
+    undated = sorted({r["file"] for r in rows if not r["rank"]})
+    if undated:
+        notes.append(
+            "† from a results file with no recorded date or commit, written by earlier code "
+            f"({', '.join(undated)}); later runs of ours alone may be in the peak RSS table"
+        )
     for _, data in files:
         for facts in data.get("checkpoints", []):
             if facts.get("write_seconds"):
