@@ -123,10 +123,7 @@ class WeightBinder:
                 self._bind_linear(path, module)
             elif isinstance(module, (modules.RMSNorm, modules.Embedding)):
                 ref = self.checkpoint[f"{path}.weight"]
-                _attach_rows(
-                    module.weight,
-                    lambda start, stop, ref=ref: self._checked(ref, ref.read_rows(start, stop)),
-                )
+                module.weight.const_value = RowStreamedTensor(self._reader(ref), module.weight)
             elif isinstance(module, modules.Rotary):
                 self._bind_rotary(module)
 
@@ -144,9 +141,10 @@ class WeightBinder:
                 return lambda start, stop: whole[start:stop]
 
             return ref.shape[0], load_regrouped
-        return ref.shape[
-            0
-        ], lambda: lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
+        return ref.shape[0], lambda: self._reader(ref)
+
+    def _reader(self, ref: TensorRef) -> Rows:
+        return lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
 
     def _bind_linear(self, path: str, module: modules.Linear) -> None:
         out_rows, load = self._rows(path, "weight")
@@ -262,11 +260,6 @@ def _attach(param: ir.Value, produce: Callable[[], np.ndarray]) -> None:
     )
 
 
-def _attach_rows(param: ir.Value, rows: Rows) -> None:
-    """For a parameter stored in the checkpoint's own row order: saved a slice at a time."""
-    param.const_value = RowStreamedTensor(rows, param)
-
-
 class RowStreamedTensor(ir.LazyTensor):
     """A lazy tensor that the saver writes a slice of rows at a time (`tofile`), so that its
     size never shows in peak memory: the embedding table is the largest tensor of an int4
@@ -276,21 +269,19 @@ class RowStreamedTensor(ir.LazyTensor):
     def __init__(self, rows: Rows, param: ir.Value) -> None:
         self._row_source = rows
         self._np_dtype = NUMPY_DTYPES[param.dtype]
-        self._row_count = param.shape[0] if param.shape.rank() else 1
         super().__init__(
-            lambda: ir.tensor(self._block(0, self._row_count).reshape(param.shape.numpy())),
+            lambda: ir.tensor(_as(rows(0, param.shape[0]), param)),
             dtype=param.dtype,
             shape=param.shape,
             name=param.name,
         )
 
-    def _block(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self._row_source(start, stop), dtype=self._np_dtype)
-
     def tofile(self, file) -> None:
-        step = _slice_rows(tuple(self.shape.numpy()) or (1,))
-        for start in range(0, self._row_count, step):
-            file.write(self._block(start, min(start + step, self._row_count)).tobytes())
+        count = self.shape[0]
+        step = _slice_rows(tuple(self.shape.numpy()))
+        for start in range(0, count, step):
+            block = self._row_source(start, min(start + step, count))
+            file.write(_as_bytes(block.astype(self._np_dtype, copy=False)))
 
 
 class TransposedStreamedTensor(ir.LazyTensor):
@@ -315,10 +306,16 @@ class TransposedStreamedTensor(ir.LazyTensor):
         base, row_bytes = file.tell(), self._out_rows * itemsize
         step = _slice_rows((self._out_rows, self._in_features))
         for start in range(0, self._out_rows, step):
-            band = np.ascontiguousarray(rows(start, min(start + step, self._out_rows)).T)
-            # As bytes: numpy cannot hand out a buffer of bfloat16 (an ml_dtypes type).
-            band = band.astype(self._np_dtype, copy=False).view(np.uint8)
+            band = rows(start, min(start + step, self._out_rows)).T.astype(
+                self._np_dtype, order="C"
+            )
             for r in range(self._in_features):
                 file.seek(base + r * row_bytes + start * itemsize)
-                file.write(band[r].data)
+                file.write(_as_bytes(band[r]))
         file.seek(base + self._in_features * row_bytes)
+
+
+def _as_bytes(array: np.ndarray) -> memoryview:
+    """The array's bytes without a copy (when contiguous): numpy hands out no buffer of
+    bfloat16, an ml_dtypes type, but does of the same memory seen as uint8."""
+    return np.ascontiguousarray(array).view(np.uint8).data
