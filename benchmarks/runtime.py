@@ -147,7 +147,7 @@ def weight_bytes_per_step(folder: Path) -> tuple[int, int]:
     import onnx
 
     genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    graph = onnx.load(str(folder / genai["filename"]), load_external_data=False).graph
+    graph = graph_of(folder)
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
     gathered |= {
         name
@@ -168,6 +168,14 @@ def weight_bytes_per_step(folder: Path) -> tuple[int, int]:
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(kv_dtype).itemsize
     kv = 2 * genai["num_hidden_layers"] * genai["num_key_value_heads"] * genai["head_size"]
     return total, kv * itemsize
+
+
+def graph_of(folder: Path):
+    """The model's ONNX graph without its weights (their sizes are in the external-data entries)."""
+    import onnx
+
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    return onnx.load(str(folder / genai["filename"]), load_external_data=False).graph
 
 
 def _initializer_bytes(init) -> int:
