@@ -332,3 +332,16 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def exact_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """A built folder's tokenizer.json under the `tokenizers` library: SentencePiece's ids
+    exactly, where og.Tokenizer's chunking can differ (module docstring). Hand its ids to
+    og's Generator. A rendered chat prompt already starts with <s>: encode it with
+    add_special_tokens=False."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(
+            f"{path}: not found; pass the --output folder of an internlm2-graph build"
+        )
+    return Tokenizer.from_file(str(path))
