@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.precision import resolve_target
+from internlm2_graph.sizes import parameter_count, weight_bytes
 
 TOOLS = ("ours", "builder")
 
@@ -94,16 +97,13 @@ def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path,
 
 
 def parameters(size: str) -> int:
-    from internlm2_graph.synthetic import make_config
-    from internlm2_graph.synthetic.checkpoint import tensor_shapes
+    return parameter_count(synthetic_config(size))
 
-    total = 0
-    for shape in tensor_shapes(make_config(size)).values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+
+def synthetic_config(size: str) -> InternLM2Config:
+    from internlm2_graph.synthetic import make_config
+
+    return InternLM2Config.from_dict(make_config(size))
 
 
 def free_disk(folder: Path) -> int:
@@ -113,8 +113,6 @@ def free_disk(folder: Path) -> int:
 # --- what cannot run here -------------------------------------------------------------------
 
 GB = 1e9
-# Output bytes per parameter, generously (int4 on cpu keeps an fp32 embedding table: + its rows).
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.2, "int4": 0.7}
 
 
 def known_builder_peaks(skip: Path | None = None) -> list[dict]:
@@ -196,12 +194,9 @@ def _scaled(size: str, precision: str, measured: list[dict]) -> dict:
     }
 
 
-def output_estimate(size: str, precision: str) -> int:
-    from internlm2_graph.synthetic import make_config
-
-    config = make_config(size)
-    embedding = config["vocab_size"] * config["hidden_size"] * 4
-    return int(BYTES_PER_PARAM.get(precision, 4.0) * parameters(size) + embedding)
+def output_estimate(size: str, precision: str, ep: str) -> int:
+    """What a build writes, with room to spare: the builder's output is within a few % of ours."""
+    return int(1.1 * weight_bytes(synthetic_config(size), resolve_target(precision, ep)))
 
 
 def skipped(tool: str, precision: str, rep: int, status: str, needs: dict | None) -> dict:
@@ -303,7 +298,7 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
         copy = 0 if (work / f"{size}-llama" / "config.json").is_file() else 2 * parameters(size)
         free = free_disk(work) - (0 if have else 2 * parameters(size))
         for precision in runnable:
-            need = copy + output_estimate(size, precision) + 2 * GB
+            need = copy + output_estimate(size, precision, args.ep) + 2 * GB
             if need > free:
                 no_disk[precision] = (
                     f"not run: disk (Llama copy ~{copy / GB:.0f} GB + output "
@@ -328,7 +323,7 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
                     status, needs = no_disk[precision], estimates[precision]
                     results.append({"size": size, **skipped(tool, precision, rep, status, needs)})
                     continue
-                need = output_estimate(size, precision) + 2 * GB
+                need = output_estimate(size, precision, args.ep) + 2 * GB
                 free = free_disk(work)
                 if need > free:
                     status = f"not run: disk (output ~{need / GB:.0f} GB, {free / GB:.0f} GB free)"

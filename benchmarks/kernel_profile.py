@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.cuda.init()  # CUPTI and onnxruntime then share the device's primary context
-    targets = runtime.parse_targets(args.models)
+    targets = runtime.parse_models(args.models)
     vocab = min(runtime.vocab_size(t.folder) for t in targets)
     prompt = np.random.default_rng(0).integers(3, vocab - 16, args.prompt).astype(np.int32)
     rows = []

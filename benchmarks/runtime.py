@@ -36,7 +36,7 @@ from benchmarks import common
 
 
 @dataclass
-class Target:
+class ModelFolder:
     name: str
     folder: Path
     model: object = None
@@ -58,12 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_targets(specs: list[str]) -> list[Target]:
+def parse_models(specs: list[str]) -> list[ModelFolder]:
     targets = []
     for spec in specs:
         name, _, folder = spec.rpartition("=")
         folder_path = Path(folder)
-        targets.append(Target(name or folder_path.name, folder_path))
+        targets.append(ModelFolder(name or folder_path.name, folder_path))
     return targets
 
 
@@ -117,7 +117,7 @@ def vocab_size(folder: Path) -> int:
     return int(config["model"]["vocab_size"])
 
 
-def measure(targets: list[Target], lengths: list[int], args) -> None:
+def measure(targets: list[ModelFolder], lengths: list[int], args) -> None:
     rng = np.random.default_rng(args.seed)
     vocab = min(vocab_size(t.folder) for t in targets)
     for length in lengths:
@@ -220,7 +220,7 @@ def measure_bandwidth(ep: str) -> tuple[float, str]:
 # --- report ---------------------------------------------------------------------------------
 
 
-def summarize(targets: list[Target], args, bandwidth: float) -> list[dict]:
+def summarize(targets: list[ModelFolder], args, bandwidth: float) -> list[dict]:
     rows = []
     for t in targets:
         weights, kv_per_token = weight_bytes_per_step(t.folder)
@@ -309,7 +309,7 @@ def ratio_lines(rows: list[dict], a: str, b: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    targets = parse_targets(args.models)
+    targets = parse_models(args.models)
     lengths = [int(n) for n in args.prompts.split(",")]
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
     samples = []

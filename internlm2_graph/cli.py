@@ -114,7 +114,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _build(args) -> int:
-    from internlm2_graph.build import build
+    from internlm2_graph.convert import build
     from internlm2_graph.progress import Progress
 
     if args.quiet and not Path(args.input).expanduser().is_dir():
@@ -154,7 +154,7 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from internlm2_graph.inspect import describe
+    from internlm2_graph.sizes import describe
 
     print(describe(args.checkpoint, args.context))
     return 0

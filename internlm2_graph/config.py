@@ -10,6 +10,18 @@ from internlm2_graph.errors import InternLM2GraphError
 
 ARCHITECTURE = "InternLM2ForCausalLM"
 ROPE_SCALING_TYPES = ("linear", "dynamic")
+# Hugging Face's GenerationConfig defaults, for what generation_config.json leaves out. top_k 0
+# means "no top-k filter", in transformers and onnxruntime-genai alike, so it is kept as is.
+SAMPLING_DEFAULTS = {
+    "do_sample": False,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -93,13 +105,13 @@ class InternLM2Config:
         return int(self.max_position_embeddings * max(self.rope_scaling.factor, 1.0))
 
     @property
-    def num_parameters(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
-        per_layer = h * qkv + h * h + 3 * h * i + 2 * h
-        if self.bias:
-            per_layer += qkv + h
-        return self.num_hidden_layers * per_layer + 2 * v * h + h
+    def sampling(self) -> dict:
+        """The search settings generation_config.json gives, Hugging Face's defaults elsewhere."""
+        settings = {}
+        for key, default in SAMPLING_DEFAULTS.items():
+            value = self.generation.get(key)
+            settings[key] = type(default)(default if value is None else value)
+        return settings
 
     @classmethod
     def from_dict(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript._internal.builder import GraphBuilder
+from onnxscript import GraphBuilder
 
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError

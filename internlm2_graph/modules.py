@@ -8,13 +8,14 @@ Parameters carry shapes and dtypes only; their data is attached lazily when the 
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript import nn
+from onnxscript import OpBuilder, nn
 
 from internlm2_graph.config import InternLM2Config
-from internlm2_graph.precision import Target
-from internlm2_graph.quantize import QuantSpec
+from internlm2_graph.precision import LM_HEAD, QuantSpec, Target
 
 MS = "com.microsoft"
+Value = ir.Value
+KeyValue = tuple[Value, Value]  # one layer's (key, value) cache
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter([hidden], dtype)
         self.eps = eps
 
-    def forward(self, op, x, residual=None):
+    def forward(
+        self, op: OpBuilder, x: Value, residual: Value | None = None
+    ) -> tuple[Value, Value]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x)."""
         if residual is None:
             normed = op.SimplifiedLayerNormalization(
                 x, self.weight, axis=-1, epsilon=self.eps, stash_type=1
@@ -46,7 +50,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter([in_features, out_features], dtype)
         self.bias = nn.Parameter([out_features], dtype) if bias else None
 
-    def forward(self, op, x):
+    def forward(self, op: OpBuilder, x: Value) -> Value:
         y = op.MatMul(x, self.weight)
         return y if self.bias is None else op.Add(y, self.bias)
 
@@ -59,48 +63,34 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        blocks = -(-in_features // spec.block_size)
-        blob = spec.block_size * spec.bits // 8
-        self.weight = nn.Parameter([out_features, blocks, blob], ir.DataType.UINT8)
-        self.scales = nn.Parameter([out_features * blocks], dtype)
+        k, n = in_features, out_features
+        self.weight = nn.Parameter(list(spec.packed_shape(n, k)), ir.DataType.UINT8)
+        self.scales = nn.Parameter([n * spec.blocks(k)], dtype)
         self.zero_points = (
             None
             if spec.symmetric
-            else nn.Parameter(
-                [out_features * zero_point_bytes(blocks, spec.bits)], ir.DataType.UINT8
-            )
+            else nn.Parameter([n * spec.zero_point_bytes(k)], ir.DataType.UINT8)
         )
         self.bias = nn.Parameter([out_features], dtype) if bias else None
 
-    def forward(self, op, x):
+    def forward(self, op: OpBuilder, x: Value) -> Value:
         inputs = [x, self.weight, self.scales]
         if self.zero_points is not None:
             inputs.append(self.zero_points)
-        y = op.MatMulNBits(
-            *inputs,
-            K=self.in_features,
-            N=self.out_features,
-            bits=self.spec.bits,
-            block_size=self.spec.block_size,
-            accuracy_level=self.spec.accuracy_level,
-            _domain=MS,
-            _version=1,
-        )
+        attributes = self.spec.attributes(self.in_features, self.out_features)
+        y = op.MatMulNBits(*inputs, **attributes, _domain=MS, _version=1)
         return y if self.bias is None else op.Add(y, self.bias)
 
 
-def zero_point_bytes(blocks: int, bits: int) -> int:
-    per_byte = 8 // bits
-    return -(-blocks // per_byte)
-
-
 def linear(
-    in_features: int, out_features: int, bias: bool, dtype: ir.DataType, spec: QuantSpec | None
-):
-    """The one place where precision picks the kind of linear layer."""
+    in_features: int, out_features: int, bias: bool, target: Target, name: str
+) -> Linear | QuantizedLinear:
+    """The one place where precision picks the kind of linear layer: `target` says, by the
+    layer's checkpoint name, whether it is quantized and how."""
+    spec = target.linear_spec(name)
     if spec is not None:
-        return QuantizedLinear(in_features, out_features, bias, dtype, spec)
-    return Linear(in_features, out_features, bias, dtype)
+        return QuantizedLinear(in_features, out_features, bias, target.io_dtype, spec)
+    return Linear(in_features, out_features, bias, target.io_dtype)
 
 
 class Rotary(nn.Module):
@@ -111,7 +101,7 @@ class Rotary(nn.Module):
         self.cos_cache = nn.Parameter([length, head_dim // 2], dtype)
         self.sin_cache = nn.Parameter([length, head_dim // 2], dtype)
 
-    def forward(self, op):
+    def forward(self, op: OpBuilder) -> tuple[Value, Value]:
         return self.cos_cache, self.sin_cache
 
 
@@ -127,10 +117,21 @@ class Attention(nn.Module):
         self.config = config
         qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
         heads_out = config.num_attention_heads * config.head_dim
-        self.wqkv = linear(config.hidden_size, qkv, config.bias, target.io_dtype, target.quant)
-        self.wo = linear(heads_out, config.hidden_size, config.bias, target.io_dtype, target.quant)
+        self.wqkv = linear(config.hidden_size, qkv, config.bias, target, "attention.wqkv")
+        self.wo = linear(heads_out, config.hidden_size, config.bias, target, "attention.wo")
 
-    def forward(self, op, x, past_key, past_value, seqlens_k, total_length, cos, sin):
+    def forward(
+        self,
+        op: OpBuilder,
+        x: Value,
+        past_key: Value,
+        past_value: Value,
+        seqlens_k: Value,
+        total_length: Value,
+        cos: Value,
+        sin: Value,
+    ) -> tuple[Value, Value, Value]:
+        """(output, present key, present value)."""
         c = self.config
         attended, present_key, present_value = op.GroupQueryAttention(
             self.wqkv(op, x),
@@ -166,16 +167,28 @@ class FeedForward(nn.Module):
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.w1 = linear(h, i, False, target.io_dtype, target.quant)
-        self.w3 = linear(h, i, False, target.io_dtype, target.quant)
-        self.w2 = linear(i, h, False, target.io_dtype, target.quant)
+        self.w1 = linear(h, i, False, target, "feed_forward.w1")
+        self.w3 = linear(h, i, False, target, "feed_forward.w3")
+        self.w2 = linear(i, h, False, target, "feed_forward.w2")
 
-    def forward(self, op, x):
+    def forward(self, op: OpBuilder, x: Value) -> Value:
         gate = self.w1(op, x)
         return self.w2(op, op.Mul(op.Mul(gate, op.Sigmoid(gate)), self.w3(op, x)))
 
 
 class DecoderLayer(nn.Module):
+    """h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+
+    The residual adds are fused into the norms (SkipSimplifiedLayerNormalization adds its two
+    inputs, normalizes the sum and also returns the sum), so each add happens one step later,
+    inside the next norm: a layer takes the previous sublayer's output `hidden` and the
+    `residual` stream before it, so attention_norm computes x = hidden + residual and norm(x);
+    ffn_norm computes h = attention output + x and norm(h); the layer returns the feed-forward
+    output with h as the residual, and the next layer's attention_norm (or the final norm)
+    adds them. The first layer has no residual yet: its norm is a plain RMSNorm of the
+    embedding.
+    """
+
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         dtype = target.io_dtype
@@ -184,8 +197,17 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.feed_forward = FeedForward(config, target)
 
-    def forward(self, op, hidden, residual, past_key, past_value, mask_info, rotary):
-        """`hidden` is the last sublayer's output, not yet added to the `residual` stream."""
+    def forward(
+        self,
+        op: OpBuilder,
+        hidden: Value,
+        residual: Value | None,
+        past_key: Value,
+        past_value: Value,
+        mask_info: tuple[Value, Value],
+        rotary: tuple[Value, Value],
+    ) -> tuple[Value, Value, Value, Value]:
+        """(feed-forward output, residual h, present key, present value)."""
         x, residual = self.attention_norm(op, hidden, residual)
         hidden, present_key, present_value = self.attention(
             op, x, past_key, past_value, *mask_info, *rotary
@@ -199,7 +221,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter([vocab, hidden], dtype)
 
-    def forward(self, op, input_ids):
+    def forward(self, op: OpBuilder, input_ids: Value) -> Value:
         return op.Gather(self.weight, input_ids, axis=0)
 
 
@@ -214,7 +236,9 @@ class InternLM2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = Rotary(config.context_length, config.head_dim, dtype)
 
-    def forward(self, op, input_ids, attention_mask, past):
+    def forward(
+        self, op: OpBuilder, input_ids: Value, attention_mask: Value, past: list[KeyValue]
+    ) -> tuple[Value, list[KeyValue]]:
         mask_info = attention_lengths(op, attention_mask)
         rotary = self.rotary(op)
         hidden, residual, presents = self.tok_embeddings(op, input_ids), None, []
@@ -231,16 +255,16 @@ class InternLM2ForCausalLM(nn.Module):
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         self.model = InternLM2Model(config, target)
-        self.output = linear(
-            config.hidden_size, config.vocab_size, False, target.io_dtype, target.lm_head_quant
-        )
+        self.output = linear(config.hidden_size, config.vocab_size, False, target, LM_HEAD)
 
-    def forward(self, op, input_ids, attention_mask, past):
+    def forward(
+        self, op: OpBuilder, input_ids: Value, attention_mask: Value, past: list[KeyValue]
+    ) -> tuple[Value, list[KeyValue]]:
         hidden, presents = self.model(op, input_ids, attention_mask, past)
         return self.output(op, hidden), presents
 
 
-def attention_lengths(op, attention_mask):
+def attention_lengths(op: OpBuilder, attention_mask: Value) -> tuple[Value, Value]:
     """GroupQueryAttention's view of the 2D mask: per-row length - 1, and the total length."""
     seqlens_k = op.Cast(
         op.Sub(op.ReduceSum(attention_mask, [1], keepdims=0), 1), to=ir.DataType.INT32

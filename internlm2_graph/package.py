@@ -36,7 +36,6 @@ SAVE_IN_FLIGHT_BYTES = 512 * 1024 * 1024
 
 def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[int]) -> dict:
     """genai_config.json: the decoder's sizes and I/O names, the checkpoint's search defaults."""
-    gen = config.generation
     provider_options = []
     if target.execution_provider == "cuda":
         cuda = {"enable_cuda_graph": "1" if target.enable_cuda_graph else "0"}
@@ -76,22 +75,19 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
             "type": "internlm2",
             "vocab_size": config.vocab_size,
         },
-        "search": {
-            "diversity_penalty": 0.0,
-            "do_sample": bool(gen.get("do_sample", False)),
-            "early_stopping": True,
-            "length_penalty": float(gen.get("length_penalty", 1.0)),
-            "max_length": min(max_length, config.context_length),
-            "min_length": 0,
-            "no_repeat_ngram_size": int(gen.get("no_repeat_ngram_size", 0)),
-            "num_beams": int(gen.get("num_beams", 1)),
-            "num_return_sequences": 1,
-            "past_present_share_buffer": True,
-            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
-            "temperature": float(gen.get("temperature", 1.0)),
-            "top_k": int(gen.get("top_k", 50) or 50),
-            "top_p": float(gen.get("top_p", 1.0)),
-        },
+        "search": dict(
+            sorted(
+                {
+                    "diversity_penalty": 0.0,
+                    "early_stopping": True,
+                    "max_length": min(max_length, config.context_length),
+                    "min_length": 0,
+                    "num_return_sequences": 1,
+                    "past_present_share_buffer": True,
+                    **config.sampling,
+                }.items()
+            )
+        ),
     }
 
 

@@ -5,13 +5,12 @@ Flag and option names follow `onnxruntime_genai.models.builder`, so its commands
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 import onnx_ir as ir
 
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.quantize import QuantSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -21,6 +20,8 @@ FLOAT_DTYPES = {
     "bf16": ir.DataType.BFLOAT16,
 }
 
+DEFAULT_BLOCK_SIZE = 32
+
 # Builder option names; the `int4_` spellings are the builder's older aliases, still in use.
 ALIASES = {
     "int4_block_size": "block_size",
@@ -28,7 +29,7 @@ ALIASES = {
     "int4_is_symmetric": "is_symmetric",
 }
 OPTIONS = {
-    "block_size": "int4/int8 block size: 16, 32, 64, 128 or 256 (default 32)",
+    "block_size": f"int4/int8 block size: 16, 32, 64, 128 or 256 (default {DEFAULT_BLOCK_SIZE})",
     "accuracy_level": "MatMulNBits accuracy level 0..4 (default 4 on cpu, 0 on cuda)",
     "is_symmetric": "true/false: symmetric int4/int8 weights (default true)",
     "lm_head_precision": "int4/int8/float: the output projection's weights (default: as the body)",
@@ -37,11 +38,75 @@ OPTIONS = {
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
     "filename": "name of the ONNX file (default model.onnx)",
 }
+# Options that shape quantized weights; a float build has none to shape.
+QUANT_OPTIONS = (
+    "block_size",
+    "accuracy_level",
+    "is_symmetric",
+    "lm_head_precision",
+    "use_cuda_bf16",
+)
+# The linear layer whose precision `lm_head_precision` sets, by its checkpoint name.
+LM_HEAD = "output"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How one linear layer's weights are stored for com.microsoft MatMulNBits, validated once."""
+
+    bits: int = 4
+    block_size: int = DEFAULT_BLOCK_SIZE
+    symmetric: bool = True
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InternLM2GraphError(f"bits must be 4 or 8 (int4 or int8), got {self.bits!r}")
+        bs = self.block_size
+        if not (isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0):
+            raise InternLM2GraphError(
+                f"int4_block_size must be a power of two from 16 to 256, got {bs!r}"
+            )
+        if self.accuracy_level not in range(5):
+            raise InternLM2GraphError(
+                f"int4_accuracy_level must be 0..4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), "
+                f"got {self.accuracy_level!r}"
+            )
+
+    def blocks(self, k: int) -> int:
+        """Blocks per output row: K is zero-padded up to whole blocks."""
+        return -(-k // self.block_size)
+
+    def packed_shape(self, n: int, k: int) -> tuple[int, int, int]:
+        """MatMulNBits' B: uint8 [N, blocks, block_size * bits / 8]."""
+        return n, self.blocks(k), self.block_size * self.bits // 8
+
+    def zero_point_bytes(self, k: int) -> int:
+        """Bytes of packed zero points per output row (asymmetric only): bits per block."""
+        return -(-self.blocks(k) * self.bits // 8)
+
+    def attributes(self, k: int, n: int) -> dict[str, int]:
+        """The MatMulNBits node's attributes: the one place this rule lives.
+
+        accuracy_level is always written, 0 included (0 means "unset" to onnxruntime), so a
+        graph says what it asks for even where onnxruntime's own quantizer would omit it.
+        """
+        return {
+            "K": k,
+            "N": n,
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "accuracy_level": self.accuracy_level,
+        }
 
 
 @dataclass(frozen=True)
 class Target:
-    """Everything the graph needs to know about precision and device, decided once."""
+    """Everything a build needs to know about precision and device, decided once.
+
+    The graph, the size estimates, the reference and the runtime config ask this object; none
+    of them works a precision's consequences out again.
+    """
 
     precision: str
     execution_provider: str
@@ -51,6 +116,19 @@ class Target:
     enable_cuda_graph: bool = False
     max_length: int | None = None
     filename: str = "model.onnx"
+
+    def linear_spec(self, name: str) -> QuantSpec | None:
+        """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
+
+        `name` is the layer's checkpoint name ("output", "model.layers.3.attention.wqkv") or
+        its last part ("attention.wqkv"); only the lm head ("output") can differ from the rest.
+        """
+        return self.lm_head_quant if name == LM_HEAD else self.quant
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per activation value, and per value of the KV cache, norms and embedding."""
+        return self.io_dtype.itemsize
 
 
 def parse_extra_options(items: list[str] | None) -> dict[str, str]:
@@ -101,14 +179,7 @@ def resolve_target(
             "GroupQueryAttention runs fp16/bf16 only; use fp16, bf16 or int4 on cuda"
         )
     quantized = precision in ("int4", "int8")
-    not_for_float = {
-        "block_size",
-        "accuracy_level",
-        "is_symmetric",
-        "lm_head_precision",
-        "use_cuda_bf16",
-    }
-    misplaced = sorted(not_for_float & options.keys()) if not quantized else []
+    misplaced = sorted(set(QUANT_OPTIONS) & options.keys()) if not quantized else []
     if misplaced:
         raise InternLM2GraphError(
             f"--extra_options {', '.join(misplaced)} only apply to --precision int4/int8"
@@ -131,7 +202,7 @@ def resolve_target(
         bits = 4 if precision == "int4" else 8
         quant = QuantSpec(
             bits=bits,
-            block_size=_int(options, "block_size", 32),
+            block_size=_int(options, "block_size", DEFAULT_BLOCK_SIZE),
             symmetric=_bool(options, "is_symmetric", True),
             accuracy_level=_int(options, "accuracy_level", 0 if cuda else 4),
         )
@@ -141,12 +212,7 @@ def resolve_target(
                 f"--extra_options lm_head_precision={head!r}: use int4, int8 or float"
             )
         if head != "float":
-            lm_head_quant = QuantSpec(
-                bits=4 if head == "int4" else 8,
-                block_size=quant.block_size,
-                symmetric=quant.symmetric,
-                accuracy_level=quant.accuracy_level,
-            )
+            lm_head_quant = replace(quant, bits=4 if head == "int4" else 8)
     return Target(
         precision=precision,
         execution_provider=execution_provider,
@@ -157,6 +223,18 @@ def resolve_target(
         max_length=_max_length(options),
         filename=_filename(options),
     )
+
+
+def supported_targets() -> list[Target]:
+    """Every precision / execution provider pair a build accepts, with default options."""
+    targets = []
+    for precision in PRECISIONS:
+        for provider in EXECUTION_PROVIDERS:
+            try:
+                targets.append(resolve_target(precision, provider))
+            except InternLM2GraphError:
+                continue  # refused: resolve_target says why when a user asks for it
+    return targets
 
 
 def _max_length(options: dict[str, str]) -> int | None:

@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.precision import QuantSpec
 
 # Source dtypes we widen to float32 chunk by chunk (checkpoints are mostly bf16).
 _FLOAT_DTYPES = (
@@ -58,30 +59,6 @@ _FLOAT_DTYPES = (
 # arrays) stay in L2/L3 and peak memory stays far below the packed output.
 _CHUNK_ELEMENTS = 1 << 19
 _MAX_THREADS = 8
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantSpec:
-    """How to quantize: the int4_* options of the build, validated once."""
-
-    bits: int = 4
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 0
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise InternLM2GraphError(f"bits must be 4 or 8 (int4 or int8), got {self.bits!r}")
-        bs = self.block_size
-        if not (isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0):
-            raise InternLM2GraphError(
-                f"int4_block_size must be a power of two from 16 to 256, got {bs!r}"
-            )
-        if self.accuracy_level not in range(5):
-            raise InternLM2GraphError(
-                f"int4_accuracy_level must be 0..4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), "
-                f"got {self.accuracy_level!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -106,12 +83,10 @@ def _levels(bits: int) -> tuple[int, int]:
 
 
 def _empty_outputs(n: int, k: int, spec: QuantSpec) -> QuantizedWeight:
-    k_blocks = -(-k // spec.block_size)
-    zp_cols = -(-k_blocks * spec.bits // 8)
     return QuantizedWeight(
-        packed=np.zeros((n, k_blocks, spec.block_size * spec.bits // 8), np.uint8),
-        scales=np.zeros((n, k_blocks), np.float32),
-        zero_points=None if spec.symmetric else np.zeros((n, zp_cols), np.uint8),
+        packed=np.zeros(spec.packed_shape(n, k), np.uint8),
+        scales=np.zeros((n, spec.blocks(k)), np.float32),
+        zero_points=None if spec.symmetric else np.zeros((n, spec.zero_point_bytes(k)), np.uint8),
         k=k,
         n=n,
         spec=spec,
@@ -149,7 +124,7 @@ def _to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
     return out.reshape(n, k_blocks, block_size)
 
 
-def _quantize_rows(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start: int) -> None:
+def _quantize_into(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start: int) -> None:
     """Quantize weight rows [start, start + len(rows)) into q's preallocated arrays."""
     qmax, mid = _levels(spec.bits)
     x = _to_blocks(rows, q.k_blocks, spec.block_size)
@@ -219,7 +194,7 @@ def quantize(weight_out_in: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     starts = range(0, n, rows_per_chunk)
 
     def work(start: int) -> None:
-        _quantize_rows(weight_out_in[start : start + rows_per_chunk], spec, q, start)
+        _quantize_into(weight_out_in[start : start + rows_per_chunk], spec, q, start)
 
     threads = min(_num_threads(), len(starts))
     if threads <= 1:
@@ -274,15 +249,6 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
     scales = q.scales.astype(np.float32).reshape(q.n, q.k_blocks)
     w = (codes.astype(np.float32) - zp[..., None]) * scales[..., None]
     return w.reshape(q.n, -1)[:, : q.k]
-
-
-def matmul_nbits_attributes(q: QuantizedWeight) -> dict[str, int]:
-    """Attributes of the com.microsoft MatMulNBits node that consumes ``q``."""
-    attrs = {"K": q.k, "N": q.n, "bits": q.spec.bits, "block_size": q.spec.block_size}
-    # 0 means "unset": ORT's own quantizer then omits the attribute, as most EPs ignore it.
-    if q.spec.accuracy_level:
-        attrs["accuracy_level"] = q.spec.accuracy_level
-    return attrs
 
 
 def matmul_nbits_initializers(q: QuantizedWeight, scales_dtype=np.float32) -> list[np.ndarray]:

@@ -154,8 +154,10 @@ def quantized_reference(folder: str | Path, target) -> Reference:
 
     reference = Reference(folder)
     for name, weight in reference.w.items():
-        spec = target.lm_head_quant if name == "output.weight" else target.quant
-        if weight.ndim == 2 and "tok_embeddings" not in name and spec is not None:
+        if weight.ndim != 2 or name == "model.tok_embeddings.weight":
+            continue  # not a linear layer's matrix
+        spec = target.linear_spec(name.removesuffix(".weight"))  # as the graph asks
+        if spec is not None:
             restored = dequantize(quantize(weight.astype(np.float32), spec))
             reference.w[name] = restored.astype(np.float64)
     return reference

@@ -88,20 +88,38 @@ class TokenizerInfo:
         return () if self.im_end_token_id is None else (self.im_end_token_id,)
 
 
-def write_tokenizer(checkpoint_dir: Path, out_dir: Path, vocab_size: int) -> TokenizerInfo:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model.
+@dataclass(frozen=True)
+class PreparedTokenizer:
+    """A checkpoint's tokenizer, read and checked, ready to write: nothing is written until
+    `write`, so a build can check it before it creates its output folder."""
 
-    `vocab_size` is the number of embedding rows; every token id must be below it.
-    """
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    source: Path
+    tokenizer: Tokenizer
+    config: dict
+    special_map: dict
+    info: TokenizerInfo
+
+    def write(self, out_dir: Path) -> TokenizerInfo:
+        """tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model."""
+        out_dir = Path(out_dir)
+        self.tokenizer.save(str(out_dir / "tokenizer.json"))
+        _write_json(out_dir / "tokenizer_config.json", self.config)
+        _write_json(out_dir / "special_tokens_map.json", self.special_map)
+        shutil.copyfile(self.source / "tokenizer.model", out_dir / "tokenizer.model")
+        return self.info
+
+
+def prepare_tokenizer(checkpoint_dir: Path, vocab_size: int) -> PreparedTokenizer:
+    """Read and check the checkpoint's tokenizer files; `vocab_size` is the number of embedding
+    rows, and every token id must be below it."""
+    checkpoint_dir = Path(checkpoint_dir)
     proto = load_model(checkpoint_dir / "tokenizer.model")
     config = _read_json(checkpoint_dir / "tokenizer_config.json")
     added = added_tokens(config, _read_json(checkpoint_dir / "added_tokens.json"))
     atomic = atomic_tokens(proto, added)
     names = token_names(proto, atomic)
     check_ids(names, vocab_size, checkpoint_dir)
-
-    build_tokenizer(proto, atomic, config).save(str(out_dir / "tokenizer.json"))
+    tokenizer = build_tokenizer(proto, atomic, config)
     # onnxruntime-genai reads tokenizer_class, the special tokens and chat_template from here;
     # added_tokens_decoder is rewritten to list exactly the added tokens of tokenizer.json.
     config = {
@@ -109,11 +127,14 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, vocab_size: int) -> Tok
         **config,
         "added_tokens_decoder": {str(i): entry for i, entry in sorted(atomic.items())},
     }
-    _write_json(out_dir / "tokenizer_config.json", config)
     special_map = _read_json(checkpoint_dir / "special_tokens_map.json") or _special_map(config)
-    _write_json(out_dir / "special_tokens_map.json", special_map)
-    shutil.copyfile(checkpoint_dir / "tokenizer.model", out_dir / "tokenizer.model")
-    return tokenizer_info(proto, names, atomic, config)
+    info = tokenizer_info(proto, names, atomic, config)
+    return PreparedTokenizer(checkpoint_dir, tokenizer, config, special_map, info)
+
+
+def write_tokenizer(checkpoint_dir: Path, out_dir: Path, vocab_size: int) -> TokenizerInfo:
+    """Check the checkpoint's tokenizer and write the runtime's files into `out_dir`."""
+    return prepare_tokenizer(checkpoint_dir, vocab_size).write(out_dir)
 
 
 def load_model(path: Path) -> ModelProto:

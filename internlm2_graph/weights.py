@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import ml_dtypes
 import numpy as np
@@ -19,7 +21,8 @@ from internlm2_graph import modules
 from internlm2_graph.checkpoint import Checkpoint, TensorRef
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.quantize import QuantizedWeight, QuantSpec, quantize
+from internlm2_graph.precision import QuantSpec
+from internlm2_graph.quantize import QuantizedWeight, quantize
 from internlm2_graph.rope import rotary_tables
 
 NUMPY_DTYPES = {
@@ -33,36 +36,8 @@ SLICE_BYTES = 64 * 1024 * 1024
 # Transposed matrices larger than this (the float lm_head) are saved a block at a time too.
 STREAM_BYTES = 4 * SLICE_BYTES
 
-Rows = Callable[[int, int], np.ndarray]
-
 
 # --- pure transforms ------------------------------------------------------------------------
-
-
-def expected_shapes(config: InternLM2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor an InternLM2 checkpoint of this config must hold, with its shape."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    heads_out = config.num_attention_heads * config.head_dim
-    shapes = {
-        "model.tok_embeddings.weight": (v, h),
-        "model.norm.weight": (h,),
-        "output.weight": (v, h),
-    }
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "attention_norm.weight": (h,),
-            p + "attention.wqkv.weight": (qkv, h),
-            p + "attention.wo.weight": (h, heads_out),
-            p + "ffn_norm.weight": (h,),
-            p + "feed_forward.w1.weight": (i, h),
-            p + "feed_forward.w3.weight": (i, h),
-            p + "feed_forward.w2.weight": (h, i),
-        }
-        if config.bias:
-            shapes |= {p + "attention.wqkv.bias": (qkv,), p + "attention.wo.bias": (h,)}
-    return shapes
 
 
 def split_wqkv(
@@ -87,33 +62,110 @@ def wqkv_to_qkv(wqkv: np.ndarray, config: InternLM2Config) -> np.ndarray:
     return np.concatenate(split_wqkv(wqkv, config), axis=0)
 
 
-def check_checkpoint(checkpoint: Checkpoint, config: InternLM2Config) -> None:
-    """Fail before writing anything if a tensor is missing or has the wrong shape."""
-    for name, shape in expected_shapes(config).items():
-        ref = checkpoint[name]
-        if ref.shape != shape:
-            raise InternLM2GraphError(
-                f"{ref.path}: tensor {name} has shape {list(ref.shape)}, but config.json implies "
-                f"{list(shape)}; the config and the weights are from different models"
+def qkv_order(config: InternLM2Config) -> np.ndarray:
+    """Row r of the [Q | K | V] layout is row order[r] of the grouped wqkv: the regrouping is a
+    row permutation, so it can be read a slice at a time instead of done to the whole tensor."""
+    rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    return wqkv_to_qkv(np.arange(rows), config)
+
+
+# --- sources: where a parameter's rows come from ------------------------------------------
+
+
+class Source(Protocol):
+    """A parameter's data in the checkpoint's [out, in] row order, read a slice at a time."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckpointRows:
+    """One checkpoint tensor as it is stored, checked for NaN/Inf as it is read."""
+
+    ref: TensorRef
+    allow_nonfinite: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ref.shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        block = self.ref.read_rows(start, stop)
+        if not np.isfinite(block).all():
+            message = (
+                f"{self.ref.path}: tensor {self.ref.name} contains NaN or Inf values; the "
+                "checkpoint is damaged (pass --allow_nonfinite to convert it anyway)"
             )
+            if not self.allow_nonfinite:
+                raise InternLM2GraphError(message)
+            warnings.warn(message, stacklevel=2)
+        return block
+
+
+@dataclass(frozen=True)
+class PermutedRows:
+    """Another source's rows in another order (wqkv regrouped to [Q | K | V]); a slice reads
+    the runs of consecutive rows it maps to (one per head), never the whole tensor."""
+
+    source: Source
+    order: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        index = self.order[start:stop]
+        runs = np.split(index, np.flatnonzero(np.diff(index) != 1) + 1)
+        return np.concatenate([self.source.rows(int(r[0]), int(r[-1]) + 1) for r in runs])
+
+
+class Once:
+    """A value computed on its first `take` and handed out `takers` times, then dropped.
+
+    The saver asks for a quantized weight's packed codes, scales and zero points separately,
+    possibly from several threads: the weight is quantized once, and lives only until its
+    last part has been taken (a later take computes it again).
+    """
+
+    def __init__(self, compute: Callable[[], object], takers: int) -> None:
+        self._compute, self._takers = compute, takers
+        self._lock = threading.Lock()
+        self._value, self._left = None, 0
+
+    def take(self):
+        with self._lock:
+            if self._left == 0:
+                self._value, self._left = self._compute(), self._takers
+            value = self._value
+            self._left -= 1
+            if self._left == 0:
+                self._value = None
+            return value
 
 
 # --- lazy binding ---------------------------------------------------------------------------
 
 
 class WeightBinder:
-    """Attaches a lazy tensor to every graph parameter, reading the checkpoint on demand."""
+    """Attaches a lazy tensor to every graph parameter; nothing is read until the saver asks.
+
+    The graph is the list of tensors: each module names the checkpoint tensor it needs by its
+    own path, and binding checks that tensor's shape against the parameter it fills, so a
+    mismatched checkpoint fails here, before anything is written.
+    """
 
     def __init__(
-        self,
-        checkpoint: Checkpoint,
-        config: InternLM2Config,
-        allow_nonfinite: bool = False,
+        self, checkpoint: Checkpoint, config: InternLM2Config, allow_nonfinite: bool = False
     ) -> None:
         self.checkpoint = checkpoint
         self.config = config
         self.allow_nonfinite = allow_nonfinite
-        self._quantized: dict[str, list] = {}
 
     def bind(self, root: modules.InternLM2ForCausalLM) -> None:
         for path, module in root.named_modules():
@@ -122,89 +174,53 @@ class WeightBinder:
             elif isinstance(module, modules.Linear):
                 self._bind_linear(path, module)
             elif isinstance(module, (modules.RMSNorm, modules.Embedding)):
-                ref = self.checkpoint[f"{path}.weight"]
-                module.weight.const_value = RowStreamedTensor(self._reader(ref), module.weight)
+                source = self.source(f"{path}.weight", tuple(module.weight.shape.numpy()))
+                module.weight.const_value = RowStreamedTensor(source, module.weight)
             elif isinstance(module, modules.Rotary):
                 self._bind_rotary(module)
 
-    def _rows(self, path: str, suffix: str) -> tuple[int, Callable[[], Rows]]:
-        """Row count of a linear's [out, in] tensor, and a loader of its float32 rows.
-
-        The loader is called when the saver needs the data, so nothing stays in memory between.
-        """
-        ref = self.checkpoint[f"{path}.{suffix}"]
-        if path.endswith("attention.wqkv"):
-
-            def load_regrouped() -> Rows:
-                # Small enough to regroup whole: at most (heads + 2 kv) * head_dim rows.
-                whole = wqkv_to_qkv(self._checked(ref, ref.read()), self.config)
-                return lambda start, stop: whole[start:stop]
-
-            return ref.shape[0], load_regrouped
-        return ref.shape[0], lambda: self._reader(ref)
-
-    def _reader(self, ref: TensorRef) -> Rows:
-        return lambda start, stop: self._checked(ref, ref.read_rows(start, stop))
+    def source(self, name: str, shape: tuple[int, ...]) -> Source:
+        """The checkpoint tensor `name`, which must have `shape`, in graph row order."""
+        ref = self.checkpoint[name]
+        if ref.shape != shape:
+            raise InternLM2GraphError(
+                f"{ref.path}: tensor {name} has shape {list(ref.shape)}, but config.json implies "
+                f"{list(shape)}; the config and the weights are from different models"
+            )
+        source = CheckpointRows(ref, self.allow_nonfinite)
+        if name.endswith("attention.wqkv.weight") or name.endswith("attention.wqkv.bias"):
+            return PermutedRows(source, qkv_order(self.config))
+        return source
 
     def _bind_linear(self, path: str, module: modules.Linear) -> None:
-        out_rows, load = self._rows(path, "weight")
+        source = self.source(f"{path}.weight", (module.out_features, module.in_features))
         weight = module.weight
-        if out_rows * module.in_features * NUMPY_DTYPES[weight.dtype].itemsize > STREAM_BYTES:
-            weight.const_value = TransposedStreamedTensor(load, out_rows, weight)
+        if source.shape[0] * source.shape[1] * NUMPY_DTYPES[weight.dtype].itemsize > STREAM_BYTES:
+            weight.const_value = TransposedStreamedTensor(source, weight)
         else:
-            _attach(weight, lambda: _transposed(load(), out_rows, module.in_features, weight))
+            _attach(weight, lambda: _transposed(source, weight))
         self._bind_bias(path, module)
 
     def _bind_bias(self, path: str, module: modules.Linear | modules.QuantizedLinear) -> None:
         if module.bias is not None:
-            out_rows, load = self._rows(path, "bias")
-            _attach(module.bias, lambda: _as(load()(0, out_rows), module.bias))
+            source = self.source(f"{path}.bias", (module.out_features,))
+            _attach(module.bias, lambda: _as(source.rows(0, source.shape[0]), module.bias))
 
     def _bind_quantized(self, path: str, module: modules.QuantizedLinear) -> None:
-        out_rows, load = self._rows(path, "weight")
-        params = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
-
-        lock = threading.Lock()
-
-        def part(index: int) -> np.ndarray:
-            # The saver asks for weight, scales and zero points separately, possibly from several
-            # threads: quantize once, keep the result until its last part has been taken.
-            with lock:
-                entry = self._quantized.get(path)
-                if entry is None:
-                    entry = [_quantize_rows(load(), out_rows, module.in_features, module.spec), 0]
-                    self._quantized[path] = entry
-                entry[1] += 1
-                if entry[1] == len(params):
-                    del self._quantized[path]
-            q = entry[0]
-            return [q.packed, q.scales.reshape(-1), q.zero_points][index]
-
-        _attach(module.weight, lambda: part(0))
-        _attach(module.scales, lambda: _as(part(1), module.scales))
+        source = self.source(f"{path}.weight", (module.out_features, module.in_features))
+        parts = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
+        quantized = Once(lambda: quantize_source(source, module.spec), len(parts))
+        _attach(module.weight, lambda: quantized.take().packed)
+        _attach(module.scales, lambda: _as(quantized.take().scales.reshape(-1), module.scales))
         if module.zero_points is not None:
-            _attach(module.zero_points, lambda: part(2).reshape(-1))
+            _attach(module.zero_points, lambda: quantized.take().zero_points.reshape(-1))
         self._bind_bias(path, module)
 
     def _bind_rotary(self, module: modules.Rotary) -> None:
         length = module.cos_cache.shape[0]
-        _attach(
-            module.cos_cache, lambda: _as(rotary_tables(self.config, length)[0], module.cos_cache)
-        )
-        _attach(
-            module.sin_cache, lambda: _as(rotary_tables(self.config, length)[1], module.sin_cache)
-        )
-
-    def _checked(self, ref: TensorRef, block: np.ndarray) -> np.ndarray:
-        if not np.isfinite(block).all():
-            message = (
-                f"{ref.path}: tensor {ref.name} contains NaN or Inf values; the checkpoint is "
-                "damaged (pass --allow_nonfinite to convert it anyway)"
-            )
-            if not self.allow_nonfinite:
-                raise InternLM2GraphError(message)
-            warnings.warn(message, stacklevel=2)
-        return block
+        tables = Once(lambda: rotary_tables(self.config, length), 2)
+        _attach(module.cos_cache, lambda: _as(tables.take()[0], module.cos_cache))
+        _attach(module.sin_cache, lambda: _as(tables.take()[1], module.sin_cache))
 
 
 def _slice_rows(shape: tuple[int, ...]) -> int:
@@ -212,20 +228,22 @@ def _slice_rows(shape: tuple[int, ...]) -> int:
     return max(1, SLICE_BYTES // max(row_bytes, 1))
 
 
-def _transposed(rows: Rows, out_rows: int, in_features: int, param: ir.Value) -> np.ndarray:
+def _transposed(source: Source, param: ir.Value) -> np.ndarray:
     """[out, in] checkpoint rows -> [in, out] for MatMul, a slice of rows at a time."""
+    out_rows, in_features = source.shape
     result = np.empty((in_features, out_rows), NUMPY_DTYPES[param.dtype])
-    step = _slice_rows((out_rows, in_features))
+    step = _slice_rows(source.shape)
     for start in range(0, out_rows, step):
-        block = rows(start, min(start + step, out_rows))
+        block = source.rows(start, min(start + step, out_rows))
         result[:, start : start + block.shape[0]] = block.T
     return result
 
 
-def _quantize_rows(rows: Rows, out_rows: int, in_features: int, spec: QuantSpec) -> QuantizedWeight:
+def quantize_source(source: Source, spec: QuantSpec) -> QuantizedWeight:
     """Quantize slice by slice into preallocated outputs: output rows are independent."""
-    step = _slice_rows((out_rows, in_features))
-    first = quantize(rows(0, min(step, out_rows)), spec)
+    out_rows = source.shape[0]
+    step = _slice_rows(source.shape)
+    first = quantize(source.rows(0, min(step, out_rows)), spec)
     if step >= out_rows:
         return first
 
@@ -241,7 +259,7 @@ def _quantize_rows(rows: Rows, out_rows: int, in_features: int, spec: QuantSpec)
         spec=spec,
     )
     for start in range(0, out_rows, step):
-        part = first if start == 0 else quantize(rows(start, min(start + step, out_rows)), spec)
+        part = quantize(source.rows(start, min(start + step, out_rows)), spec) if start else first
         stop = start + part.packed.shape[0]
         whole.packed[start:stop] = part.packed
         whole.scales[start:stop] = part.scales
@@ -266,21 +284,21 @@ class RowStreamedTensor(ir.LazyTensor):
     build (2.3 GB at fp32 for 20B), and with it whole in memory, peak memory grows with the
     model's width. `numpy()` and `tobytes()` still give the whole tensor."""
 
-    def __init__(self, rows: Rows, param: ir.Value) -> None:
-        self._row_source = rows
+    def __init__(self, source: Source, param: ir.Value) -> None:
+        self._source = source
         self._np_dtype = NUMPY_DTYPES[param.dtype]
         super().__init__(
-            lambda: ir.tensor(_as(rows(0, param.shape[0]), param)),
+            lambda: ir.tensor(_as(source.rows(0, source.shape[0]), param)),
             dtype=param.dtype,
             shape=param.shape,
             name=param.name,
         )
 
     def tofile(self, file) -> None:
-        count = self.shape[0]
-        step = _slice_rows(tuple(self.shape.numpy()))
+        count = self._source.shape[0]
+        step = _slice_rows(self._source.shape)
         for start in range(0, count, step):
-            block = self._row_source(start, min(start + step, count))
+            block = self._source.rows(start, min(start + step, count))
             file.write(_as_bytes(block.astype(self._np_dtype, copy=False)))
 
 
@@ -289,30 +307,28 @@ class TransposedStreamedTensor(ir.LazyTensor):
     checkpoint rows at a time: each block is a band of columns, one short write per stored row.
     The float lm_head (0.8 GB at 7B fp16) never sits in memory whole."""
 
-    def __init__(self, load: Callable[[], Rows], out_rows: int, param: ir.Value) -> None:
-        self._load = load
-        self._out_rows = out_rows
-        self._in_features = param.shape[0]
+    def __init__(self, source: Source, param: ir.Value) -> None:
+        self._source = source
         self._np_dtype = NUMPY_DTYPES[param.dtype]
         super().__init__(
-            lambda: ir.tensor(_transposed(load(), out_rows, self._in_features, param)),
+            lambda: ir.tensor(_transposed(source, param)),
             dtype=param.dtype,
             shape=param.shape,
             name=param.name,
         )
 
     def tofile(self, file) -> None:
-        rows, itemsize = self._load(), self._np_dtype.itemsize
-        base, row_bytes = file.tell(), self._out_rows * itemsize
-        step = _slice_rows((self._out_rows, self._in_features))
-        for start in range(0, self._out_rows, step):
-            band = rows(start, min(start + step, self._out_rows)).T.astype(
-                self._np_dtype, order="C"
-            )
-            for r in range(self._in_features):
+        out_rows, in_features = self._source.shape
+        itemsize = self._np_dtype.itemsize
+        base, row_bytes = file.tell(), out_rows * itemsize
+        step = _slice_rows(self._source.shape)
+        for start in range(0, out_rows, step):
+            band = self._source.rows(start, min(start + step, out_rows))
+            band = band.T.astype(self._np_dtype, order="C")
+            for r in range(in_features):
                 file.seek(base + r * row_bytes + start * itemsize)
                 file.write(_as_bytes(band[r]))
-        file.seek(base + self._in_features * row_bytes)
+        file.seek(base + in_features * row_bytes)
 
 
 def _as_bytes(array: np.ndarray) -> memoryview:

@@ -8,7 +8,6 @@ folder, no `.partial` sibling, not even the parent folders the build would have 
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import shutil
@@ -23,12 +22,10 @@ import numpy as np
 import pytest
 from surgery import copy_checkpoint, drop_tensor, edit_entry, edit_json, get_tensor, set_tensor
 
-from internlm2_graph import package
+from internlm2_graph import convert, package
 from internlm2_graph.cli import main
 from internlm2_graph.errors import InternLM2GraphError
 
-# `internlm2_graph.build` is also the name of the function the package exports.
-build_module = importlib.import_module("internlm2_graph.build")
 SHARD_2 = "model-00002-of-00003.safetensors"
 W2 = "model.layers.0.feed_forward.w2.weight"
 
@@ -126,6 +123,11 @@ CATALOGUE = [
         "unknown-rope-scaling",
         _config(rope_scaling={"type": "yarn", "factor": 4.0}),
         ("config.json", "rope_scaling type 'yarn'", "linear, dynamic"),
+    ),
+    Case(
+        "head-dim-not-a-multiple-of-16",
+        _config(num_attention_heads=8, num_key_value_heads=2),
+        ("config.json", "head_dim 8", "multiple of 16", "GroupQueryAttention"),
     ),
     Case("only-pytorch-bin", _only_bin, ("only PyTorch *.bin", "safe_serialization=True")),
     Case(
@@ -286,6 +288,26 @@ def test_bad_input_is_refused_in_one_line(case, checkpoint, tmp_path, capsys):
     assert_nothing_left(tmp_path, *(["ckpt"] if checkpoint.exists() else []))
 
 
+# Found only as the data is read, while the folder is written (reading every weight first would
+# double the build's disk reads): the staged folder is removed.
+FOUND_WHILE_WRITING = {"nan-weight", "inf-weight"}
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
+def test_bad_input_is_refused_before_anything_is_written(case, checkpoint, tmp_path, monkeypatch):
+    """Decided before the first write: a doomed build never makes its staging folder."""
+    staged = []
+
+    def staged_folder(*args):
+        staged.append(args)
+        raise InternLM2GraphError("staging")
+
+    monkeypatch.setattr(package, "staged_folder", staged_folder)
+    case.damage(checkpoint)
+    assert main(["-i", str(checkpoint), "-o", str(tmp_path / "out"), "-q", *case.args]) == 2
+    assert bool(staged) == (case.id in FOUND_WHILE_WRITING)
+
+
 def test_verbose_shows_the_traceback(checkpoint, tmp_path):
     (checkpoint / "config.json").unlink()
     with pytest.raises(InternLM2GraphError, match="config.json: not found"):
@@ -426,13 +448,13 @@ def small_disk(tmp_path):
 def test_disk_too_small_is_refused_before_writing(tiny_checkpoint, small_disk, capsys):
     code, _, err = run_cli(capsys, "-i", tiny_checkpoint, "-o", small_disk / "out")
     assert code == 2
-    assert_one_line(err, f"{small_disk}: the model needs about 870 kB", "is free there")
+    assert_one_line(err, f"{small_disk}: the model needs about 886 kB", "is free there")
     assert_nothing_left(small_disk)
 
 
 def test_disk_filling_up_while_writing(tiny_checkpoint, small_disk, capsys, monkeypatch):
     """The estimate can be wrong (or another process fills the disk): fail cleanly mid-write."""
-    monkeypatch.setattr(build_module, "weight_bytes", lambda *args: 0)
+    monkeypatch.setattr(convert, "graph_bytes", lambda *args: 0)
     code, _, err = run_cli(capsys, "-i", tiny_checkpoint, "-o", small_disk / "out", "-q")
     assert code == 2
     assert_one_line(err, f"{small_disk}: no space left on the device", "free some space")

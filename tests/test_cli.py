@@ -163,8 +163,8 @@ def test_inspect_a_checkpoint(tiny_checkpoint, capsys):
     assert "heads 4 (kv 2, GQA group 2), head_dim 16" in out
     # The context (256) is below the 4096 default, so the KV cache covers all of it.
     assert "KV cache of 256 tokens" in out
-    # fp32 weights: 4 bytes per parameter.
-    assert re.search(r"fp32 cpu +weights +870 kB", out)
+    # fp32 weights: 4 bytes per parameter (870 kB), and the rotary tables (16 kB).
+    assert re.search(r"fp32 cpu +weights +886 kB", out)
 
 
 def test_inspect_needs_only_config_json(tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_inspect_needs_only_config_json(tmp_path, capsys):
         tuple(m.group(1, 2)): m.group(3, 4)
         for m in re.finditer(r"(\w+) (cpu|cuda) +weights +(.+?) \+ KV cache +(.+?) =", out)
     }
-    assert len(rows) == 7
+    assert len(rows) == 8  # every pair a build accepts: fp32/fp16/int4/int8 cpu, all but fp32 cuda
     # bf16: 2 bytes a parameter (~15.5 GB); KV: 2 * 32 layers * 8 kv heads * 128 * 2 bytes
     # = 128 KiB a token, so 8192 tokens take 1.07 GB.
     assert rows["bf16", "cuda"] == ("15.5 GB", "1.07 GB")

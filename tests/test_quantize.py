@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.precision import QuantSpec
 from internlm2_graph.quantize import (
     QuantizedWeight,
-    QuantSpec,
     dequantize,
-    matmul_nbits_attributes,
     matmul_nbits_initializers,
     quantize,
     quantize_ort,
@@ -78,7 +77,7 @@ def matmul_nbits_session(
     arrays = initializers if initializers is not None else matmul_nbits_initializers(q)
     names = ["B", "scales", "zero_points"][: len(arrays)]
     node = helper.make_node(
-        "MatMulNBits", ["A", *names], ["Y"], domain="com.microsoft", **matmul_nbits_attributes(q)
+        "MatMulNBits", ["A", *names], ["Y"], domain="com.microsoft", **q.spec.attributes(q.k, q.n)
     )
     graph = helper.make_graph(
         [node],
@@ -360,12 +359,13 @@ def test_node_attributes_and_inputs():
     spec = QuantSpec(bits=8, block_size=16, symmetric=False, accuracy_level=4)
     q = quantize(make_weight(7, "normal", 6, 40, 1.0), spec)
     expected = {"K": 40, "N": 6, "bits": 8, "block_size": 16, "accuracy_level": 4}
-    assert matmul_nbits_attributes(q) == expected
+    assert spec.attributes(q.k, q.n) == expected
     b, scales, zp = matmul_nbits_initializers(q, np.float16)
     assert b.shape == (6, 3, 16) and scales.dtype == np.float16 and scales.shape == (6, 3)
     assert zp.shape == (6, 3) and zp.dtype == np.uint8
     sym = quantize(make_weight(7, "normal", 6, 40, 1.0), QuantSpec())
-    assert "accuracy_level" not in matmul_nbits_attributes(sym)  # 0 = unset: left out, like ORT
+    # 0 means unset to onnxruntime; the graph still says it, explicitly.
+    assert sym.spec.attributes(sym.k, sym.n)["accuracy_level"] == 0
     assert len(matmul_nbits_initializers(sym)) == 2  # no zero_points: kernel default midpoint
 
 

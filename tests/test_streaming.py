@@ -5,6 +5,7 @@ import io
 import numpy as np
 import onnx_ir as ir
 import pytest
+from test_weights import ArrayRows
 
 from internlm2_graph import build, weights
 
@@ -13,17 +14,12 @@ from internlm2_graph import build, weights
 def test_row_streamed_tensor_writes_the_whole_tensor_a_slice_at_a_time(dtype, monkeypatch):
     monkeypatch.setattr(weights, "SLICE_BYTES", 3 * 8 * 4)  # 3 rows of 8 float32 per slice
     data = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
-    asked = []
-
-    def rows(start, stop):
-        asked.append((start, stop))
-        return data[start:stop]
-
+    rows = ArrayRows(data)
     param = ir.Value(name="t", shape=ir.Shape([10, 8]), type=ir.TensorType(dtype))
     tensor = weights.RowStreamedTensor(rows, param)
     written = io.BytesIO()
     tensor.tofile(written)
-    assert asked == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert rows.asked == [(0, 3), (3, 6), (6, 9), (9, 10)]
     expected = data.astype(weights.NUMPY_DTYPES[dtype]).tobytes()
     assert written.getvalue() == expected
     assert tensor.tobytes() == expected
@@ -34,21 +30,13 @@ def test_row_streamed_tensor_writes_the_whole_tensor_a_slice_at_a_time(dtype, mo
 def test_transposed_tensor_is_written_a_band_of_columns_at_a_time(dtype, monkeypatch):
     monkeypatch.setattr(weights, "SLICE_BYTES", 4 * 6 * 4)  # 4 checkpoint rows of 6 per band
     data = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)  # [out, in]
-    asked = []
-
-    def load():
-        def rows(start, stop):
-            asked.append((start, stop))
-            return data[start:stop]
-
-        return rows
-
+    rows = ArrayRows(data)
     param = ir.Value(name="w", shape=ir.Shape([6, 10]), type=ir.TensorType(dtype))
-    tensor = weights.TransposedStreamedTensor(load, 10, param)
+    tensor = weights.TransposedStreamedTensor(rows, param)
     written = io.BytesIO()
     written.write(b"before")  # the saver places each tensor at its own offset
     tensor.tofile(written)
-    assert asked == [(0, 4), (4, 8), (8, 10)]
+    assert rows.asked == [(0, 4), (4, 8), (8, 10)]
     expected = data.T.astype(weights.NUMPY_DTYPES[dtype]).tobytes()
     assert written.getvalue() == b"before" + expected
     assert written.tell() == len(b"before") + len(expected)

@@ -32,7 +32,7 @@ def run_probe(body: str) -> subprocess.CompletedProcess:
 def test_build_imports_neither_torch_nor_transformers(tiny_checkpoint, tmp_path):
     body = f"""
 from internlm2_graph import build
-from internlm2_graph import cli, inspect, reference, verify, synthetic  # noqa: F401
+from internlm2_graph import cli, reference, sizes, synthetic, verify  # noqa: F401
 build({str(tiny_checkpoint)!r}, {str(tmp_path / "out")!r}, "int4", "cpu")
 """
     result = run_probe(body)

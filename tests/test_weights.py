@@ -80,20 +80,50 @@ def test_split_real_7b_weight_moves_whole_rows():
     )
 
 
+class ArrayRows:
+    """A weights.Source over an array in memory, recording the slices asked for."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.asked = array, array.shape, []
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        self.asked.append((start, stop))
+        return self.array[start:stop]
+
+
+@given(kv_heads=st.integers(1, 4), group=st.integers(1, 6), head_dim=st.sampled_from([2, 4, 8]))
+def test_regrouped_rows_read_a_slice_equal_the_whole_regroup(kv_heads, group, head_dim):
+    """wqkv is regrouped as a row permutation, one run of rows per head: any slice of it is the
+    same slice of the whole-tensor transform, and reads only the rows it needs."""
+    from internlm2_graph.weights import PermutedRows, qkv_order
+
+    config = config_for(kv_heads, group, head_dim)
+    wqkv = labelled_rows(config)
+    source = ArrayRows(wqkv)
+    regrouped = PermutedRows(source, qkv_order(config))
+    whole = wqkv_to_qkv(wqkv, config)
+    rows = whole.shape[0]
+    for start, stop in [(0, rows), (1, rows - 1), (head_dim // 2, head_dim * 3 // 2)]:
+        source.asked.clear()
+        np.testing.assert_array_equal(regrouped.rows(start, stop), whole[start:stop])
+        assert sum(b - a for a, b in source.asked) == max(stop - start, 0)
+
+
 def test_sliced_transforms_equal_whole_ones(monkeypatch):
     """Large tensors are transposed and quantized a slice of rows at a time, invisibly."""
     from internlm2_graph import weights
-    from internlm2_graph.quantize import QuantSpec, quantize
+    from internlm2_graph.precision import QuantSpec
+    from internlm2_graph.quantize import quantize
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((1000, 96), dtype=np.float32)
-    rows = lambda start, stop: w[start:stop]  # noqa: E731
+    rows = ArrayRows(w)
     monkeypatch.setattr(weights, "SLICE_BYTES", 96 * 4 * 64)  # 64 rows per slice
     for spec in (
         QuantSpec(bits=4, block_size=32),
         QuantSpec(bits=8, block_size=16, symmetric=False),
     ):
-        sliced, whole = weights._quantize_rows(rows, 1000, 96, spec), quantize(w, spec)
+        sliced, whole = weights.quantize_source(rows, spec), quantize(w, spec)
         np.testing.assert_array_equal(sliced.packed, whole.packed)
         np.testing.assert_array_equal(sliced.scales, whole.scales)
         if spec.symmetric:
@@ -105,5 +135,5 @@ def test_sliced_transforms_equal_whole_ones(monkeypatch):
         dtype = weights.ir.DataType.FLOAT16
 
     np.testing.assert_array_equal(
-        weights._transposed(rows, 1000, 96, Param()), w.T.astype(np.float16)
+        weights._transposed(rows, Param()), w.T.astype(np.float16)
     )

@@ -1,4 +1,5 @@
-"""The front door: checkpoint -> config -> weight stream -> graph -> saved folder."""
+"""The front door: checkpoint -> config + target -> graph skeleton -> weights bound lazily by
+name -> the saver pulls each tensor (read, regroup, transpose, quantize) into the folder."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
-from internlm2_graph.inspect import weight_bytes
 from internlm2_graph.precision import parse_extra_options, resolve_target
 from internlm2_graph.progress import Progress, human_bytes, human_count
-from internlm2_graph.tokenizer import write_tokenizer
-from internlm2_graph.weights import WeightBinder, check_checkpoint
+from internlm2_graph.sizes import graph_bytes, parameter_count
+from internlm2_graph.tokenizer import prepare_tokenizer
+from internlm2_graph.weights import WeightBinder
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ def build(
 ) -> BuildSummary:
     """Convert an InternLM2 checkpoint (folder or hub id) into an ONNX Runtime GenAI folder.
 
-    Everything that can be checked without writing is checked first (options, --output, config,
-    every tensor's name, shape and dtype); the folder is then written beside --output and moved
-    into place only when complete, so a failure or Ctrl-C leaves nothing behind.
+    Everything is decided and checked before the first write: options, --output, config, the
+    tokenizer's ids, and every tensor's name and shape (binding checks each one against the
+    graph parameter it fills). The folder is then written beside --output and moved into place
+    only when complete, so a failure or Ctrl-C leaves nothing behind.
     """
     start = time.perf_counter()
     progress = progress or Progress(quiet=True)
@@ -67,24 +69,23 @@ def build(
     folder = resolve_checkpoint(str(input), cache_dir=cache_dir, revision=revision, token=token)
     package.check_apart(output, folder)
     config = InternLM2Config.from_dir(folder)
-    checkpoint = Checkpoint(folder)
-    check_checkpoint(checkpoint, config)
+    tokenizer = prepare_tokenizer(folder, config.vocab_size)
+    model, module = build_graph(config, target)
+    WeightBinder(Checkpoint(folder), config, allow_nonfinite).bind(module)
+    # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
+    eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
+    runtime_config = package.genai_config(config, target, eos)
 
-    expected_bytes = weight_bytes(config, precision, execution_provider)
-    with package.staged_folder(output, overwrite, expected_bytes) as staging:
-        tokenizer = write_tokenizer(folder, staging, config.vocab_size)
-        model, module = build_graph(config, target)
-        WeightBinder(checkpoint, config, allow_nonfinite).bind(module)
+    with package.staged_folder(output, overwrite, graph_bytes(model)) as staging:
+        tokenizer.write(staging)
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:
             package.save_model(model, staging, target.filename, on_tensor)
-        # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
-        eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.turn_end_ids]))
-        package.write_json(staging / "genai_config.json", package.genai_config(config, target, eos))
+        package.write_json(staging / "genai_config.json", runtime_config)
     return BuildSummary(
         output=output,
-        parameters=config.num_parameters,
+        parameters=parameter_count(config),
         precision=precision,
         execution_provider=execution_provider,
         output_bytes=sum(f.stat().st_size for f in output.iterdir() if f.is_file()),

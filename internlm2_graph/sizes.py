@@ -1,0 +1,102 @@
+"""What a checkpoint is and costs: parameters, weight bytes, KV cache (`internlm2-graph inspect`).
+
+Sizes are read off the graph a build would make (its skeleton: shapes and dtypes, no data), so
+they count exactly what the build writes for a target: block size, zero points, lm-head
+precision and rotary tables included. No tensor list or qkv arithmetic is written again here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.graph import build_graph
+from internlm2_graph.hub import resolve_checkpoint
+from internlm2_graph.precision import Target, resolve_target, supported_targets
+from internlm2_graph.progress import human_bytes, human_count
+
+DEFAULT_CONTEXT = 4096
+PARTS = ("embedding", "attention", "feed_forward", "norms", "lm_head")
+
+
+def initializers(config: InternLM2Config, target: Target) -> dict[str, ir.Value]:
+    """The graph's initializers for `target`, by name, without data."""
+    model, _ = build_graph(config, target)
+    return dict(model.graph.initializers)
+
+
+def parameter_breakdown(config: InternLM2Config) -> dict[str, int]:
+    """Parameters by part of the model, counted on the fp32 graph (rotary tables are not
+    parameters: they are computed from the config)."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, value in initializers(config, resolve_target("fp32", "cpu")).items():
+        part = _part(name)
+        if part is not None:
+            counts[part] += int(np.prod(value.shape.numpy(), dtype=np.int64))
+    return counts
+
+
+def parameter_count(config: InternLM2Config) -> int:
+    return sum(parameter_breakdown(config).values())
+
+
+def weight_bytes(config: InternLM2Config, target: Target) -> int:
+    """Bytes of the weights a build for `target` writes (and a session holds in memory)."""
+    return graph_bytes(build_graph(config, target)[0])
+
+
+def graph_bytes(model: ir.Model) -> int:
+    """Bytes of a graph's initializers, from their shapes and dtypes (no data needed)."""
+    return sum(
+        int(np.prod(v.shape.numpy(), dtype=np.int64)) * v.dtype.itemsize
+        for v in model.graph.initializers.values()
+    )
+
+
+def kv_cache_bytes(config: InternLM2Config, tokens: int, bytes_per_value: float) -> int:
+    """Keys and values of every layer: 2 * layers * kv_heads * head_dim values per token."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return int(per_token * bytes_per_value * tokens)
+
+
+def describe(source: str, context: int | None = None) -> str:
+    """A few lines for people: the config, the parameters and the memory each build needs."""
+    config = InternLM2Config.from_dir(resolve_checkpoint(source, config_only=True))
+    context = context or min(config.context_length, DEFAULT_CONTEXT)
+    parts = parameter_breakdown(config)
+    lines = [
+        f"{source}: InternLM2, {human_count(sum(parts.values()))} parameters",
+        f"  hidden {config.hidden_size}, layers {config.num_hidden_layers}, heads "
+        f"{config.num_attention_heads} (kv {config.num_key_value_heads}, GQA group "
+        f"{config.group}), head_dim {config.head_dim}, intermediate {config.intermediate_size}, "
+        f"vocab {config.vocab_size}",
+        f"  rope_theta {config.rope_theta:g}, rope_scaling {config.rope_scaling}, "
+        f"context {config.context_length}, bias {config.bias}",
+        "  parameters: " + ", ".join(f"{k} {human_count(v)}" for k, v in parts.items()),
+        f"  memory for the weights and a KV cache of {context} tokens (batch 1):",
+    ]
+    for target in supported_targets():
+        weights = weight_bytes(config, target)
+        kv = kv_cache_bytes(config, context, target.activation_bytes)
+        lines.append(
+            f"    {target.precision} {target.execution_provider:4}  weights "
+            f"{human_bytes(weights):>8} + KV cache {human_bytes(kv):>8} = "
+            f"{human_bytes(weights + kv):>8}"
+        )
+    return "\n".join(lines)
+
+
+def _part(name: str) -> str | None:
+    """Which part of the model an initializer (named after its checkpoint tensor) belongs to."""
+    if name.startswith("model.tok_embeddings."):
+        return "embedding"
+    if name.startswith("output."):
+        return "lm_head"
+    if name.endswith("norm.weight"):
+        return "norms"
+    if ".attention." in name:
+        return "attention"
+    if ".feed_forward." in name:
+        return "feed_forward"
+    return None  # rotary tables
