@@ -104,6 +104,27 @@ class InternLM2Config:
             return self.max_position_embeddings
         return int(self.max_position_embeddings * max(self.rope_scaling.factor, 1.0))
 
+    def positions(self, max_length: int | None = None) -> int:
+        """How many positions a build serves: the trained context, or a longer `max_length`
+        where the rotary scaling defines every position (dynamic NTK). A longer one is refused
+        rather than cut, so that no requested length is lost silently."""
+        if max_length is None or max_length <= self.context_length:
+            return self.context_length
+        if self.rope_scaling is not None and self.rope_scaling.type == "dynamic":
+            return max_length
+        scaling = (
+            ""
+            if self.rope_scaling is None
+            else f" x rope_scaling factor {self.rope_scaling.factor:g}"
+        )
+        raise InternLM2GraphError(
+            f"--extra_options max_length={max_length} is longer than the {self.context_length} "
+            f"positions {self.source} gives (max_position_embeddings "
+            f"{self.max_position_embeddings}{scaling}), and its rotary embedding is not defined "
+            f"beyond them; use max_length <= {self.context_length} (only dynamic rope_scaling "
+            "extends to any length)"
+        )
+
     @property
     def sampling(self) -> dict:
         """The search settings generation_config.json gives, Hugging Face's defaults elsewhere."""

@@ -234,7 +234,7 @@ class InternLM2Model(nn.Module):
             [DecoderLayer(config, target) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.rotary = Rotary(config.context_length, config.head_dim, dtype)
+        self.rotary = Rotary(config.positions(target.max_length), config.head_dim, dtype)
 
     def forward(
         self, op: OpBuilder, input_ids: Value, attention_mask: Value, past: list[KeyValue]

@@ -40,13 +40,14 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
     if target.execution_provider == "cuda":
         cuda = {"enable_cuda_graph": "1" if target.enable_cuda_graph else "0"}
         provider_options = [{"cuda": cuda}]
+    context = config.positions(target.max_length)
     # A full 32k-262k context as the default max_length would make the runtime allocate that
     # whole KV cache up front (onnxruntime-genai#550); users raise it with max_length=...
-    max_length = target.max_length or min(config.context_length, DEFAULT_MAX_LENGTH)
+    max_length = target.max_length or min(context, DEFAULT_MAX_LENGTH)
     return {
         "model": {
             "bos_token_id": config.bos_token_id,
-            "context_length": config.context_length,
+            "context_length": context,
             "decoder": {
                 "session_options": {
                     "log_id": "onnxruntime-genai",
@@ -80,7 +81,7 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
                 {
                     "diversity_penalty": 0.0,
                     "early_stopping": True,
-                    "max_length": min(max_length, config.context_length),
+                    "max_length": max_length,
                     "min_length": 0,
                     "num_return_sequences": 1,
                     "past_present_share_buffer": True,

@@ -23,7 +23,7 @@ from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import QuantSpec
 from internlm2_graph.quantize import QuantizedWeight, quantize
-from internlm2_graph.rope import rotary_tables
+from internlm2_graph.rope import rotary_rows
 
 NUMPY_DTYPES = {
     ir.DataType.FLOAT: np.dtype(np.float32),
@@ -125,6 +125,18 @@ class PermutedRows:
         return np.concatenate([self.source.rows(int(r[0]), int(r[-1]) + 1) for r in runs])
 
 
+@dataclass(frozen=True)
+class RotaryRows:
+    """The rotary cos (index 0) or sin (index 1) table, computed a slice of positions at a time."""
+
+    config: InternLM2Config
+    shape: tuple[int, int]
+    index: int
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return rotary_rows(self.config, start, stop)[self.index]
+
+
 class Once:
     """A value computed on its first `take` and handed out `takers` times, then dropped.
 
@@ -217,10 +229,10 @@ class WeightBinder:
         self._bind_bias(path, module)
 
     def _bind_rotary(self, module: modules.Rotary) -> None:
-        length = module.cos_cache.shape[0]
-        tables = Once(lambda: rotary_tables(self.config, length), 2)
-        _attach(module.cos_cache, lambda: _as(tables.take()[0], module.cos_cache))
-        _attach(module.sin_cache, lambda: _as(tables.take()[1], module.sin_cache))
+        # Computed and written a slice of positions at a time: a 1M-token table is 0.5 GB.
+        for index, table in enumerate((module.cos_cache, module.sin_cache)):
+            source = RotaryRows(self.config, tuple(table.shape.numpy()), index)
+            table.const_value = RowStreamedTensor(source, table)
 
 
 def _slice_rows(shape: tuple[int, ...]) -> int:

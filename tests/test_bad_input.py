@@ -241,6 +241,12 @@ CATALOGUE = [
         ("--extra_options", "max_length=0"),
     ),
     Case(
+        "max-length-past-the-context",
+        _config(rope_scaling={"type": "linear", "factor": 2.0}),
+        ("max_length=1000", "512 positions", "factor 2", "use max_length <= 512"),
+        ("--extra_options", "max_length=1000"),
+    ),
+    Case(
         "extra-option-given-twice",
         _intact,
         ("max_length is given twice",),

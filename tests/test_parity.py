@@ -124,3 +124,26 @@ def test_prompt_longer_than_trained_window_matches_token_by_token_decoding(tmp_p
 def test_reference_greedy_without_steps_returns_prompt_logits(tiny_checkpoint, bad_steps):
     tokens, logits = Reference(tiny_checkpoint).greedy(PROMPT, bad_steps)
     assert tokens == [] and len(logits) == 1
+
+
+def test_dynamic_ntk_decodes_past_the_trained_context(tmp_path):
+    """max_length beyond max_position_embeddings x factor is honoured for dynamic NTK (defined
+    at any length): the rotary table grows to it, and decoding past the old end still matches
+    token-by-token decoding in the reference."""
+    config = make_config(
+        "tiny",
+        num_hidden_layers=1,
+        max_position_embeddings=32,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+    )
+    checkpoint = write_checkpoint(tmp_path / "ckpt", config, chat=False, seed=4)
+    build(checkpoint, tmp_path / "m", "fp32", "cpu", {"max_length": "160"})
+    genai = json.loads((tmp_path / "m" / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == genai["search"]["max_length"] == 160
+    steps = 160 - len(PROMPT)  # to the very last position, 2.5x the trained 64
+    want_tokens, want_logits = Reference(checkpoint).greedy(PROMPT, steps)
+    (tokens,), logits = og_greedy(tmp_path / "m", [PROMPT], steps)
+    assert len(logits) == len(want_logits) == steps + 1
+    errors = [np.max(np.abs(got[0] - want)) for got, want in zip(logits, want_logits)]
+    assert max(errors) <= FP32_TOLERANCE
+    assert tokens == want_tokens
