@@ -10,6 +10,8 @@ what to do next.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 from pathlib import Path
@@ -94,10 +96,10 @@ def _download(
     token: str | None,
 ) -> Path:
     # Imported here: a local folder needs no Hub client (and none of its HTTP stack).
-    from httpx2 import TransportError
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    failures = (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, *_transport_errors())
     try:
         folder = snapshot_download(
             repo_id,
@@ -107,9 +109,18 @@ def _download(
             allow_patterns=list(patterns),
             ignore_patterns=list(IGNORE_PATTERNS),
         )
-    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, TransportError) as err:
+    except failures as err:
         raise InternLM2GraphError(_explain(err, repo_id, revision)) from err
     return Path(folder)
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection errors of huggingface_hub's HTTP client: httpx2 from 2.0 on, httpx in 1.x."""
+    errors = []
+    for client in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(client).TransportError)
+    return tuple(errors)
 
 
 def _explain(err: Exception, repo_id: str, revision: str | None) -> str:

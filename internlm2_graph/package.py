@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import inspect
 import json
 import os
 import secrets
@@ -116,11 +117,24 @@ def save_model(
         folder / filename,
         external_data=filename + ".data",
         callback=callback,
-        max_workers=SAVE_WORKERS,
-        max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES,
-        # Page-aligned tensors let onnxruntime map the weights instead of copying them.
-        alignment=4096,
+        **_parallel_save_options(),
     )
+
+
+def _parallel_save_options() -> dict:
+    """Threads, their memory bound and page alignment, where onnx-ir has them (1.1 on).
+
+    onnx-ir 1.0 writes one tensor at a time (lazy tensors still made one at a time, so memory
+    stays flat, only slower) and page-aligns the large tensors by itself.
+    """
+    if "max_workers" not in inspect.signature(ir.save).parameters:
+        return {}
+    return {
+        "max_workers": SAVE_WORKERS,
+        "max_in_flight_bytes": SAVE_IN_FLIGHT_BYTES,
+        # Page-aligned tensors let onnxruntime map the weights instead of copying them.
+        "alignment": 4096,
+    }
 
 
 def write_json(path: Path, value: dict) -> None:
