@@ -1,5 +1,6 @@
-"""nox sessions: tests, lint, notebooks, benchmarks."""
+"""nox sessions: tests, lint, oldest, wheel, notebooks, benchmarks."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,29 @@ nox.options.default_venv_backend = "venv"
 def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The tests on the lowest versions pyproject.toml allows (its core and `cpu` lower bounds)."""
+    constraints = Path(session.create_tmp()) / "lowest.txt"
+    constraints.write_text("\n".join(lowest_versions()) + "\n")
+    session.install("-c", str(constraints), "-e", ".[test]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+def lowest_versions() -> list[str]:
+    """`name==lower bound` for every core and `cpu` dependency: pip's answer to uv's
+    `--resolution lowest-direct`, so that every lower bound we state is one we have tested."""
+    import tomllib  # Python 3.11+: this session only
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    pins = []
+    for requirement in [*project["dependencies"], *project["optional-dependencies"]["cpu"]]:
+        name, lower = re.fullmatch(r"([\w.-]+)>=([\w.]+)(?:,<.*)?", requirement).groups()
+        pins.append(f"{name}=={lower}")
+    return pins
 
 
 @nox.session
@@ -49,7 +73,7 @@ def benchmarks(session: nox.Session) -> None:
     """Everything that runs on this machine (about an hour on 2 cores; 80 GB of free disk for
     the 20B checkpoint), then the summary. The builder side needs the `bench` extra (torch).
     The CUDA numbers come from `benchmarks/gpu.sh` on a GPU machine (benchmarks/README.md)."""
-    session.install("-e", ".[bench]")
+    session.install("-e", ".[cpu,bench]")
     work = Path(session.create_tmp()) / "bench"
     session.run("python", "-m", "benchmarks.peak_rss", "--cases", "1.8b:fp32,1.8b:int4,7b:int4")
     session.run(

@@ -46,7 +46,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 from google.protobuf.message import DecodeError
-from sentencepiece import sentencepiece_model_pb2
 from tokenizers import (
     AddedToken,
     Regex,
@@ -59,6 +58,15 @@ from tokenizers import (
 from tokenizers.models import BPE
 
 from internlm2_graph.errors import InternLM2GraphError
+
+try:
+    from sentencepiece import sentencepiece_model_pb2
+except ImportError as error:
+    # sentencepiece 0.2.3's generated reader needs protobuf 7.36.1+ and does not declare it.
+    raise InternLM2GraphError(
+        f"sentencepiece cannot read tokenizer.model files with this protobuf ({error}): "
+        'pip install "protobuf>=7.36.1", or "sentencepiece<0.2.3" to keep this protobuf'
+    ) from error
 
 ModelProto = sentencepiece_model_pb2.ModelProto
 Piece = ModelProto.SentencePiece

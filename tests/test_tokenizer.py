@@ -28,6 +28,7 @@ from internlm2_graph.synthetic.tokenizer import (
 from internlm2_graph.tokenizer import TokenizerError, write_tokenizer
 
 VOCAB = 1024
+OLD_SENTENCEPIECE = tuple(int(n) for n in spm.__version__.split(".")[:3]) < (0, 2, 3)
 IM_END, IM_START = VOCAB - 2, VOCAB - 1
 # Each example costs a millisecond or so: run many more than the profile's default.
 MANY = settings(max_examples=50 * settings.default.max_examples)
@@ -357,6 +358,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
 def test_other_normalizer_settings_convert_exactly(overrides, tmp_path):
+    if "normalization_rule_name" in overrides and OLD_SENTENCEPIECE:
+        pytest.skip("SentencePiece < 0.2.3's BPE trainer aborts the process on this corpus")
     checkpoint = train_variant(tmp_path / "ckpt", **overrides)
     (tmp_path / "out").mkdir()
     info = write_tokenizer(checkpoint, tmp_path / "out", VOCAB)
