@@ -225,6 +225,20 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def require_genai() -> None:
+    """Exit with the package's one-line install hint when no onnxruntime_genai is installed.
+
+    Looked up without importing internlm2_graph, which the runtime benchmarks otherwise do
+    without (they run with only the repo on PYTHONPATH)."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        from internlm2_graph.runtime import MissingRuntime, genai
+
+        try:
+            genai()
+        except MissingRuntime as err:
+            sys.exit(f"error: {err}")
+
+
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 

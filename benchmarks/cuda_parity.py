@@ -51,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", default="/tmp/cuda-parity")
     args = parser.parse_args()
+    common.require_genai()
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     config = make_config(

@@ -160,6 +160,7 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    common.require_genai()
     import torch
 
     torch.cuda.init()  # CUPTI and onnxruntime then share the device's primary context

@@ -309,6 +309,7 @@ def ratio_lines(rows: list[dict], a: str, b: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    common.require_genai()
     targets = parse_models(args.models)
     lengths = [int(n) for n in args.prompts.split(",")]
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,9 @@ import numpy as np
 
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.reference import Reference
+from internlm2_graph.runtime import check_model_folder, eos_ids, genai, genai_config, load_model
+
+__all__ = ["Verdict", "check_model_folder", "encode_prompt", "eos_ids", "og_greedy", "verify"]
 
 
 def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
@@ -19,14 +21,13 @@ def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
     last prompt position's logits, step k the logits after the k-th generated token. Stops early
     when every row has produced an eos id; a finished row is padded with pad ids.
     """
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
+    og = genai()
+    model = load_model(model_dir)
     params = og.GeneratorParams(model)
     longest = max(len(p) for p in prompts)
     params.set_search_options(do_sample=False, max_length=longest + steps, batch_size=len(prompts))
     generator = og.Generator(model, params)
-    pad = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["pad_token_id"]
+    pad = genai_config(model_dir)["model"]["pad_token_id"]
     batch = np.full((len(prompts), longest), pad, dtype=np.int32)
     for row, prompt in enumerate(prompts):
         batch[row, : len(prompt)] = prompt
@@ -44,11 +45,6 @@ def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
     return tokens, history
 
 
-def eos_ids(model_dir: str | Path) -> tuple[int, ...]:
-    eos = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return tuple(eos) if isinstance(eos, list) else (eos,)
-
-
 def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
     """<s> + SentencePiece ids of `text`, as the checkpoint's own tokenizer.model encodes it."""
     import sentencepiece
@@ -60,15 +56,6 @@ def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
         )
     processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
     return [processor.bos_id(), *processor.encode(text)]
-
-
-def check_model_folder(model_dir: str | Path) -> None:
-    """Fail with a plain message, not the runtime's, when `model_dir` is not a built folder."""
-    if not (Path(model_dir) / "genai_config.json").is_file():
-        raise InternLM2GraphError(
-            f"{model_dir}: not a built model folder (no genai_config.json); pass the --output "
-            "folder of an internlm2-graph build"
-        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,74 @@
+"""Running a built folder: ONNX Runtime GenAI, from whichever package provides it.
+
+Building needs no runtime. Running does, from one of two packages that install the same
+`onnxruntime_genai` module: `onnxruntime-genai` (the `cpu` extra) or `onnxruntime-genai-cuda`
+(the `cuda` extra). Everything that runs a model (verify, chat, the benchmarks, the examples)
+opens it here, so a missing or mismatched runtime is one line that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+from internlm2_graph.errors import InternLM2GraphError
+
+INSTALL_CPU = 'pip install "internlm2_graph[cpu]"'
+INSTALL_CUDA = 'pip install "internlm2_graph[cuda]"'
+
+
+class MissingRuntime(InternLM2GraphError):
+    """No onnxruntime_genai is importable, or the one installed cannot run this folder."""
+
+
+def genai() -> ModuleType:
+    """The `onnxruntime_genai` module, or a one-line MissingRuntime naming the extra."""
+    try:
+        import onnxruntime_genai
+    except ModuleNotFoundError as err:
+        # Only a missing runtime is ours to explain; a broken one keeps its own error.
+        if err.name not in ("onnxruntime_genai", "onnxruntime"):
+            raise
+        raise MissingRuntime(
+            f"running a model needs ONNX Runtime GenAI, which is not installed: {INSTALL_CPU} "
+            f"(or {INSTALL_CUDA} on an NVIDIA GPU)"
+        ) from None
+    return onnxruntime_genai
+
+
+def check_model_folder(model_dir: str | Path) -> None:
+    """Fail with a plain message, not the runtime's, when `model_dir` is not a built folder."""
+    if not (Path(model_dir) / "genai_config.json").is_file():
+        raise InternLM2GraphError(
+            f"{model_dir}: not a built model folder (no genai_config.json); pass the --output "
+            "folder of an internlm2-graph build"
+        )
+
+
+def genai_config(model_dir: str | Path) -> dict:
+    check_model_folder(model_dir)
+    return json.loads((Path(model_dir) / "genai_config.json").read_text())
+
+
+def eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The ids that end a reply: eos and, for chat models, the end-of-turn token."""
+    eos = genai_config(model_dir)["model"]["eos_token_id"]
+    return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+def built_for_cuda(model_dir: str | Path) -> bool:
+    options = genai_config(model_dir)["model"]["decoder"]["session_options"]["provider_options"]
+    return any("cuda" in provider for provider in options)
+
+
+def load_model(model_dir: str | Path):
+    """og.Model of a built folder, after the checks whose failures the runtime words poorly."""
+    check_model_folder(model_dir)
+    og = genai()
+    if built_for_cuda(model_dir) and not og.is_cuda_available():
+        raise MissingRuntime(
+            f"{model_dir} was built for CUDA (-e cuda) and this onnxruntime-genai has no CUDA: "
+            f"{INSTALL_CUDA} in an environment without the [cpu] packages"
+        )
+    return og.Model(str(model_dir))
