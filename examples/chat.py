@@ -1,29 +1,20 @@
-"""Stream a chat reply token by token from a built folder: python examples/chat.py MODEL [TEXT]."""
+"""Stream a chat reply token by token from a built folder: python examples/chat.py MODEL [TEXT].
 
-import json
+`internlm2-graph chat MODEL` is the interactive version; both use internlm2_graph.chat.Chat.
+"""
+
 import sys
 
-import onnxruntime_genai as og
+from internlm2_graph.chat import Chat
+from internlm2_graph.runtime import MissingRuntime
 
 
 def main(model_dir: str, text: str = "Write a haiku about rivers.") -> None:
-    model = og.Model(model_dir)
-    tokenizer = og.Tokenizer(model)
-    stream = tokenizer.create_stream()
-    messages = json.dumps(
-        [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": text},
-        ]
-    )
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=256)
-    generator = og.Generator(model, params)
-    generator.append_tokens(tokenizer.encode(prompt))
-    while not generator.is_done():
-        generator.generate_next_token()
-        print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)
+    try:
+        chat = Chat(model_dir, system="You are a helpful assistant.", search={"max_length": 256})
+    except MissingRuntime as err:
+        sys.exit(f"error: {err}")
+    chat.reply(text, lambda piece: print(piece, end="", flush=True))
     print()
 
 

@@ -1,12 +1,14 @@
 """Command line: `python -m internlm2_graph` / `internlm2-graph`.
 
 Build flags match `onnxruntime_genai.models.builder` (-i -o -p -e --extra_options), so the
-commands users know work with the module name swapped. `verify` and `inspect` are subcommands.
+commands users know work with the module name swapped. `verify`, `inspect` and `chat` are
+subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -15,7 +17,7 @@ from pathlib import Path
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
 
-SUBCOMMANDS = ("build", "verify", "inspect")
+SUBCOMMANDS = ("build", "verify", "inspect", "chat")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI "
         "folder.",
         epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT`, "
-        "`internlm2-graph inspect CHECKPOINT`.",
+        "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", required=True, help="checkpoint folder or hub id")
@@ -79,12 +81,48 @@ def inspect_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chat_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph chat",
+        description="Chat with a built folder: type a message, Enter sends it. Ctrl-C stops a "
+        "reply, Ctrl-D (or /bye) ends the session, /clear forgets the conversation. Needs a "
+        'runtime: pip install "internlm2_graph[cpu]" (or [cuda]).',
+    )
+    parser.add_argument("model", help="the built folder")
+    parser.add_argument("--prompt", help="answer this one message and exit (no interaction)")
+    parser.add_argument("--system", help="a system message to start the conversation with")
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=1024, help="tokens per reply at most"
+    )
+    sampling = parser.add_argument_group(
+        "sampling", "default: the folder's genai_config.json `search` (from generation_config)"
+    )
+    mode = sampling.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None)
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="no sampling")
+    sampling.add_argument(
+        "--temperature", type=float, help="turns sampling on unless --greedy; 0 means greedy"
+    )
+    sampling.add_argument("--top-p", type=float, help="turns sampling on unless --greedy")
+    sampling.add_argument("--top-k", type=int, help="turns sampling on unless --greedy")
+    sampling.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+PARSERS = {
+    "build": build_parser,
+    "verify": verify_parser,
+    "inspect": inspect_parser,
+    "chat": chat_parser,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
-    parser = {"build": build_parser, "verify": verify_parser, "inspect": inspect_parser}[command]()
-    args = parser.parse_args(argv)
-    run = {"build": _build, "verify": _verify, "inspect": _inspect}[command]
+    args = PARSERS[command]().parse_args(argv)
+    run = {"build": _build, "verify": _verify, "inspect": _inspect, "chat": _chat}[command]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -141,9 +179,11 @@ def _build(args) -> int:
 
 def _verify(args) -> int:
     from internlm2_graph.hub import resolve_checkpoint
+    from internlm2_graph.runtime import genai
     from internlm2_graph.verify import check_model_folder, encode_prompt, verify
 
     check_model_folder(args.model)
+    genai()  # no runtime: say so before the reference forward pass, not after
     checkpoint = resolve_checkpoint(args.against)
     prompt = encode_prompt(checkpoint, args.prompt)
     verdict = verify(args.model, checkpoint, prompt, args.steps)
@@ -158,6 +198,56 @@ def _inspect(args) -> int:
 
     print(describe(args.checkpoint, args.context))
     return 0
+
+
+def _chat(args) -> int:
+    from internlm2_graph.chat import Chat, ContextFull, search_options
+
+    search = search_options(
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    chat = Chat(args.model, system=args.system, search=search, max_new_tokens=args.max_new_tokens)
+    if args.prompt is not None:
+        return 0 if _say(chat, args.prompt) else 130
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        print(f"{args.model}: Ctrl-C stops a reply, Ctrl-D or /bye ends", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> " if interactive else "").strip()
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /bye ends the session)", file=sys.stderr)
+            continue
+        if text in ("/bye", "/exit"):
+            return 0
+        if text == "/clear":
+            chat.clear()
+        elif text:
+            try:
+                _say(chat, text)
+            except ContextFull as err:
+                print(f"error: {err}", file=sys.stderr)
+
+
+def _say(chat, text: str) -> bool:
+    """Stream one reply to stdout; False when Ctrl-C cut it short."""
+    try:
+        chat.reply(text, lambda piece: print(piece, end="", flush=True))
+    except KeyboardInterrupt:
+        print(flush=True)
+        return False
+    print(flush=True)
+    return True
 
 
 def _positive_int(text: str) -> int:

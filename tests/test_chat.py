@@ -18,6 +18,9 @@ import sentencepiece as spm
 from surgery import copy_checkpoint, edit_json, get_tensor, set_tensor
 
 from internlm2_graph import build
+from internlm2_graph import chat as chat_module
+from internlm2_graph.chat import Chat, search_options
+from internlm2_graph.cli import main
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
 CHAT_EXAMPLE = Path(__file__).parents[1] / "examples" / "chat.py"
@@ -154,3 +157,130 @@ def test_chat_example_streams_the_reply(rockets, tokenizer):
 
 def test_chat_example_prints_nothing_past_the_end_of_turn(always_ends_turn):
     assert run_chat_example(always_ends_turn) == "\n"
+
+
+# --- internlm2-graph chat -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def says_a(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Answers anything with "A" (the byte token <0x41>), then ends its turn."""
+    folder = tmp_path_factory.mktemp("says-a")
+    return steered_model(tiny_checkpoint, folder, "<0x41>", ("<0x41>", "<|im_end|>"))
+
+
+def run_chat(model: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "internlm2_graph", "chat", str(model), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_chat_prompt_answers_one_turn(says_a, capsys):
+    assert main(["chat", str(says_a), "--prompt", "Hello", "--greedy"]) == 0
+    assert capsys.readouterr().out == "A\n"
+
+
+def test_chat_prompt_streams_until_max_new_tokens(rockets, capsys):
+    assert main(["chat", str(rockets), "--prompt", "Hi", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == "🚀" * 3 + "\n"  # 12 byte tokens, 4 per rocket
+
+
+def test_chat_reads_turns_from_stdin_until_eof(says_a):
+    result = run_chat(says_a, "--system", "Be brief.", stdin="Hello\n\nAnd again?\n/clear\nHi\n")
+    assert (result.returncode, result.stdout) == (0, "A\nA\nA\n"), result.stderr
+
+
+def test_chat_bye_ends_the_session(says_a):
+    result = run_chat(says_a, stdin="Hello\n/bye\nnever answered\n")
+    assert (result.returncode, result.stdout) == (0, "A\n"), result.stderr
+
+
+def test_later_turns_reuse_the_cache_exactly(tiny_fp32, monkeypatch):
+    """A turn continued from the KV cache decodes as the whole conversation encoded afresh."""
+    turns = ["Hello there, how are you?", "Tell me about rivers.", "And lakes?"]
+
+    def replies() -> list[str]:
+        conversation = Chat(tiny_fp32, search={"do_sample": False}, max_new_tokens=6)
+        return [conversation.reply(text) for text in turns]
+
+    cached = replies()
+    monkeypatch.setattr(chat_module, "_common_prefix", lambda cached, prompt: 0)
+    assert replies() == cached
+
+
+def test_ctrl_c_ends_the_reply_and_keeps_what_was_said(rockets):
+    conversation = Chat(rockets, max_new_tokens=40)
+    pieces = []
+
+    def interrupt_at_the_second_rocket(piece: str) -> None:
+        pieces.append(piece)
+        if "".join(pieces) == "🚀🚀":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conversation.reply("Hi", interrupt_at_the_second_rocket)
+    assert conversation.messages[-1] == {"role": "assistant", "content": "🚀🚀"}
+    assert conversation.reply("More") == "🚀" * 10  # the session goes on
+
+
+def test_a_full_context_is_one_line_and_the_session_goes_on(says_a):
+    result = run_chat(says_a, stdin="word " * 300 + "\nHi\n")
+    assert result.returncode == 0 and result.stdout == "A\n"
+    assert result.stderr.startswith("error: the conversation is ") and "max_length" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "options"),
+    [
+        ({}, {}),
+        ({"temperature": 0.7}, {"temperature": 0.7, "do_sample": True}),
+        ({"top_k": 5, "do_sample": False}, {"top_k": 5, "do_sample": False}),
+        ({"temperature": 0}, {"do_sample": False}),
+        ({"do_sample": True, "seed": 3}, {"do_sample": True, "random_seed": 3}),
+    ],
+)
+def test_sampling_flags_override_only_what_they_name(flags, options):
+    assert search_options(**flags) == options
+
+
+# --- without a runtime ----------------------------------------------------------------------
+
+NO_RUNTIME = 'pip install "internlm2_graph[cpu]"'
+# Runs the CLI with onnxruntime_genai unimportable, as in an environment without [cpu]/[cuda].
+HIDE_RUNTIME = """
+import sys
+sys.modules["onnxruntime_genai"] = None
+from internlm2_graph.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["chat", "verify"])
+def test_no_runtime_is_one_line_naming_the_extra(command, says_a, tiny_checkpoint):
+    args = {"chat": ["--prompt", "Hi"], "verify": ["--against", str(tiny_checkpoint)]}[command]
+    result = subprocess.run(
+        [sys.executable, "-c", HIDE_RUNTIME, command, str(says_a), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and NO_RUNTIME in result.stderr
+    assert "[cuda]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_example_without_runtime(says_a):
+    script = HIDE_RUNTIME.replace(
+        "from internlm2_graph.cli import main\nsys.exit(main(sys.argv[1:]))",
+        f"import runpy\nsys.argv[0] = {str(CHAT_EXAMPLE)!r}\n"
+        f"runpy.run_path({str(CHAT_EXAMPLE)!r}, run_name='__main__')",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(says_a)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and NO_RUNTIME in result.stderr
