@@ -92,13 +92,15 @@ def chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="answer this one message and exit (no interaction)")
     parser.add_argument("--system", help="a system message to start the conversation with")
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=1024, help="tokens per reply at most"
+        "--max-new-tokens", type=_positive_int, default=512, help="tokens per reply at most (512)"
     )
     sampling = parser.add_argument_group(
         "sampling", "default: the folder's genai_config.json `search` (from generation_config)"
     )
     mode = sampling.add_mutually_exclusive_group()
-    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None)
+    mode.add_argument(
+        "--do-sample", dest="do_sample", action="store_true", default=None, help="sample"
+    )
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="no sampling")
     sampling.add_argument(
         "--temperature", type=float, help="turns sampling on unless --greedy; 0 means greedy"
