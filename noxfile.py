@@ -40,6 +40,23 @@ def lowest_versions() -> list[str]:
 
 
 @nox.session
+def wheel(session: nox.Session) -> None:
+    """Build the wheel, install it with the CPU runtime, and use it outside the repository."""
+    tmp = Path(session.create_tmp()).resolve()
+    for old in ("dist", "ckpt", "model"):
+        shutil.rmtree(tmp / old, ignore_errors=True)
+    session.install("build")
+    session.run("python", "-m", "build", "--wheel", "--outdir", str(tmp / "dist"))
+    session.install(f"{next((tmp / 'dist').glob('*.whl'))}[cpu]")
+    session.chdir(tmp)  # the installed package, not this checkout
+    session.run("internlm2-graph", "--help", silent=True)
+    session.run("internlm2-graph", "chat", "--help", silent=True)
+    session.run("python", "-m", "internlm2_graph.synthetic", "ckpt", "--size", "tiny")
+    session.run("internlm2-graph", "-i", "ckpt", "-o", "model", "-p", "int4")
+    session.run("internlm2-graph", "chat", "model", "--prompt", "Hello", "--max-new-tokens", "16")
+
+
+@nox.session
 def thorough(session: nox.Session) -> None:
     """The property tests with many more examples."""
     session.install("-e", ".[test]")
