@@ -9,6 +9,7 @@ opens it here, so a missing or mismatched runtime is one line that names the ext
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -30,9 +31,11 @@ def genai() -> ModuleType:
         # Only a missing runtime is ours to explain; a broken one keeps its own error.
         if err.name not in ("onnxruntime_genai", "onnxruntime"):
             raise
+        # Building runs on Python 3.10; onnxruntime 1.31+ has wheels from 3.11 on only.
+        python = "; both need Python 3.11+" if sys.version_info < (3, 11) else ""
         raise MissingRuntime(
             f"running a model needs ONNX Runtime GenAI, which is not installed: {INSTALL_CPU} "
-            f"(or {INSTALL_CUDA} on an NVIDIA GPU)"
+            f"(or {INSTALL_CUDA} on an NVIDIA GPU{python})"
         ) from None
     return onnxruntime_genai
 

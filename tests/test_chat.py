@@ -284,3 +284,12 @@ def test_chat_example_without_runtime(says_a):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and NO_RUNTIME in result.stderr
+
+
+@pytest.mark.skipif(og.is_cuda_available(), reason="this runtime has CUDA")
+def test_cuda_folder_under_the_cpu_runtime_names_the_extra(tiny_checkpoint, tmp_path, capsys):
+    build(tiny_checkpoint, tmp_path / "cuda", "fp16", "cuda")  # building needs no GPU
+    code = main(["chat", str(tmp_path / "cuda"), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install "internlm2_graph[cuda]"' in err
+    assert len(err.strip().splitlines()) == 1
