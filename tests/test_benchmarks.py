@@ -1,6 +1,9 @@
 """The benchmark scripts' own logic: kernel classification and the summary of committed results."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,15 @@ def test_summary_of_committed_results_prefers_sessions_run_in_both_orders(tmp_pa
     chosen = summary.plot_selection(rows)
     cpu = [r for r in chosen if r["ep"] == "cpu"]
     assert cpu and all(r["abba"] for r in cpu)
+
+
+def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):
+    hide = "import sys; sys.modules['onnxruntime_genai'] = None\n"
+    script = hide + f"from benchmarks import runtime; runtime.main([{str(tmp_path)!r}])"
+    root = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ")
+    assert 'pip install "internlm2_graph[cpu]"' in result.stderr
