@@ -151,7 +151,10 @@ class Chat:
                 f"{self.max_length}: start a new one (/clear), or rebuild the model with "
                 "--extra_options max_length=N"
             )
-        keep = _common_prefix(self._cached, prompt) if self._generator is not None else 0
+        keep = 0
+        if self._generator is not None:
+            # At least one token is appended: its logits start the reply.
+            keep = min(_common_prefix(self._cached, prompt), len(prompt) - 1)
         if keep:
             try:
                 self._generator.rewind_to(keep)
