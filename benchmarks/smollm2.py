@@ -166,7 +166,9 @@ def internlm2_config(meta: dict) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_cache": True,
-        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "vocab_size": int(meta["llama.vocab_size"])
+        if "llama.vocab_size" in meta
+        else len(meta["tokenizer.ggml.tokens"]),
     }
 
 
