@@ -512,12 +512,21 @@ def _write_json(path: Path, value: dict) -> None:
 QUESTION = "What is the capital of France?"
 
 
-def built_model(checkpoint_dir: Path, out: Path, precision: str = "fp32") -> Path:
-    """A CPU build of the checkpoint with the real tokenizer installed (built once)."""
+def built_model(
+    checkpoint_dir: Path,
+    out: Path,
+    precision: str = "fp32",
+    execution_provider: str = "cpu",
+    extra_options: dict[str, str] | None = None,
+) -> Path:
+    """Our build of the checkpoint with the real tokenizer installed; kept and reused when
+    `out` already holds one (delete it after changing the options)."""
     import internlm2_graph
 
     if not (out / "genai_config.json").is_file():
-        internlm2_graph.build(checkpoint_dir, out, precision, "cpu", overwrite=True)
+        internlm2_graph.build(
+            checkpoint_dir, out, precision, execution_provider, extra_options, overwrite=True
+        )
         install_tokenizer(out, checkpoint_dir)
     return out
 
