@@ -11,40 +11,42 @@ How the `tokenizers` pipeline reproduces SentencePiece BPE exactly (tests/test_t
 - normalizer: the proto's normalizer_spec, in SentencePiece's order: precompiled character map
   (empty for InternLM2's "identity" rule), remove_extra_whitespaces, the dummy-prefix "▁" (off
   for InternLM2: llama.cpp#5184 turns the space prefix off for it), then " " -> "▁".
-- pre-tokenizer: none in effect. SentencePiece runs BPE over the whole text (see pre_tokenizer()).
+- pre-tokenizer: none in effect (exact_tokenizer() drops the file's Split, which is for the
+  runtime: see below). SentencePiece runs BPE over the whole text.
 - atomic tokens: `added_tokens_decoder` (and `added_tokens.json`) override the proto's names, so
   InternLM2's `[UNUSED_TOKEN_145]` piece becomes `<|im_end|>`, matched in text as one id. The
   proto's control pieces stay special (they decode to nothing, as in SentencePiece) and its
   user-defined pieces become plain added tokens (SentencePiece matches those atomically too).
 - decoder: "▁" -> " ", byte pieces -> UTF-8, and the dummy prefix stripped when there is one.
 
-Where onnxruntime-genai 0.18 differs: its own tokenizer (onnxruntime-extensions) reads this file
-but cuts text into chunks before BPE (after 10 characters at a space or newline, after 100
-anywhere), so where SentencePiece has a piece across such a cut ("):\\n" ending a long line,
-runs over 100 characters) its ids differ. Decoding and special tokens are exact.
-
-No tokenizer.json makes the runtime exact (onnxruntime-extensions, operators/tokenizer/):
-- with no pre-tokenizer in effect (a String Split, as here), SpmTokenize always cuts like that
-  (bpe_kernels.cc, the `byte_list.size() > 10` / `> 100` split in SpmTokenize);
-- with a Regex Split it BPEs each regex match on its own instead, but a pattern that is not one
-  of its built-in ones runs through std::regex, whose recursion grows with the match: one match
-  of ~25 KB (10,000 CJK characters) overflows an 8 MB stack and kills the process. Bounding the
-  match length instead forces cuts inside runs where every boundary lies inside some piece
-  (DNA, letters without spaces, repeated characters), which SentencePiece need not cut;
-- a Sequence of Splits is ignored by SpmTokenize (every character becomes one token), the
-  Unigram classes (SentencePieceBackend, T5Tokenizer...) run Viterbi, not BPE, and a byte-level
-  vocab cannot express byte fallback for characters that share UTF-8 prefixes with pieces.
+What onnxruntime-genai 0.18's own tokenizer (onnxruntime-extensions, operators/tokenizer/) does
+with each tokenizer.json, measured on real Chinese and English Markdown and Python with the
+published InternLM v1 vocabulary (benchmarks/tokenizer_agreement.py, tests/data/corpus):
+- no pre-tokenizer in effect (a String Split): SpmTokenize cuts the text itself before BPE
+  (bpe_kernels.cc: before " " or "\n" once a chunk holds over 10 symbols, anywhere after 100),
+  through pieces such as ">\n", "',\n" and Chinese words; 22% of Chinese, 25% of English and
+  82% of Python paragraphs got other ids than SentencePiece's.
+- a Regex Split: each match is BPE'd on its own, with the same merges as `tokenizers`. OG_CHUNKS
+  cuts only where no piece of InternLM's vocabularies spans the cut, and gives SentencePiece's
+  ids on every paragraph of that corpus and of a five times larger one. It still cuts a run of
+  over RUN characters that are neither letters nor digits, maybe inside a piece ("-" * 400).
+- a Sequence of Splits is ignored by SpmTokenize (every character its own chunk); the Unigram
+  classes (SentencePieceBackend, T5Tokenizer...) run Viterbi, not BPE; a byte-level vocab cannot
+  express byte fallback for characters that share UTF-8 prefixes with pieces.
+Decoding and special tokens are exact either way.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+import sentencepiece
 from google.protobuf.message import DecodeError
 from tokenizers import (
     AddedToken,
@@ -72,6 +74,47 @@ ModelProto = sentencepiece_model_pb2.ModelProto
 Piece = ModelProto.SentencePiece
 TURN_END = "<|im_end|>"
 TOKEN_FLAGS = ("lstrip", "normalized", "rstrip", "single_word", "special")
+
+# How og.Tokenizer (onnxruntime-extensions' SpmTokenize, operators/tokenizer/bpe_kernels.cc) is
+# made to cut text only between pieces. With a Split regex it runs BPE on each match separately;
+# SentencePiece runs BPE on the whole text, so a cut is harmless exactly where no piece of the
+# vocabulary spans it. In InternLM's vocabularies (the published v1 one: 103168 pieces) no piece
+# goes on past the end of a run of letters or of digits, or into a CJK ideograph from another
+# character; other boundaries (">\n", "._", "▁▁▁▁return", "）。", "▁の") some piece spans. So a
+# chunk is a run of letters, or of digits, or a run of other characters with the letters after
+# it. The runtime tries its built-in matchers (PreTokenizerWithRegEx::Compile in bpe_utils.hpp,
+# found by exact substring) before the rest of the pattern, which goes to std::regex over UTF-8
+# bytes: no \p{..} there, and \u00XX stands for one byte. Without "^" std::regex searches ahead
+# and the runtime drops what it skipped; an unbounded run recurses once per byte (a stack
+# overflow near 25 KB), and a bound much over 1000 exceeds std::regex's NFA state limit.
+_LETTERS = r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"  # built in: one other character, then letters
+_NUMBERS = r" ?\p{L}+| ?\p{N}+"  # built in; after _LETTERS only its digit half ever matches
+_CONT = r"[\u0080-\u00bf]"  # a UTF-8 continuation byte
+_OTHER = "|".join(
+    [
+        r"[\u0000-\u002f\u003a-\u0040\u005b-\u0060\u007b-\u007f]",  # ASCII, not letter or digit
+        rf"[\u00c2-\u00df]{_CONT}",  # two-byte characters, letters too ("▁ال" stays whole)
+        # U+2000-2FFF, U+3000-3FFF, U+F000-FFFF: punctuation ("▁", "。", "，"), symbols, kana
+        # ("▁の"), but not the ideographs, which start at U+4E00 (lead bytes E4-E9).
+        rf"[\u00e2\u00e3\u00ef]{_CONT}{{2}}",
+        rf"[\u00f0-\u00f4]{_CONT}{{3}}",  # emoji and other four-byte characters
+    ]
+)
+# Latin letters after the run: ASCII, two-byte (from U+00C0: "é", "ñ") and Vietnamese (U+1Exx).
+_WORD = rf"[A-Za-z]|[\u00c3-\u00df]{_CONT}|\u00e1[\u00b8-\u00bb]{_CONT}"
+_UTF8_LEADS = ((r"\u00c0-\u00df", 1), (r"\u00e0-\u00ef", 2), (r"\u00f0-\u00f7", 3))
+_ANY = "|".join([r"[\u0000-\u007f]", *(rf"[{lead}]{_CONT}{{{n}}}" for lead, n in _UTF8_LEADS)])
+# Longest run in one chunk: past it, a cut can split a piece. Markdown table rules run to a few
+# hundred characters; 384 is a multiple of the longest "▁" piece (128) and is still fast.
+RUN = 384
+OG_CHUNKS = "|".join(
+    [
+        _LETTERS,
+        _NUMBERS,
+        rf"^(?:{_OTHER}){{1,{RUN}}}(?:{_WORD}){{0,{RUN}}}",
+        rf"^(?:{_ANY})",  # anything else, one character at a time
+    ]
+)
 
 
 class TokenizerError(InternLM2GraphError):
@@ -278,15 +321,15 @@ def normalizer(spec: sentencepiece_model_pb2.NormalizerSpec) -> normalizers.Norm
 
 
 def pre_tokenizer(add_dummy_prefix: bool) -> pre_tokenizers.PreTokenizer | None:
-    """A no-op for `tokenizers`, chosen for what onnxruntime-genai's tokenizer makes of it.
+    """The Split that makes og.Tokenizer cut text only where no piece spans the cut.
 
-    The Split on " " never matches because the normalizer has replaced every space. Without it
-    (or with no pre-tokenizer at all) onnxruntime-genai cuts SentencePiece text with a Llama-3
-    regex, which breaks up runs such as "▁▁▁▁return"; with it, it runs BPE over whole chunks,
-    closer to SentencePiece. That mode also skips the dummy prefix, so a model with one (not
-    InternLM2) keeps the regex mode, which adds the prefix.
+    Written for onnxruntime-genai's tokenizer, which BPEs each match on its own (see OG_CHUNKS);
+    `tokenizers` would cut elsewhere with it, so exact_tokenizer() drops it again. A model with a
+    dummy prefix (not InternLM2) keeps no pre-tokenizer: og then adds the prefix itself.
     """
-    return None if add_dummy_prefix else pre_tokenizers.Split(" ", behavior="isolated")
+    if add_dummy_prefix:
+        return None
+    return pre_tokenizers.Split(Regex(OG_CHUNKS), behavior="isolated")
 
 
 def decoder(strip_leading_space: bool) -> decoders.Decoder:
@@ -365,12 +408,38 @@ def _write_json(path: Path, value: dict) -> None:
 
 def exact_tokenizer(model_dir: str | Path) -> Tokenizer:
     """A built folder's tokenizer.json under the `tokenizers` library: SentencePiece's ids
-    exactly, where og.Tokenizer's chunking can differ (module docstring). Hand its ids to
-    og's Generator. A rendered chat prompt already starts with <s>: encode it with
+    exactly, where og.Tokenizer can still differ on rare text (README, "Tokenization"). Hand
+    its ids to og's Generator. A rendered chat prompt already starts with <s>: encode it with
     add_special_tokens=False."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(
             f"{path}: not found; pass the --output folder of an internlm2-graph build"
         )
-    return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_file(str(path))
+    # The Split is there for og's tokenizer; BPE over the whole text is SentencePiece's.
+    tokenizer.pre_tokenizer = None
+    return tokenizer
+
+
+def sentencepiece_encoder(model_dir: str | Path) -> Callable[[str], list[int]]:
+    """The ids to compare others with: SentencePiece on the folder's tokenizer.model, with the
+    folder's added tokens (<s>, <|im_start|>...) matched whole first, as in a chat prompt."""
+    folder = Path(model_dir)
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        raise TokenizerError(f"{model}: not found; rebuild the folder with internlm2-graph")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    added = {t["content"]: t["id"] for t in _read_json(folder / "tokenizer.json")["added_tokens"]}
+    # Longest first, so that at one position the longest added token wins, as in `tokenizers`.
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+
+    def encode(text: str) -> list[int]:
+        ids, start = [], 0
+        for match in pattern.finditer(text):
+            ids += processor.encode(text[start : match.start()])
+            ids.append(added[match.group()])
+            start = match.end()
+        return ids + processor.encode(text[start:])
+
+    return encode

@@ -1,9 +1,10 @@
 """The converted tokenizer encodes and decodes like SentencePiece, in `tokenizers` and the runtime.
 
-SentencePiece on the checkpoint's tokenizer.model is the oracle. `tokenizers` on the written
-tokenizer.json must match it id for id on any text; onnxruntime-genai's tokenizer matches it on
-the texts below and wherever its chunking cannot cut a piece (see `og_exact_text`), and always
-decodes exactly. Special tokens, the chat template and the error messages are checked too.
+SentencePiece on the checkpoint's tokenizer.model is the oracle. exact_tokenizer (`tokenizers` on
+the written tokenizer.json) must match it id for id on any text; onnxruntime-genai's tokenizer
+matches it on the texts below and on random text, and always decodes exactly. Real text with a
+real vocabulary is in test_tokenizer_agreement.py. Special tokens, the chat template and the
+error messages are checked too.
 """
 
 import io
@@ -25,7 +26,12 @@ from internlm2_graph.synthetic.tokenizer import (
     corpus,
     train_tokenizer,
 )
-from internlm2_graph.tokenizer import TokenizerError, write_tokenizer
+from internlm2_graph.tokenizer import (
+    OG_CHUNKS,
+    TokenizerError,
+    exact_tokenizer,
+    write_tokenizer,
+)
 
 VOCAB = 1024
 OLD_SENTENCEPIECE = tuple(int(n) for n in spm.__version__.split(".")[:3]) < (0, 2, 3)
@@ -54,8 +60,8 @@ TEXTS = [
     "def f(x):\n    return x * 2\n",
     "mixed 中文 English 123 😀\n  indented",
 ]
-# Texts where onnxruntime-genai's chunking (see og_exact_text) cuts through a SentencePiece piece:
-# "):\n\t" and "):\n" after a line of more than 10 symbols, and runs longer than 100.
+# Texts where onnxruntime-genai cut through a SentencePiece piece when tokenizer.json had no
+# regex Split (it cut before "\n" once a chunk held 10 symbols, and every 100): see OG_CHUNKS.
 RUNTIME_CUTS = [
     "for i in range(3):\n\tprint(i)\n",
     "def __init__(self):\n        self.x = 1\n",
@@ -85,13 +91,6 @@ any_text = st.text(
         st.characters(codec="utf-8", exclude_characters="\x00"),
     ),
     max_size=80,
-).filter(lambda text: not any(token in text for token in ATOMIC))
-# onnxruntime-genai cuts text before a space, newline or "▁" that follows another character
-# once its chunk holds more than 10 symbols, and anywhere past 100 (a character it has no piece
-# for counts one per UTF-8 byte). No SentencePiece piece has a space after another character, so
-# cuts before spaces are safe: without newlines and within 25 characters it must agree.
-og_exact_text = st.text(
-    st.characters(codec="utf-8", exclude_characters="\x00\n\r▁"), max_size=25
 ).filter(lambda text: not any(token in text for token in ATOMIC))
 
 
@@ -142,7 +141,7 @@ def sp(chat_checkpoint) -> spm.SentencePieceProcessor:
 
 @pytest.fixture(scope="session")
 def hf(chat) -> Tokenizer:
-    return Tokenizer.from_file(str(chat[0] / "tokenizer.json"))
+    return exact_tokenizer(chat[0])
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +226,7 @@ def test_base_model_has_no_turn_end(tmp_path):
     assert info.im_end_token_id is None and info.turn_end_ids == ()
     assert info.chat_template is None
     # SentencePiece matches user-defined pieces whole; so does the converted tokenizer.
-    hf = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    hf = exact_tokenizer(tmp_path / "out")
     assert hf.encode("[UNUSED_TOKEN_145]", add_special_tokens=False).ids == [IM_END]
 
 
@@ -256,15 +255,9 @@ def test_tokenizers_encodes_like_sentencepiece(text, sp, hf):
     assert hf.encode(text).ids == [1, *expected]
 
 
-@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("text", TEXTS + RUNTIME_CUTS)
 def test_runtime_encodes_like_sentencepiece(text, sp, og_tokenizer):
     # The runtime adds no bos: its chat template writes one.
-    assert og_encode(og_tokenizer, text) == sp.encode(text)
-
-
-@pytest.mark.xfail(strict=True, reason="onnxruntime-genai 0.18 cuts text into chunks before BPE")
-@pytest.mark.parametrize("text", RUNTIME_CUTS, ids=["):\\n\\t", "):\\n", "spaces", "newlines"])
-def test_runtime_keeps_pieces_across_its_chunk_cuts(text, sp, og_tokenizer):
     assert og_encode(og_tokenizer, text) == sp.encode(text)
 
 
@@ -298,9 +291,18 @@ def test_tokenizers_matches_sentencepiece_on_any_text(text, sp, hf, og_tokenizer
 
 
 @MANY
-@given(text=og_exact_text)
-def test_runtime_matches_sentencepiece_where_it_cannot_cut_a_piece(text, sp, og_tokenizer):
+@given(text=any_text)
+@example(text="x" * 500 + "-" * 500)  # runs longer than OG_CHUNKS' RUN
+@example(text="._name __init__(self):\n    ")
+def test_runtime_matches_sentencepiece_on_any_text(text, sp, og_tokenizer):
     assert og_encode(og_tokenizer, text) == sp.encode(text)
+
+
+def test_exact_tokenizer_is_the_file_without_the_runtimes_split(chat, hf):
+    """The Split is for og, which BPEs each match alone; `tokenizers` would cut elsewhere."""
+    written = json.loads((chat[0] / "tokenizer.json").read_text())
+    assert written["pre_tokenizer"]["pattern"]["Regex"] == OG_CHUNKS
+    assert json.loads(hf.to_str()) == {**written, "pre_tokenizer": None}
 
 
 # --- special tokens and the chat template -------------------------------------------------------
@@ -365,7 +367,7 @@ def test_other_normalizer_settings_convert_exactly(overrides, tmp_path):
     info = write_tokenizer(checkpoint, tmp_path / "out", VOCAB)
     assert (info.bos_token_id, info.eos_token_id, info.im_end_token_id) == (1, 2, None)
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
-    hf = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    hf = exact_tokenizer(tmp_path / "out")
     for text in [*TEXTS, *corpus(7, 300)]:
         ids = sp.encode(text)
         assert hf.encode(text, add_special_tokens=False).ids == ids, text
