@@ -1,8 +1,14 @@
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# Files shared between sessions, beside the repository (CI copies `shared/` next to its clone).
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+INTERNLM_V1_PIECES = 103168
 
 # CI: few, fast examples. `HYPOTHESIS_PROFILE=thorough pytest` explores far more.
 settings.register_profile(
@@ -31,3 +37,25 @@ def tiny_fp32(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built") / "fp32"
     build(tiny_checkpoint, out, "fp32", "cpu")
     return out
+
+
+def tokenizer_folder(checkpoint: Path, out: Path, vocab_size: int) -> Path:
+    """The tokenizer files of a build, and the genai_config.json og.Tokenizer reads (no model)."""
+    from internlm2_graph.tokenizer import write_tokenizer
+
+    write_tokenizer(checkpoint, out, vocab_size)
+    model = {"type": "internlm2", "context_length": 64, "bos_token_id": 1, "eos_token_id": 2}
+    (out / "genai_config.json").write_text(json.dumps({"model": {**model, "pad_token_id": 2}}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def internlm_v1_tokenizer(tmp_path_factory) -> Path:
+    """Tokenizer files built from InternLM v1's published tokenizer.model: a real vocabulary
+    (103168 pieces) with InternLM2's settings. See ../shared/fixtures/README.md."""
+    model = SHARED_FIXTURES / "internlm-v1-tokenizer.model"
+    if not model.is_file():
+        pytest.skip(f"{model} not found: the real vocabulary is kept in shared/ beside the repo")
+    checkpoint = tmp_path_factory.mktemp("v1-checkpoint")
+    shutil.copyfile(model, checkpoint / "tokenizer.model")
+    return tokenizer_folder(checkpoint, tmp_path_factory.mktemp("v1-tokenizer"), INTERNLM_V1_PIECES)
