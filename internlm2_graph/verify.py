@@ -1,7 +1,10 @@
-"""Run a built folder with onnxruntime_genai and compare it with the numpy reference."""
+"""Check a built folder: logits against the numpy reference, tokenizer against SentencePiece."""
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +13,19 @@ import numpy as np
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.reference import Reference
 from internlm2_graph.runtime import check_model_folder, eos_ids, genai, genai_config, load_model
+from internlm2_graph.tokenizer import exact_tokenizer, sentencepiece_encoder
 
-__all__ = ["Verdict", "check_model_folder", "encode_prompt", "eos_ids", "og_greedy", "verify"]
+__all__ = [
+    "Agreement",
+    "Verdict",
+    "check_model_folder",
+    "check_tokenizer",
+    "encode_prompt",
+    "eos_ids",
+    "og_greedy",
+    "paragraphs",
+    "verify",
+]
 
 
 def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
@@ -45,17 +59,100 @@ def og_greedy(model_dir: str | Path, prompts: list[list[int]], steps: int):
     return tokens, history
 
 
-def encode_prompt(checkpoint: str | Path, text: str) -> list[int]:
-    """<s> + SentencePiece ids of `text`, as the checkpoint's own tokenizer.model encodes it."""
-    import sentencepiece
+def encode_prompt(model_dir: str | Path, text: str) -> list[int]:
+    """<s> + the ids of `text`, from the built folder's exact tokenizer (SentencePiece's ids)."""
+    return exact_tokenizer(model_dir).encode(text).ids
 
-    path = Path(checkpoint) / "tokenizer.model"
-    if not path.is_file():
-        raise InternLM2GraphError(
-            f"{path}: not found; --against must be the checkpoint folder the model was built from"
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often one tokenizer gave SentencePiece's ids on a text's paragraphs."""
+
+    name: str
+    paragraphs: int
+    differing: list[int]  # first line of each paragraph whose ids differ
+    tokens: int  # SentencePiece's
+    differing_tokens: int  # SentencePiece's tokens outside the runs both share
+    own_tokens: int
+
+    def __str__(self) -> str:
+        agree, tokens = self.paragraphs - len(self.differing), self.tokens - self.differing_tokens
+        line = (
+            f"{self.name} agrees with SentencePiece on {agree}/{self.paragraphs} paragraphs "
+            f"({_percent(agree, self.paragraphs)}) and {tokens}/{self.tokens} tokens "
+            f"({_percent(tokens, self.tokens)})"
         )
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    return [processor.bos_id(), *processor.encode(text)]
+        if not self.differing:
+            return line
+        lines = ", ".join(str(n) for n in self.differing[:8])
+        more = f" and {len(self.differing) - 8} more" if len(self.differing) > 8 else ""
+        return (
+            f"{line}\n  paragraphs that differ start on lines {lines}{more} "
+            f"({self.name}: {self.own_tokens} tokens in all, SentencePiece: {self.tokens})"
+        )
+
+
+def paragraphs(text: str) -> list[tuple[int, str]]:
+    """(first line number, paragraph) for each run of text between blank lines."""
+    found, line = [], 1
+    for block in re.split(r"(\n[ \t\r\f\v]*\n)", text):
+        if block.strip() and not block.startswith("\n"):
+            found.append((line + len(block) - len(block.lstrip("\n")), block))
+        line += block.count("\n")
+    return found
+
+
+def agreement(
+    name: str, encode: Callable[[str], list[int]], reference, blocks: list[tuple[int, str]]
+) -> Agreement:
+    differing, tokens, differing_tokens, own_tokens = [], 0, 0, 0
+    for line, block in blocks:
+        expected, got = reference(block), encode(block)
+        tokens += len(expected)
+        own_tokens += len(got)
+        if got != expected:
+            differing.append(line)
+            matcher = difflib.SequenceMatcher(None, expected, got, autojunk=False)
+            shared = sum(size for *_, size in matcher.get_matching_blocks())
+            differing_tokens += len(expected) - shared
+    return Agreement(name, len(blocks), differing, tokens, differing_tokens, own_tokens)
+
+
+def check_tokenizer(model_dir: str | Path, text: str) -> list[Agreement]:
+    """og.Tokenizer's and the exact path's ids against SentencePiece's, paragraph by paragraph.
+
+    SentencePiece runs on the folder's tokenizer.model with the added tokens (<s>,
+    <|im_start|>...) matched whole, as both tokenizers match them.
+    """
+    og = genai()
+    blocks = paragraphs(text)
+    if not blocks:
+        raise InternLM2GraphError("no text to check: the --text file is empty")
+    reference = sentencepiece_encoder(model_dir)
+    runtime = og.Tokenizer(str(model_dir))
+    exact = exact_tokenizer(model_dir)
+    return [
+        agreement("og.Tokenizer", lambda t: [int(i) for i in runtime.encode(t)], reference, blocks),
+        agreement(
+            "exact_tokenizer",
+            lambda t: exact.encode(t, add_special_tokens=False).ids,
+            reference,
+            blocks,
+        ),
+    ]
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InternLM2GraphError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from error
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,56 @@ def test_verify_needs_a_built_folder(tiny_checkpoint, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_verify_text_reports_agreement_per_paragraph(tiny_fp32, tmp_path, capsys):
+    text = tmp_path / "text.md"
+    text.write_text("# 标题\n\n中文模型，分词器。Hello, world!\n\n \ndef f(x):\n    return x\n")
+    code, out, _ = run_cli(capsys, "verify", tiny_fp32, "--text", text)
+    assert code == 0, out
+    runtime, exact, verdict = out.strip().splitlines()
+    everything = r" agrees with SentencePiece on 3/3 paragraphs \(100.0%\) and (\d+)/\1 tokens .*"
+    assert re.fullmatch("og.Tokenizer" + everything, runtime)
+    assert re.fullmatch("exact_tokenizer" + everything, exact)
+    assert verdict == "OK"
+
+
+def test_verify_text_names_the_paragraphs_og_gets_wrong(internlm_v1_tokenizer, tmp_path, capsys):
+    """Works on the folder alone (tokenizer.model is copied at build time): no --against."""
+    text = tmp_path / "text.md"
+    text.write_text("| a | b |\n\n| " + "-" * 400 + " |\n\nx = 1\n")
+    code, out, _ = run_cli(capsys, "verify", internlm_v1_tokenizer, "--text", text)
+    assert code == 1, out
+    runtime, where, exact, verdict = out.strip().splitlines()
+    assert runtime.startswith("og.Tokenizer agrees with SentencePiece on 2/3 paragraphs (66.7%)")
+    assert where.startswith("  paragraphs that differ start on lines 3 (og.Tokenizer: ")
+    assert exact.startswith("exact_tokenizer agrees with SentencePiece on 3/3 paragraphs")
+    assert verdict.startswith("MISMATCH") and "exact_tokenizer(folder)" in verdict
+
+
+def test_verify_text_and_logits_together(tiny_fp32, tiny_checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("Hello\n")
+    args = ("verify", tiny_fp32, "--against", tiny_checkpoint, "--text", text, "--steps", "2")
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0, out
+    assert "greedy tokens agree" in out and "1/1 paragraphs" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "verify needs --against CHECKPOINT"),
+        (("--text", "missing.txt"), "missing.txt: No such file"),
+        (("--text", "latin1.txt"), "latin1.txt: not UTF-8 text"),
+    ],
+)
+def test_verify_errors_are_one_line(tiny_fp32, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    code, _, err = run_cli(capsys, "verify", tiny_fp32, *args)
+    assert code == 2
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+
+
 # --- inspect --------------------------------------------------------------------------------
 
 
