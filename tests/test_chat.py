@@ -159,6 +159,28 @@ def test_chat_example_prints_nothing_past_the_end_of_turn(always_ends_turn):
     assert run_chat_example(always_ends_turn) == "\n"
 
 
+def test_chat_hands_og_sentencepieces_ids_with_whole_chat_tokens(always_ends_turn):
+    """What examples/chat.py and `internlm2-graph chat` send: the rendered prompt (it starts
+    with <s>) through the exact tokenizer with add_special_tokens=False. One <s>, each chat
+    token one id, the text between them SentencePiece's ids."""
+    ids = special_ids(always_ends_turn)
+    sp = spm.SentencePieceProcessor(model_file=str(always_ends_turn / "tokenizer.model"))
+
+    def turn(role: str, content: str) -> list[int]:
+        text = sp.encode(f"{role}\n{content}")
+        return [ids["<|im_start|>"], *text, ids["<|im_end|>"], *sp.encode("\n")]
+
+    chat = Chat(always_ends_turn, system="You are a helpful assistant.")
+    assert chat.reply("Write a haiku about rivers.") == ""  # it ends its turn at once
+    assert chat.tokens == [
+        ids["<s>"],
+        *turn("system", "You are a helpful assistant."),
+        *turn("user", "Write a haiku about rivers."),
+        ids["<|im_start|>"],
+        *sp.encode("assistant\n"),
+    ]
+
+
 # --- internlm2-graph chat -------------------------------------------------------------------
 
 
