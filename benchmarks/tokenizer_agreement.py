@@ -1,0 +1,165 @@
+"""How often do og.Tokenizer and the exact path give SentencePiece's ids on real text?
+
+    python -m benchmarks.tokenizer_agreement [--synthetic 1024,8000] [--no-stdlib]
+
+Per language, the share of paragraphs (split at blank lines) and of SentencePiece's tokens that
+each tokenizer reproduces, on tests/data/corpus (Chinese and English Markdown, Python) and, unless
+--no-stdlib, on text shipped with this Python (its docs' topics as English prose, ten stdlib
+modules as code). Vocabularies: InternLM v1's published tokenizer.model (../shared/fixtures,
+103168 pieces, InternLM2's settings) and synthetic InternLM2-like ones of the given sizes.
+
+Rows: "og" is og.Tokenizer on the folder as built now; "og, no Split" the same vocabulary with
+the pre-tokenizer builds wrote before (a String Split that never matches, so onnxruntime-
+extensions chunks text itself); "exact" is internlm2_graph.tokenizer.exact_tokenizer. The
+oracle is SentencePiece with added tokens matched whole (tokenizer.sentencepiece_encoder).
+Seconds are the encode time of the whole language, paragraph by paragraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime_genai as og
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+from internlm2_graph.synthetic.tokenizer import train_tokenizer  # noqa: E402
+from internlm2_graph.tokenizer import (  # noqa: E402
+    exact_tokenizer,
+    sentencepiece_encoder,
+    write_tokenizer,
+)
+from internlm2_graph.verify import agreement, paragraphs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "data" / "corpus"
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "internlm-v1-tokenizer.model"
+STDLIB_CODE = (
+    "argparse.py",
+    "dataclasses.py",
+    "difflib.py",
+    "fractions.py",
+    "json/decoder.py",
+    "pathlib.py",
+    "shutil.py",
+    "statistics.py",
+    "textwrap.py",
+    "tokenize.py",
+)
+# What builds wrote before OG_CHUNKS: a Split on " ", which never matches after the normalizer.
+NO_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated", "invert": False}
+
+
+def corpus(stdlib: bool) -> dict[str, list[str]]:
+    texts: dict[str, list[str]] = {}
+    for folder in sorted(CORPUS.iterdir()):
+        if folder.is_dir():
+            texts[folder.name] = [t for f in sorted(folder.iterdir()) for t in _paragraphs(f)]
+    if stdlib:
+        import pydoc_data.topics
+
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        texts["en prose (Python docs)"] = [
+            text for topic in pydoc_data.topics.topics.values() for _, text in paragraphs(topic)
+        ]
+        texts["code (Python stdlib)"] = [t for name in STDLIB_CODE for t in _paragraphs(lib / name)]
+    return texts
+
+
+def _paragraphs(path: Path) -> list[str]:
+    return [text for _, text in paragraphs(path.read_text(encoding="utf-8"))]
+
+
+def tokenizer_folder(checkpoint: Path, out: Path, vocab_size: int) -> Path:
+    out.mkdir(parents=True)
+    write_tokenizer(checkpoint, out, vocab_size)
+    model = {"type": "internlm2", "context_length": 64, "bos_token_id": 1, "eos_token_id": 2}
+    (out / "genai_config.json").write_text(json.dumps({"model": {**model, "pad_token_id": 2}}))
+    return out
+
+
+def without_split(folder: Path, out: Path) -> Path:
+    shutil.copytree(folder, out)
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["pre_tokenizer"] = NO_SPLIT
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), "utf-8")
+    return out
+
+
+def vocabularies(work: Path, synthetic: list[int]) -> dict[str, Path]:
+    folders = {}
+    if FIXTURE.is_file():
+        checkpoint = work / "v1-checkpoint"
+        checkpoint.mkdir()
+        shutil.copyfile(FIXTURE, checkpoint / "tokenizer.model")
+        folders["InternLM v1"] = tokenizer_folder(checkpoint, work / "v1", 103168)
+    else:
+        print(f"{FIXTURE}: not found, only synthetic vocabularies", file=sys.stderr)
+    for size in synthetic:
+        checkpoint = work / f"synthetic-{size}-checkpoint"
+        train_tokenizer(checkpoint, size, chat=True, seed=0)
+        out = work / f"synthetic-{size}"
+        folders[f"synthetic {size}"] = tokenizer_folder(checkpoint, out, size)
+    return folders
+
+
+def encoders(folder: Path, work: Path) -> dict[str, object]:
+    runtime = og.Tokenizer(str(folder))
+    before = og.Tokenizer(str(without_split(folder, work / f"{folder.name}-no-split")))
+    exact = exact_tokenizer(folder)
+    return {
+        "og": lambda text: [int(i) for i in runtime.encode(text)],
+        "og, no Split": lambda text: [int(i) for i in before.encode(text)],
+        "exact": lambda text: exact.encode(text, add_special_tokens=False).ids,
+    }
+
+
+def table(texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> list[str]:
+    rows = [
+        "| vocabulary | language | paragraphs | tokenizer | paragraphs agree | tokens agree | s |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for vocabulary, folder in folders.items():
+        reference = sentencepiece_encoder(folder)
+        for name, encode in encoders(folder, work).items():
+            for language, blocks in texts.items():
+                start = time.perf_counter()
+                result = agreement(name, encode, reference, list(enumerate(blocks)))
+                seconds = time.perf_counter() - start
+                agree = result.paragraphs - len(result.differing)
+                tokens = result.tokens - result.differing_tokens
+                rows.append(
+                    f"| {vocabulary} | {language} | {result.paragraphs} | {name} | "
+                    f"{_share(agree, result.paragraphs)} | {_share(tokens, result.tokens)} | "
+                    f"{seconds:.2f} |"
+                )
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}% ({whole - part} differ)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", default="1024,8000", help="synthetic vocabulary sizes")
+    parser.add_argument("--no-stdlib", action="store_true", help="only tests/data/corpus")
+    args = parser.parse_args(argv)
+    texts = corpus(stdlib=not args.no_stdlib)
+    with tempfile.TemporaryDirectory(prefix="tokenizer-agreement-") as tmp:
+        work = Path(tmp)
+        folders = vocabularies(work, [int(s) for s in args.synthetic.split(",") if s])
+        rows = table(texts, folders, work)
+    print("\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
