@@ -10,7 +10,8 @@ modules as code). Vocabularies: InternLM v1's published tokenizer.model (../shar
 
 Rows: "og" is og.Tokenizer on the folder as built now; "og, no Split" the same vocabulary with
 the pre-tokenizer builds wrote before (a String Split that never matches, so onnxruntime-
-extensions chunks text itself); "exact" is internlm2_graph.tokenizer.exact_tokenizer. The
+extensions chunks text itself); "exact" is internlm2_graph.tokenizer.exact_tokenizer, and
+"tokenizers, file" the `tokenizers` library on tokenizer.json as written (with og's Split). The
 oracle is SentencePiece with added tokens matched whole (tokenizer.sentencepiece_encoder).
 Seconds are the encode time of the whole language, paragraph by paragraph.
 """
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import onnxruntime_genai as og
+from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 from internlm2_graph.synthetic.tokenizer import train_tokenizer  # noqa: E402
@@ -113,10 +115,12 @@ def encoders(folder: Path, work: Path) -> dict[str, object]:
     runtime = og.Tokenizer(str(folder))
     before = og.Tokenizer(str(without_split(folder, work / f"{folder.name}-no-split")))
     exact = exact_tokenizer(folder)
+    as_written = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return {
         "og": lambda text: [int(i) for i in runtime.encode(text)],
         "og, no Split": lambda text: [int(i) for i in before.encode(text)],
         "exact": lambda text: exact.encode(text, add_special_tokens=False).ids,
+        "tokenizers, file": lambda text: as_written.encode(text, add_special_tokens=False).ids,
     }
 
 

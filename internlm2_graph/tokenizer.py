@@ -11,8 +11,9 @@ How the `tokenizers` pipeline reproduces SentencePiece BPE exactly (tests/test_t
 - normalizer: the proto's normalizer_spec, in SentencePiece's order: precompiled character map
   (empty for InternLM2's "identity" rule), remove_extra_whitespaces, the dummy-prefix "▁" (off
   for InternLM2: llama.cpp#5184 turns the space prefix off for it), then " " -> "▁".
-- pre-tokenizer: none in effect (exact_tokenizer() drops the file's Split, which is for the
-  runtime: see below). SentencePiece runs BPE over the whole text.
+- pre-tokenizer: none in effect: SentencePiece runs BPE over the whole text. exact_tokenizer()
+  drops the file's Split, which is for the runtime (see below) and only cuts text where no
+  piece spans the cut, so `tokenizers` on the file as such agrees on all text measured too.
 - atomic tokens: `added_tokens_decoder` (and `added_tokens.json`) override the proto's names, so
   InternLM2's `[UNUSED_TOKEN_145]` piece becomes `<|im_end|>`, matched in text as one id. The
   proto's control pieces stay special (they decode to nothing, as in SentencePiece) and its
@@ -105,6 +106,13 @@ _OTHER = "|".join(
 _WORD = rf"[A-Za-z]|[\u00c3-\u00df]{_CONT}|\u00e1[\u00b8-\u00bb]{_CONT}"
 _UTF8_LEADS = ((r"\u00c0-\u00df", 1), (r"\u00e0-\u00ef", 2), (r"\u00f0-\u00f7", 3))
 _ANY = "|".join([r"[\u0000-\u007f]", *(rf"[{lead}]{_CONT}{{{n}}}" for lead, n in _UTF8_LEADS)])
+# The same file must cut as safely where `tokenizers` reads it (Oniguruma, on characters, after
+# the normalizer turned " " into "▁"): there "^" is a line start and \u00XX a Latin-1 character.
+# A class that excludes every Latin-1 character can never match one byte, so std::regex never
+# takes the parts below built on _LATIN1 (two ranges: one would end at -1 as a signed char).
+_LATIN1 = r"\u0000-\u007f\u0080-\u00ff"
+_WIDE_OTHER = rf"[^{_LATIN1}[:alnum:]]"  # Oniguruma only: "▁", "。", emoji...
+_WIDE_LETTERS = rf"[^{_LATIN1}\W]+"  # Oniguruma only: letters past U+00FF, "中文"
 # Longest run in one chunk: past it, a cut can split a piece. Markdown table rules run to a few
 # hundred characters; 384 is a multiple of the longest "▁" piece (128) and is still fast.
 RUN = 384
@@ -112,8 +120,10 @@ OG_CHUNKS = "|".join(
     [
         _LETTERS,
         _NUMBERS,
-        rf"^(?:{_OTHER}){{1,{RUN}}}(?:{_WORD}){{0,{RUN}}}",
+        rf"^(?:{_OTHER}|{_WIDE_OTHER}){{1,{RUN}}}(?:{_WIDE_LETTERS}|(?:{_WORD}){{0,{RUN}}})",
         rf"^(?:{_ANY})",  # anything else, one character at a time
+        # Oniguruma only (the line above always matches for std::regex): such a chunk anywhere.
+        r"[^[:alnum:]]+[[:alpha:]]*",
     ]
 )
 
@@ -325,8 +335,9 @@ def pre_tokenizer(add_dummy_prefix: bool) -> pre_tokenizers.PreTokenizer | None:
     """The Split that makes og.Tokenizer cut text only where no piece spans the cut.
 
     Written for onnxruntime-genai's tokenizer, which BPEs each match on its own (see OG_CHUNKS);
-    `tokenizers` would cut elsewhere with it, so exact_tokenizer() drops it again. A model with a
-    dummy prefix (not InternLM2) keeps no pre-tokenizer: og then adds the prefix itself.
+    `tokenizers` cuts at safe places with it too. exact_tokenizer() drops it all the same: BPE
+    over the whole text is SentencePiece's by construction, whatever the vocabulary. A model with
+    a dummy prefix (not InternLM2) keeps no pre-tokenizer: og then adds the prefix itself.
     """
     if add_dummy_prefix:
         return None
@@ -418,7 +429,8 @@ def exact_tokenizer(model_dir: str | Path) -> Tokenizer:
             f"{path}: not found; pass the --output folder of an internlm2-graph build"
         )
     tokenizer = Tokenizer.from_file(str(path))
-    # The Split is there for og's tokenizer; BPE over the whole text is SentencePiece's.
+    # The Split is there for og's tokenizer; BPE over the whole text is SentencePiece's for any
+    # vocabulary, not only where no piece spans the Split's cuts.
     tokenizer.pre_tokenizer = None
     return tokenizer
 

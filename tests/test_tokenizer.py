@@ -145,6 +145,12 @@ def hf(chat) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def as_written(chat) -> Tokenizer:
+    """`tokenizers` on the file as such, Split and all (as transformers would read it)."""
+    return Tokenizer.from_file(str(chat[0] / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
 def og_tokenizer(chat) -> og.Tokenizer:
     out, info = chat
     return make_og_tokenizer(out, [info.eos_token_id, *info.turn_end_ids])
@@ -248,9 +254,10 @@ def test_a_shipped_tokenizer_json_is_regenerated(chat_checkpoint, chat, tmp_path
 
 
 @pytest.mark.parametrize("text", TEXTS + RUNTIME_CUTS)
-def test_tokenizers_encodes_like_sentencepiece(text, sp, hf):
+def test_tokenizers_encodes_like_sentencepiece(text, sp, hf, as_written):
     expected = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False).ids == expected
+    assert as_written.encode(text, add_special_tokens=False).ids == expected
     # InternLM2Tokenizer adds bos (add_bos_token) but not eos.
     assert hf.encode(text).ids == [1, *expected]
 
@@ -282,9 +289,10 @@ def test_rare_characters_fall_back_to_bytes(sp, hf):
 @given(text=any_text)
 @example(text="▁ ▁x▁")
 @example(text="中文" * 60)
-def test_tokenizers_matches_sentencepiece_on_any_text(text, sp, hf, og_tokenizer):
+def test_tokenizers_matches_sentencepiece_on_any_text(text, sp, hf, as_written, og_tokenizer):
     ids = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False).ids == ids
+    assert as_written.encode(text, add_special_tokens=False).ids == ids
     assert hf.decode(ids) == sp.decode(ids)
     assert og_tokenizer.decode(ids) == sp.decode(ids)
     assert og_tokenizer.decode(og_encode(og_tokenizer, text)) == sp.decode(ids)
@@ -299,7 +307,7 @@ def test_runtime_matches_sentencepiece_on_any_text(text, sp, og_tokenizer):
 
 
 def test_exact_tokenizer_is_the_file_without_the_runtimes_split(chat, hf):
-    """The Split is for og, which BPEs each match alone; `tokenizers` would cut elsewhere."""
+    """BPE over the whole text is exact for any vocabulary, not only where no piece spans a cut."""
     written = json.loads((chat[0] / "tokenizer.json").read_text())
     assert written["pre_tokenizer"]["pattern"]["Regex"] == OG_CHUNKS
     assert json.loads(hf.to_str()) == {**written, "pre_tokenizer": None}

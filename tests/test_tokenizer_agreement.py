@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime_genai as og
 import pytest
 from conftest import tokenizer_folder
+from tokenizers import Tokenizer
 
 from internlm2_graph.synthetic.tokenizer import train_tokenizer
 from internlm2_graph.tokenizer import RUN, exact_tokenizer, sentencepiece_encoder
@@ -52,6 +53,15 @@ def test_exact_path_gives_sentencepieces_ids(folder, language):
     reference, exact = sentencepiece_encoder(folder), exact_tokenizer(folder)
     for text in corpus(language):
         assert exact.encode(text, add_special_tokens=False).ids == reference(text), text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_tokenizers_on_the_file_as_written_gives_sentencepieces_ids(folder, language):
+    """With the Split written for og, as transformers' fast tokenizer would read the file."""
+    reference = sentencepiece_encoder(folder)
+    as_written = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in corpus(language):
+        assert as_written.encode(text, add_special_tokens=False).ids == reference(text), text
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
