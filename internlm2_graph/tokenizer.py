@@ -444,8 +444,10 @@ def sentencepiece_encoder(model_dir: str | Path) -> Callable[[str], list[int]]:
         raise TokenizerError(f"{model}: not found; rebuild the folder with internlm2-graph")
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
     added = {t["content"]: t["id"] for t in _read_json(folder / "tokenizer.json")["added_tokens"]}
-    # Longest first, so that at one position the longest added token wins, as in `tokenizers`.
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+    # Longest first, so that at one position the longest added token wins, as in `tokenizers`;
+    # "(?!)" never matches, for a file without added tokens.
+    longest_first = sorted(added, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(t) for t in longest_first) or "(?!)")
 
     def encode(text: str) -> list[int]:
         ids, start = [], 0

@@ -93,12 +93,16 @@ class Agreement:
 
 
 def paragraphs(text: str) -> list[tuple[int, str]]:
-    """(first line number, paragraph) for each run of text between blank lines."""
-    found, line = [], 1
-    for block in re.split(r"(\n[ \t\r\f\v]*\n)", text):
-        if block.strip() and not block.startswith("\n"):
-            found.append((line + len(block) - len(block.lstrip("\n")), block))
-        line += block.count("\n")
+    """(line of its first character that is not whitespace, paragraph) for each run of text
+    between blank lines."""
+    found, start = [], 0
+    for blank in [*re.finditer(r"\n(?:[ \t\r\f\v]*\n)+", text), None]:
+        end = len(text) if blank is None else blank.start()
+        block = text[start:end]
+        if block.strip():
+            first = start + len(block) - len(block.lstrip())
+            found.append((text.count("\n", 0, first) + 1, block))
+        start = end if blank is None else blank.end()
     return found
 
 

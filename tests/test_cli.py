@@ -247,3 +247,19 @@ def test_inspect_context_must_be_positive(tmp_path, value, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path), "--context", value])
     assert "expected a positive whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("one", [(1, "one")]),
+        ("one\n\ntwo\n", [(1, "one"), (3, "two\n")]),
+        ("\n\n  one\n  more\n \t\n\n\ntwo", [(3, "  one\n  more"), (8, "two")]),
+        ("a\n\nb\n\n\n\nc", [(1, "a"), (3, "b"), (7, "c")]),
+        ("\n \n", []),
+    ],
+)
+def test_verify_text_splits_paragraphs_at_blank_lines(text, expected):
+    from internlm2_graph.verify import paragraphs
+
+    assert paragraphs(text) == expected
