@@ -7,15 +7,19 @@ InternLM2-like one. SentencePiece, with added tokens such as </s> matched whole,
 same comparison with token counts.
 """
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime_genai as og
 import pytest
+import sentencepiece as spm
 from conftest import tokenizer_folder
 from tokenizers import Tokenizer
 
 from internlm2_graph.synthetic.tokenizer import train_tokenizer
-from internlm2_graph.tokenizer import RUN, exact_tokenizer, sentencepiece_encoder
+from internlm2_graph.tokenizer import RUN, exact_tokenizer, load_model, sentencepiece_encoder
 from internlm2_graph.verify import paragraphs
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
@@ -43,54 +47,85 @@ def folder(request) -> Path:
     return request.getfixturevalue(name[request.param])
 
 
+@dataclass(frozen=True)
+class Encoders:
+    """text -> ids for each path compared, on one built folder."""
+
+    reference: Callable[[str], list[int]]
+    runtime: Callable[[str], list[int]]
+    exact: Callable[[str], list[int]]
+    as_written: Callable[[str], list[int]]
+
+
+@functools.cache
+def encoders(folder: Path) -> Encoders:
+    """Built once per folder: og.Tokenizer takes seconds to load a 100k-piece vocabulary."""
+    runtime = og.Tokenizer(str(folder))
+    exact = exact_tokenizer(folder)
+    as_written = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return Encoders(
+        reference=sentencepiece_encoder(folder),
+        runtime=lambda text: [int(i) for i in runtime.encode(text)],
+        exact=lambda text: exact.encode(text, add_special_tokens=False).ids,
+        as_written=lambda text: as_written.encode(text, add_special_tokens=False).ids,
+    )
+
+
+@functools.cache
+def reference_ids(folder: Path, language: str) -> list[list[int]]:
+    return [encoders(folder).reference(text) for text in corpus(language)]
+
+
 def test_the_corpus_has_each_kind_of_text():
     sizes = {language: len(corpus(language)) for language in LANGUAGES}
     assert all(size >= 100 for size in sizes.values()), sizes
 
 
+@pytest.mark.parametrize("path", ["exact", "as_written", "runtime"])
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_exact_path_gives_sentencepieces_ids(folder, language):
-    reference, exact = sentencepiece_encoder(folder), exact_tokenizer(folder)
-    for text in corpus(language):
-        assert exact.encode(text, add_special_tokens=False).ids == reference(text), text
+def test_sentencepieces_ids_on_real_text(folder, language, path):
+    """exact_tokenizer and `tokenizers` on the file as written (with og's Split, as
+    transformers' fast tokenizer reads it) on every paragraph; og on MIN_AGREEMENT of them."""
+    encode, texts = getattr(encoders(folder), path), corpus(language)
+    differ = [
+        text for text, ids in zip(texts, reference_ids(folder, language)) if encode(text) != ids
+    ]
+    minimum = MIN_AGREEMENT if path == "runtime" else 1.0
+    assert 1 - len(differ) / len(texts) >= minimum, differ[:3]
 
 
-@pytest.mark.parametrize("language", LANGUAGES)
-def test_tokenizers_on_the_file_as_written_gives_sentencepieces_ids(folder, language):
-    """With the Split written for og, as transformers' fast tokenizer would read the file."""
-    reference = sentencepiece_encoder(folder)
-    as_written = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    for text in corpus(language):
-        assert as_written.encode(text, add_special_tokens=False).ids == reference(text), text
-
-
-@pytest.mark.parametrize("language", LANGUAGES)
-def test_runtime_agrees_with_sentencepiece(folder, language):
-    reference, runtime = sentencepiece_encoder(folder), og.Tokenizer(str(folder))
-    texts = corpus(language)
-    differ = [text for text in texts if [int(i) for i in runtime.encode(text)] != reference(text)]
-    assert 1 - len(differ) / len(texts) >= MIN_AGREEMENT, differ[:3]
+def test_runtime_keeps_every_piece_whole(folder):
+    """Each normal piece that SentencePiece gives as one id for its own text, og gives as one id
+    too: OG_CHUNKS never cuts inside a piece on its own, whatever the corpus."""
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    runtime = encoders(folder).runtime
+    cut = []
+    for i, piece in enumerate(load_model(folder / "tokenizer.model").pieces):
+        text = piece.piece.replace("▁", " ")
+        if piece.type != piece.NORMAL or len(text) < 2 or sp.encode(text) != [i]:
+            continue
+        if runtime(text) != [i]:
+            cut.append(text)
+    assert not cut, cut[:10]
 
 
 def test_runtime_still_cuts_a_run_longer_than_its_chunks(internlm_v1_tokenizer):
     """The one cause left on this vocabulary: OG_CHUNKS takes at most RUN other characters in a
     chunk (std::regex's limits), and "-" pieces of up to 80 characters span the cut after them.
+    `tokenizers` on the file as written cuts there too (at a line start, where its "^" matches).
     If this starts to pass, the README's "Tokenization" section can drop the exception."""
-    reference = sentencepiece_encoder(internlm_v1_tokenizer)
-    runtime = og.Tokenizer(str(internlm_v1_tokenizer))
-    exact = exact_tokenizer(internlm_v1_tokenizer)
-    for text in ["-" * RUN, "-" * (RUN + 16)]:
-        assert exact.encode(text, add_special_tokens=False).ids == reference(text)
-    assert [int(i) for i in runtime.encode("-" * RUN)] == reference("-" * RUN)
-    assert [int(i) for i in runtime.encode("-" * (RUN + 16))] != reference("-" * (RUN + 16))
+    paths = encoders(internlm_v1_tokenizer)
+    for length, same in [(RUN, True), (RUN + 16, False)]:
+        text = "-" * length
+        assert paths.exact(text) == paths.reference(text)
+        assert (paths.runtime(text) == paths.reference(text)) is same
+        assert (paths.as_written(text) == paths.reference(text)) is same
 
 
 def test_added_tokens_in_text_are_matched_whole(internlm_v1_tokenizer):
     """</s> written in text (as in the corpus' Python) is one id for every path compared."""
-    reference = sentencepiece_encoder(internlm_v1_tokenizer)
-    runtime = og.Tokenizer(str(internlm_v1_tokenizer))
+    paths = encoders(internlm_v1_tokenizer)
     text = "stop_words=['</s>', '<eoa>']"
-    ids = reference(text)
+    ids = paths.reference(text)
     assert 2 in ids and 103028 in ids
-    assert [int(i) for i in runtime.encode(text)] == ids
-    assert exact_tokenizer(internlm_v1_tokenizer).encode(text, add_special_tokens=False).ids == ids
+    assert paths.runtime(text) == paths.exact(text) == paths.as_written(text) == ids
