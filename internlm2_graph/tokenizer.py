@@ -86,9 +86,10 @@ TOKEN_FLAGS = ("lstrip", "normalized", "rstrip", "single_word", "special")
 # chunk is a run of letters, or of digits, or a run of other characters with the letters after
 # it. The runtime tries its built-in matchers (PreTokenizerWithRegEx::Compile in bpe_utils.hpp,
 # found by exact substring) before the rest of the pattern, which goes to std::regex over UTF-8
-# bytes: no \p{..} there, and \u00XX stands for one byte. Without "^" std::regex searches ahead
-# and the runtime drops what it skipped; an unbounded run recurses once per byte (a stack
-# overflow near 25 KB), and a bound much over 1000 exceeds std::regex's NFA state limit.
+# bytes: no \p{..} there, and \u00XX stands for one byte. std::regex searches from where the
+# last chunk ended; without "^" it could match further on, and the runtime would drop what it
+# skipped (MatchWithSTLRegEx). An unbounded run recurses once per byte (a stack overflow near
+# 25 KB), and a bound much over 1000 exceeds std::regex's NFA state limit: hence RUN.
 _LETTERS = r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"  # built in: one other character, then letters
 _NUMBERS = r" ?\p{L}+| ?\p{N}+"  # built in; after _LETTERS only its digit half ever matches
 _CONT = r"[\u0080-\u00bf]"  # a UTF-8 continuation byte
