@@ -216,9 +216,10 @@ def _verify_logits(args) -> bool:
 def _verify_tokenizer(args) -> bool:
     from internlm2_graph.verify import check_tokenizer, read_text
 
-    runtime, exact = check_tokenizer(args.model, read_text(args.text))
+    runtime, exact, pieces = check_tokenizer(args.model, read_text(args.text))
     print(runtime)
     print(exact)
+    print(pieces)
     if exact.differing:
         # The exact path is `tokenizers` on the folder's own files: a difference is a bug.
         print("MISMATCH: exact_tokenizer should always give SentencePiece's ids; please report it")

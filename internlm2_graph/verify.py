@@ -14,10 +14,12 @@ from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.reference import Reference
 from internlm2_graph.runtime import check_model_folder, eos_ids, genai, genai_config, load_model
 from internlm2_graph.tokenizer import exact_tokenizer, sentencepiece_encoder
+from internlm2_graph.tokenizer import load_model as load_sentencepiece
 
 __all__ = [
     "Agreement",
     "Verdict",
+    "WholePieces",
     "check_model_folder",
     "check_tokenizer",
     "encode_prompt",
@@ -25,6 +27,7 @@ __all__ = [
     "og_greedy",
     "paragraphs",
     "verify",
+    "whole_pieces",
 ]
 
 
@@ -122,8 +125,41 @@ def agreement(
     return Agreement(name, len(blocks), differing, tokens, differing_tokens, own_tokens)
 
 
-def check_tokenizer(model_dir: str | Path, text: str) -> list[Agreement]:
-    """og.Tokenizer's and the exact path's ids against SentencePiece's, paragraph by paragraph.
+@dataclass(frozen=True)
+class WholePieces:
+    """Of the pieces SentencePiece gives as one id for their own text, those og.Tokenizer cuts."""
+
+    pieces: int
+    cut: list[str]
+
+    def __str__(self) -> str:
+        line = (
+            f"og.Tokenizer gives {self.pieces - len(self.cut)}/{self.pieces} pieces of the "
+            "vocabulary as one id for their own text, as SentencePiece does"
+        )
+        if not self.cut:
+            return line
+        more = f" and {len(self.cut) - 5} more" if len(self.cut) > 5 else ""
+        return f"{line}; it cuts {', '.join(repr(t) for t in self.cut[:5])}{more}"
+
+
+def whole_pieces(model_dir: str | Path, encode, reference) -> WholePieces:
+    """Where og.Tokenizer cuts text inside a piece, whatever the text around it: a check of
+    the vocabulary against OG_CHUNKS that no corpus can make."""
+    pieces, cut = 0, []
+    for i, piece in enumerate(load_sentencepiece(Path(model_dir) / "tokenizer.model").pieces):
+        text = piece.piece.replace("▁", " ")
+        if piece.type != piece.NORMAL or len(text) < 2 or reference(text) != [i]:
+            continue
+        pieces += 1
+        if encode(text) != [i]:
+            cut.append(text)
+    return WholePieces(pieces, cut)
+
+
+def check_tokenizer(model_dir: str | Path, text: str) -> tuple[Agreement, Agreement, WholePieces]:
+    """og.Tokenizer's and the exact path's ids against SentencePiece's, paragraph by paragraph,
+    and the vocabulary's pieces through og.Tokenizer.
 
     SentencePiece runs on the folder's tokenizer.model with the added tokens (<s>,
     <|im_start|>...) matched whole, as both tokenizers match them.
@@ -133,17 +169,20 @@ def check_tokenizer(model_dir: str | Path, text: str) -> list[Agreement]:
     if not blocks:
         raise InternLM2GraphError("no text to check: the --text file is empty")
     reference = sentencepiece_encoder(model_dir)
-    runtime = og.Tokenizer(str(model_dir))
+    og_tokenizer = og.Tokenizer(str(model_dir))
     exact = exact_tokenizer(model_dir)
-    return [
-        agreement("og.Tokenizer", lambda t: [int(i) for i in runtime.encode(t)], reference, blocks),
-        agreement(
-            "exact_tokenizer",
-            lambda t: exact.encode(t, add_special_tokens=False).ids,
-            reference,
-            blocks,
-        ),
-    ]
+
+    def runtime(text: str) -> list[int]:
+        return [int(i) for i in og_tokenizer.encode(text)]
+
+    def exactly(text: str) -> list[int]:
+        return exact.encode(text, add_special_tokens=False).ids
+
+    return (
+        agreement("og.Tokenizer", runtime, reference, blocks),
+        agreement("exact_tokenizer", exactly, reference, blocks),
+        whole_pieces(model_dir, runtime, reference),
+    )
 
 
 def read_text(path: str | Path) -> str:

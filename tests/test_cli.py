@@ -158,10 +158,11 @@ def test_verify_text_reports_agreement_per_paragraph(tiny_fp32, tmp_path, capsys
     text.write_text("# 标题\n\n中文模型，分词器。Hello, world!\n\n \ndef f(x):\n    return x\n")
     code, out, _ = run_cli(capsys, "verify", tiny_fp32, "--text", text)
     assert code == 0, out
-    runtime, exact, verdict = out.strip().splitlines()
+    runtime, exact, pieces, verdict = out.strip().splitlines()
     everything = r" agrees with SentencePiece on 3/3 paragraphs \(100.0%\) and (\d+)/\1 tokens .*"
     assert re.fullmatch("og.Tokenizer" + everything, runtime)
     assert re.fullmatch("exact_tokenizer" + everything, exact)
+    assert re.fullmatch(r"og.Tokenizer gives (\d+)/\1 pieces of the vocabulary .*", pieces)
     assert verdict == "OK"
 
 
@@ -171,10 +172,11 @@ def test_verify_text_names_the_paragraphs_og_gets_wrong(internlm_v1_tokenizer, t
     text.write_text("| a | b |\n\n| " + "-" * 400 + " |\n\nx = 1\n")
     code, out, _ = run_cli(capsys, "verify", internlm_v1_tokenizer, "--text", text)
     assert code == 1, out
-    runtime, where, exact, verdict = out.strip().splitlines()
+    runtime, where, exact, pieces, verdict = out.strip().splitlines()
     assert runtime.startswith("og.Tokenizer agrees with SentencePiece on 2/3 paragraphs (66.7%)")
     assert where.startswith("  paragraphs that differ start on lines 3 (og.Tokenizer: ")
     assert exact.startswith("exact_tokenizer agrees with SentencePiece on 3/3 paragraphs")
+    assert pieces.startswith("og.Tokenizer gives 91829/91829 pieces")
     assert verdict.startswith("MISMATCH") and "exact_tokenizer(folder)" in verdict
 
 

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import onnxruntime_genai as og
 import pytest
-import sentencepiece as spm
 from conftest import tokenizer_folder
 from tokenizers import Tokenizer
 
 from internlm2_graph.synthetic.tokenizer import train_tokenizer
-from internlm2_graph.tokenizer import RUN, exact_tokenizer, load_model, sentencepiece_encoder
-from internlm2_graph.verify import paragraphs
+from internlm2_graph.tokenizer import RUN, exact_tokenizer, sentencepiece_encoder
+from internlm2_graph.verify import paragraphs, whole_pieces
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 LANGUAGES = ("zh", "en", "code")
@@ -97,16 +96,9 @@ def test_sentencepieces_ids_on_real_text(folder, language, path):
 def test_runtime_keeps_every_piece_whole(folder):
     """Each normal piece that SentencePiece gives as one id for its own text, og gives as one id
     too: OG_CHUNKS never cuts inside a piece on its own, whatever the corpus."""
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    runtime = encoders(folder).runtime
-    cut = []
-    for i, piece in enumerate(load_model(folder / "tokenizer.model").pieces):
-        text = piece.piece.replace("▁", " ")
-        if piece.type != piece.NORMAL or len(text) < 2 or sp.encode(text) != [i]:
-            continue
-        if runtime(text) != [i]:
-            cut.append(text)
-    assert not cut, cut[:10]
+    paths = encoders(folder)
+    whole = whole_pieces(folder, paths.runtime, paths.reference)
+    assert whole.pieces > 0 and not whole.cut, whole
 
 
 def test_runtime_still_cuts_a_run_longer_than_its_chunks(internlm_v1_tokenizer):
