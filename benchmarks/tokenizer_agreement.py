@@ -13,7 +13,9 @@ the pre-tokenizer builds wrote before (a String Split that never matches, so onn
 extensions chunks text itself); "exact" is internlm2_graph.tokenizer.exact_tokenizer, and
 "tokenizers, file" the `tokenizers` library on tokenizer.json as written (with og's Split). The
 oracle is SentencePiece with added tokens matched whole (tokenizer.sentencepiece_encoder).
-Seconds are the encode time of the whole language, paragraph by paragraph.
+Seconds are the encode time of the whole language, paragraph by paragraph. A second table
+counts, of the pieces SentencePiece gives as one id for their own text, those each tokenizer
+gives as one id too (verify.whole_pieces).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from internlm2_graph.tokenizer import (  # noqa: E402
     sentencepiece_encoder,
     write_tokenizer,
 )
-from internlm2_graph.verify import agreement, paragraphs  # noqa: E402
+from internlm2_graph.verify import agreement, paragraphs, whole_pieces  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "corpus"
@@ -129,6 +131,7 @@ def table(texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> 
         "| vocabulary | language | paragraphs | tokenizer | paragraphs agree | tokens agree | s |",
         "|---|---|---:|---|---:|---:|---:|",
     ]
+    pieces = ["| vocabulary | tokenizer | pieces given as one id |", "|---|---|---:|"]
     for vocabulary, folder in folders.items():
         reference = sentencepiece_encoder(folder)
         for name, encode in encoders(folder, work).items():
@@ -144,7 +147,10 @@ def table(texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> 
                     f"{seconds:.2f} |"
                 )
                 print(rows[-1], file=sys.stderr, flush=True)
-    return rows
+            whole = whole_pieces(folder, encode, reference)
+            kept = whole.pieces - len(whole.cut)
+            pieces.append(f"| {vocabulary} | {name} | {_share(kept, whole.pieces)} |")
+    return [*rows, "", "Pieces that SentencePiece gives as one id for their own text:", "", *pieces]
 
 
 def _share(part: int, whole: int) -> str:

@@ -112,7 +112,14 @@ _ANY = "|".join([r"[\u0000-\u007f]", *(rf"[{lead}]{_CONT}{{{n}}}" for lead, n in
 # A class that excludes every Latin-1 character can never match one byte, so std::regex never
 # takes the parts below built on _LATIN1 (two ranges: one would end at -1 as a signed char).
 _LATIN1 = r"\u0000-\u007f\u0080-\u00ff"
-_WIDE_OTHER = rf"[^{_LATIN1}[:alnum:]]"  # Oniguruma only: "▁", "。", emoji...
+_WIDE_OTHER = "|".join(
+    [
+        rf"[^{_LATIN1}[:alnum:]]",  # Oniguruma only: "▁", "。", emoji...
+        # U+0080-00BF, "«", "©", "·" for Oniguruma; for std::regex a continuation byte, which
+        # never starts a character, so never matches where a run can go on.
+        _CONT,
+    ]
+)
 _WIDE_LETTERS = rf"[^{_LATIN1}\W]+"  # Oniguruma only: letters past U+00FF, "中文"
 # Longest run in one chunk: past it, a cut can split a piece. Markdown table rules run to a few
 # hundred characters; 384 is a multiple of the longest "▁" piece (128) and is still fast.
