@@ -25,8 +25,8 @@ with each tokenizer.json, measured on real Chinese and English Markdown and Pyth
 published InternLM v1 vocabulary (benchmarks/tokenizer_agreement.py, tests/data/corpus):
 - no pre-tokenizer in effect (a String Split): SpmTokenize cuts the text itself before BPE
   (bpe_kernels.cc: before " " or "\n" once a chunk holds over 10 symbols, anywhere after 100),
-  through pieces such as ">\n", "',\n" and Chinese words; 25% of Chinese, 26% of English and
-  79% of Python paragraphs got other ids than SentencePiece's.
+  through pieces such as ">\n", "',\n" and Chinese words; 25% of Chinese, 27% of English and
+  82% of Python paragraphs got other ids than SentencePiece's.
 - a Regex Split: each match is BPE'd on its own, with the same merges as `tokenizers`. OG_CHUNKS
   cuts only where no piece of InternLM's vocabularies spans the cut, and gives SentencePiece's
   ids on every paragraph of that corpus, of Python's docs and stdlib, and of 1 MB more InternLM
