@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnxruntime_genai as og
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+from internlm2_graph.runtime import genai  # noqa: E402
 from internlm2_graph.synthetic.tokenizer import train_tokenizer  # noqa: E402
 from internlm2_graph.tokenizer import (  # noqa: E402
     exact_tokenizer,
@@ -114,6 +114,7 @@ def vocabularies(work: Path, synthetic: list[int]) -> dict[str, Path]:
 
 
 def encoders(folder: Path, work: Path) -> dict[str, object]:
+    og = genai()
     runtime = og.Tokenizer(str(folder))
     before = og.Tokenizer(str(without_split(folder, work / f"{folder.name}-no-split")))
     exact = exact_tokenizer(folder)
