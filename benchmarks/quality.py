@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
-TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int8)": np.int8,  # quantized KV caches
+    "tensor(uint8)": np.uint8,  # int4 ones, two codes a byte
+}
 ROWS = 256  # positions per block when turning logits into log-probabilities (bounds memory)
 
 
@@ -76,7 +82,10 @@ class Decoder:
         return [n % i for i in range(self.layers) for n in (self.present_keys, self.present_values)]
 
     def _empty(self, name: str) -> np.ndarray:
-        return np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), TYPES[self.inputs[name].type])
+        # The input's own last dimension: a packed int4 cache holds head_size / 2 bytes.
+        size = self.inputs[name].shape[-1]
+        size = size if isinstance(size, int) else self.kv_shape[1]
+        return np.zeros((1, self.kv_shape[0], 0, size), TYPES[self.inputs[name].type])
 
 
 def _providers(genai: dict) -> list[str]:

@@ -13,6 +13,7 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
+from internlm2_graph.kv_scales import kv_cache_scales
 from internlm2_graph.precision import parse_extra_options, resolve_target
 from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.sizes import graph_bytes, parameter_count
@@ -71,7 +72,8 @@ def build(
     config = InternLM2Config.from_dir(folder)
     tokenizer = prepare_tokenizer(folder, config.vocab_size)
     model, module = build_graph(config, target)
-    WeightBinder(Checkpoint(folder), config, allow_nonfinite).bind(module)
+    scales = kv_cache_scales(config, target)
+    WeightBinder(Checkpoint(folder), config, allow_nonfinite, scales).bind(module)
     # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
     eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
     runtime_config = package.genai_config(config, target, eos)

@@ -27,24 +27,23 @@ def build_graph(config: InternLM2Config, target: Target) -> tuple[ir.Model, Inte
         [], [], nodes=[], opset_imports={"": OPSET, "com.microsoft": 1}, name="internlm2"
     )
     builder = GraphBuilder(graph)
-    kv_shape = ["batch_size", config.num_key_value_heads, "past_sequence_length", config.head_dim]
+    kv_heads, head_size = config.num_key_value_heads, kv_head_size(config, target)
+    kv_shape = ["batch_size", kv_heads, "past_sequence_length", head_size]
     input_ids = builder.input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     attention_mask = builder.input(
         "attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"]
     )
     past = [
         (
-            builder.input(PAST_KEY % i, target.io_dtype, kv_shape),
-            builder.input(PAST_VALUE % i, target.io_dtype, kv_shape),
+            builder.input(PAST_KEY % i, target.kv_dtype, kv_shape),
+            builder.input(PAST_VALUE % i, target.kv_dtype, kv_shape),
         )
         for i in range(config.num_hidden_layers)
     ]
     module = InternLM2ForCausalLM(config, target)
     logits, presents = module(builder.op, input_ids, attention_mask, past)
 
-    present_shape = ir.Shape(
-        ["batch_size", config.num_key_value_heads, "total_sequence_length", config.head_dim]
-    )
+    present_shape = ir.Shape(["batch_size", kv_heads, "total_sequence_length", head_size])
     _output(
         builder,
         logits,
@@ -53,10 +52,17 @@ def build_graph(config: InternLM2Config, target: Target) -> tuple[ir.Model, Inte
         ["batch_size", "sequence_length", config.vocab_size],
     )
     for i, (key, value) in enumerate(presents):
-        _output(builder, key, PRESENT_KEY % i, target.io_dtype, present_shape)
-        _output(builder, value, PRESENT_VALUE % i, target.io_dtype, present_shape)
+        _output(builder, key, PRESENT_KEY % i, target.kv_dtype, present_shape)
+        _output(builder, value, PRESENT_VALUE % i, target.kv_dtype, present_shape)
     model = ir.Model(graph, ir_version=IR_VERSION, producer_name="internlm2_graph")
     return model, module
+
+
+def kv_head_size(config: InternLM2Config, target: Target) -> int:
+    """The last dimension of the cache tensors: head_dim, or half of it for packed int4."""
+    if target.kv_cache is None:
+        return config.head_dim
+    return target.kv_cache.stored_head_size(config.head_dim)
 
 
 def _output(builder: GraphBuilder, value: ir.Value, name: str, dtype: ir.DataType, shape) -> None:

@@ -119,6 +119,12 @@ class Attention(nn.Module):
         heads_out = config.num_attention_heads * config.head_dim
         self.wqkv = linear(config.hidden_size, qkv, config.bias, target, "attention.wqkv")
         self.wo = linear(heads_out, config.hidden_size, config.bias, target, "attention.wo")
+        self.kv_cache = target.kv_cache
+        if self.kv_cache is not None:
+            # Not checkpoint tensors: scale files or calibration provide them (kv_scales.py).
+            size = self.kv_cache.scale_size(config.num_key_value_heads, config.head_dim)
+            self.k_scale = nn.Parameter([size], ir.DataType.FLOAT)
+            self.v_scale = nn.Parameter([size], ir.DataType.FLOAT)
 
     def forward(
         self,
@@ -133,21 +139,25 @@ class Attention(nn.Module):
     ) -> tuple[Value, Value, Value]:
         """(output, present key, present value)."""
         c = self.config
+        inputs = [self.wqkv(op, x), None, None, past_key, past_value, seqlens_k, total_length]
+        inputs += [cos, sin]
+        quantized = {}
+        if self.kv_cache is not None:
+            # Inputs 9-11 (position_ids, attention_bias, head_sink) unused; 12, 13 the scales.
+            inputs += [None, None, None, self.k_scale, self.v_scale]
+            quantized = {
+                "k_quant_type": self.kv_cache.quant_type,
+                "v_quant_type": self.kv_cache.quant_type,
+                "kv_cache_bit_width": self.kv_cache.bits,
+            }
         attended, present_key, present_value = op.GroupQueryAttention(
-            self.wqkv(op, x),
-            None,
-            None,
-            past_key,
-            past_value,
-            seqlens_k,
-            total_length,
-            cos,
-            sin,
+            *inputs,
             num_heads=c.num_attention_heads,
             kv_num_heads=c.num_key_value_heads,
             scale=c.head_dim**-0.5,
             do_rotary=1,
             rotary_interleaved=0,
+            **quantized,
             _domain=MS,
             _version=1,
             _outputs=3,

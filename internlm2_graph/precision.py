@@ -36,6 +36,9 @@ OPTIONS = {
     "use_cuda_bf16": "true/false: bf16 activations for int4 on cuda (default false: fp16)",
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
+    "kv_cache_quant_scheme": "int8|int4|fp8 x _per_tensor|_per_channel: a quantized KV cache "
+    "(default none); scales from kv_cache_scale_file, else calibrated in the build",
+    "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
 }
 # Options that shape quantized weights; a float build has none to shape.
@@ -100,6 +103,61 @@ class QuantSpec:
         }
 
 
+# What a KV cache value is divided by its scale into: the largest code (signed int8 and int4
+# use 2^(bits-1), as onnxruntime's kernels and the builder's scale files do; fp8 e4m3 its
+# largest finite value).
+KV_QMAX = {"int8": 128.0, "int4": 8.0, "fp8": 448.0}
+KV_GRANULARITY = {"per_tensor": "PER_TENSOR", "per_channel": "PER_CHANNEL"}
+# The KV cache kinds onnxruntime's GroupQueryAttention runs, per execution provider (CPU:
+# onnxruntime 1.32, "Could not find an implementation" for fp8).
+KV_KERNELS = {"cpu": ("int8", "int4"), "cuda": ("int8", "int4", "fp8")}
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """A quantized KV cache: GroupQueryAttention stores keys (after rotary) and values as
+    `kind` codes times a scale per tensor or per channel (kv_head x head_dim)."""
+
+    kind: str  # int8 | int4 | fp8
+    granularity: str  # per_tensor | per_channel
+    scale_file: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return f"{self.kind}_{self.granularity}"
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.kind == "int4" else 8
+
+    @property
+    def dtype(self) -> ir.DataType:
+        """The cache tensors' element type (int4 codes are packed two to a byte)."""
+        return {
+            "int8": ir.DataType.INT8,
+            "int4": ir.DataType.UINT8,
+            "fp8": ir.DataType.FLOAT8E4M3FN,
+        }[self.kind]
+
+    @property
+    def qmax(self) -> float:
+        return KV_QMAX[self.kind]
+
+    @property
+    def quant_type(self) -> str:
+        return KV_GRANULARITY[self.granularity]
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.bits / 8
+
+    def stored_head_size(self, head_dim: int) -> int:
+        return head_dim // 2 if self.bits == 4 else head_dim
+
+    def scale_size(self, kv_heads: int, head_dim: int) -> int:
+        return kv_heads * head_dim if self.granularity == "per_channel" else 1
+
+
 @dataclass(frozen=True)
 class Target:
     """Everything a build needs to know about precision and device, decided once.
@@ -116,6 +174,7 @@ class Target:
     enable_cuda_graph: bool = False
     max_length: int | None = None
     filename: str = "model.onnx"
+    kv_cache: KVCacheSpec | None = None
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
@@ -127,8 +186,16 @@ class Target:
 
     @property
     def activation_bytes(self) -> int:
-        """Bytes per activation value, and per value of the KV cache, norms and embedding."""
+        """Bytes per activation value, and per value of the norms and embedding."""
         return self.io_dtype.itemsize
+
+    @property
+    def kv_dtype(self) -> ir.DataType:
+        return self.io_dtype if self.kv_cache is None else self.kv_cache.dtype
+
+    @property
+    def kv_bytes_per_value(self) -> float:
+        return self.activation_bytes if self.kv_cache is None else self.kv_cache.bytes_per_value
 
 
 def parse_extra_options(items: list[str] | None) -> dict[str, str]:
@@ -222,6 +289,7 @@ def resolve_target(
         enable_cuda_graph=_bool(options, "enable_cuda_graph", cuda) if cuda else False,
         max_length=_max_length(options),
         filename=_filename(options),
+        kv_cache=_kv_cache(options, execution_provider),
     )
 
 
@@ -235,6 +303,38 @@ def supported_targets() -> list[Target]:
             except InternLM2GraphError:
                 continue  # refused: resolve_target says why when a user asks for it
     return targets
+
+
+def _kv_cache(options: dict[str, str], execution_provider: str) -> KVCacheSpec | None:
+    scheme = options.get("kv_cache_quant_scheme", "none")
+    scale_file = options.get("kv_cache_scale_file")
+    if scheme == "none":
+        if scale_file is not None:
+            raise InternLM2GraphError(
+                "--extra_options kv_cache_scale_file needs kv_cache_quant_scheme (e.g. "
+                "kv_cache_quant_scheme=int8_per_channel)"
+            )
+        return None
+    kind, _, granularity = scheme.partition("_")
+    known = [f"{k}_{g}" for k in KV_QMAX for g in KV_GRANULARITY]
+    if scheme.endswith("_per_token"):
+        raise InternLM2GraphError(
+            f"--extra_options kv_cache_quant_scheme={scheme}: per-token scales need "
+            "PagedAttention, which these graphs do not use; use one of " + ", ".join(known)
+        )
+    if kind not in KV_QMAX or granularity not in KV_GRANULARITY:
+        raise InternLM2GraphError(
+            f"--extra_options kv_cache_quant_scheme={scheme!r}: use none or one of "
+            + ", ".join(known)
+        )
+    working = KV_KERNELS[execution_provider]
+    if kind not in working:
+        raise InternLM2GraphError(
+            f"--extra_options kv_cache_quant_scheme={scheme}: onnxruntime's "
+            f"{execution_provider} GroupQueryAttention has no {kind} KV cache kernel; use "
+            + ", ".join(f"{k}_{g}" for k in working for g in KV_GRANULARITY)
+        )
+    return KVCacheSpec(kind, granularity, scale_file)
 
 
 def _max_length(options: dict[str, str]) -> int | None:

@@ -78,12 +78,19 @@ def describe(source: str, context: int | None = None) -> str:
     ]
     for target in supported_targets():
         weights = weight_bytes(config, target)
-        kv = kv_cache_bytes(config, context, target.activation_bytes)
+        kv = kv_cache_bytes(config, context, target.kv_bytes_per_value)
         lines.append(
             f"    {target.precision} {target.execution_provider:4}  weights "
             f"{human_bytes(weights):>8} + KV cache {human_bytes(kv):>8} = "
             f"{human_bytes(weights + kv):>8}"
         )
+    per_scheme = {"fp32": 4, "fp16/bf16": 2, "int8/fp8": 1, "int4": 0.5}
+    lines.append(
+        f"  KV cache of {context} tokens by kv_cache_quant_scheme: "
+        + ", ".join(
+            f"{k} {human_bytes(kv_cache_bytes(config, context, b))}" for k, b in per_scheme.items()
+        )
+    )
     return "\n".join(lines)
 
 

@@ -173,11 +173,16 @@ class WeightBinder:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, config: InternLM2Config, allow_nonfinite: bool = False
+        self,
+        checkpoint: Checkpoint,
+        config: InternLM2Config,
+        allow_nonfinite: bool = False,
+        kv_scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.config = config
         self.allow_nonfinite = allow_nonfinite
+        self.kv_scales = kv_scales or {}
 
     def bind(self, root: modules.InternLM2ForCausalLM) -> None:
         for path, module in root.named_modules():
@@ -190,6 +195,10 @@ class WeightBinder:
                 module.weight.const_value = RowStreamedTensor(source, module.weight)
             elif isinstance(module, modules.Rotary):
                 self._bind_rotary(module)
+            elif isinstance(module, modules.Attention) and module.kv_cache is not None:
+                k_scale, v_scale = self.kv_scales[path]
+                module.k_scale.const_value = ir.tensor(k_scale, name=module.k_scale.name)
+                module.v_scale.const_value = ir.tensor(v_scale, name=module.v_scale.name)
 
     def source(self, name: str, shape: tuple[int, ...]) -> Source:
         """The checkpoint tensor `name`, which must have `shape`, in graph row order."""
