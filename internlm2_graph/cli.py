@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
 
@@ -40,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="KEY=VALUE",
         help="options as named by the onnxruntime-genai builder:\n"
-        + "\n".join(f"  {k}: {v}" for k, v in OPTIONS.items()),
+        + "\n".join(f"  {k}: {v}" for k, v in {**OPTIONS, **speculative.OPTIONS}.items()),
+    )
+    parser.add_argument(
+        "--draft",
+        metavar="int4|int8|FOLDER",
+        help="also write a draft model for speculative decoding: a quantized copy of the "
+        "checkpoint, or a built folder with the same vocabulary (same as --extra_options draft=)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument(
@@ -165,12 +172,15 @@ def _build(args) -> int:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    extra_options = list(args.extra_options or [])
+    if args.draft:
+        extra_options.append(f"draft={args.draft}")
     summary = build(
         args.input,
         args.output,
         args.precision,
         args.execution_provider,
-        args.extra_options,
+        extra_options,
         cache_dir=args.cache_dir,
         revision=args.revision,
         overwrite=args.overwrite,

@@ -8,13 +8,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from internlm2_graph import package
+from internlm2_graph import package, speculative
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
 from internlm2_graph.kv_scales import kv_cache_scales
-from internlm2_graph.precision import parse_extra_options, resolve_target
+from internlm2_graph.precision import (
+    QUANT_OPTIONS,
+    Target,
+    parse_extra_options,
+    resolve_target,
+)
 from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.sizes import graph_bytes, parameter_count
 from internlm2_graph.tokenizer import prepare_tokenizer
@@ -64,36 +69,77 @@ def build(
     progress = progress or Progress(quiet=True)
     if not isinstance(extra_options, dict):
         extra_options = parse_extra_options(extra_options)
-    target = resolve_target(precision, execution_provider, extra_options)
+    spec, options = speculative.split_options(extra_options)
+    target = resolve_target(precision, execution_provider, options)
+    draft_target = _draft_target(spec, precision, execution_provider, options)
     output = Path(output)
     package.check_output(output, overwrite)  # before a download that could take an hour
     folder = resolve_checkpoint(str(input), cache_dir=cache_dir, revision=revision, token=token)
     package.check_apart(output, folder)
     config = InternLM2Config.from_dir(folder)
     tokenizer = prepare_tokenizer(folder, config.vocab_size)
+    vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
+    checkpoint = Checkpoint(folder)
     model, module = build_graph(config, target)
     scales = kv_cache_scales(config, target)
-    WeightBinder(Checkpoint(folder), config, allow_nonfinite, scales).bind(module)
+    WeightBinder(checkpoint, config, allow_nonfinite, scales).bind(module)
+    expected_bytes = graph_bytes(model)
+    draft_model = None
+    if draft_target is not None:  # the self-draft: the same weights, quantized
+        draft_model, draft_module = build_graph(config, draft_target)
+        draft_scales = kv_cache_scales(config, draft_target)
+        WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
+        expected_bytes += graph_bytes(draft_model)
     # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
     eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
     runtime_config = package.genai_config(config, target, eos)
 
-    with package.staged_folder(output, overwrite, graph_bytes(model)) as staging:
+    with package.staged_folder(output, overwrite, expected_bytes) as staging:
         tokenizer.write(staging)
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:
             package.save_model(model, staging, target.filename, on_tensor)
+        draft = staging / speculative.DRAFT_DIR
+        if draft_model is not None:
+            # A complete folder of its own, so `model.draft` can be rebuilt from it at run time.
+            draft.mkdir()
+            tokenizer.write(draft)
+            with progress.task("writing the draft") as on_tensor:
+                package.save_model(draft_model, draft, draft_target.filename, on_tensor)
+            draft_config = package.genai_config(config, draft_target, eos)
+            package.write_json(draft / "genai_config.json", draft_config)
+        elif spec.draft_folder is not None:
+            speculative.copy_draft(spec.draft_folder, draft)
+        runtime_config = speculative.with_speculative(runtime_config, spec, staging)
         package.write_json(staging / "genai_config.json", runtime_config)
     return BuildSummary(
         output=output,
         parameters=parameter_count(config),
         precision=precision,
         execution_provider=execution_provider,
-        output_bytes=sum(f.stat().st_size for f in output.iterdir() if f.is_file()),
+        output_bytes=sum(f.stat().st_size for f in output.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
     )
+
+
+def _draft_target(
+    spec: speculative.Speculative, precision: str, execution_provider: str, options: dict
+) -> Target | None:
+    """The self-draft's precision and options: a quantized target's weight options carry over;
+    a quantized KV cache does not (the draft's cache is small, and calibrating twice buys
+    nothing)."""
+    if spec.mode != "draft" or spec.draft_folder is not None:
+        return None
+    quantized = precision in ("int4", "int8")
+    carried = {
+        k: v
+        for k, v in options.items()
+        if k == "enable_cuda_graph" or (quantized and k in QUANT_OPTIONS)
+    }
+    return resolve_target(spec.draft, execution_provider, carried)
 
 
 def peak_rss() -> int:

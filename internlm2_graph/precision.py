@@ -10,6 +10,7 @@ from pathlib import PurePath
 
 import onnx_ir as ir
 
+from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
@@ -222,7 +223,8 @@ def resolve_target(
     for key in options:
         if key not in OPTIONS:
             raise InternLM2GraphError(
-                f"--extra_options: unknown option {key!r}; use one of {', '.join(OPTIONS)} "
+                f"--extra_options: unknown option {key!r}; use one of "
+                f"{', '.join([*OPTIONS, *speculative.OPTIONS])} "
                 "(--help describes them)"
             )
     if precision not in PRECISIONS:
