@@ -1,0 +1,190 @@
+"""Speculative decoding: what a build writes into genai_config, and that og's greedy output with
+n-gram lookup or a draft model is token for token that of plain decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime_genai as og
+import pytest
+import sentencepiece as spm
+from surgery import copy_checkpoint
+from test_chat import steer
+
+from internlm2_graph import InternLM2GraphError, build
+from internlm2_graph.cli import main
+from internlm2_graph.speculative import og_config, set_speculative, split_options
+from internlm2_graph.synthetic import make_config, write_checkpoint
+
+NEW_TOKENS = 48
+
+
+def greedy(config: og.Config, prompt: list[int]) -> tuple[list[int], dict]:
+    """The tokens after `prompt` (no early stop) and og's speculative counters."""
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    total = len(prompt) + NEW_TOKENS
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return list(generator.get_sequence(0))[len(prompt) :], generator.get_speculative_stats()
+
+
+def genai(folder: Path) -> dict:
+    return json.loads((folder / "genai_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cycle(tiny_checkpoint) -> list[int]:
+    """Four ordinary tokens that the steered model repeats in a cycle."""
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_checkpoint / "tokenizer.model"))
+    return [sp.piece_to_id(p) for p in ("▁the", "▁of", "▁and", "▁to")]
+
+
+@pytest.fixture(scope="module")
+def copier(tiny_checkpoint, cycle, tmp_path_factory) -> Path:
+    """A checkpoint whose greedy reply repeats `cycle`: the copy-heavy case n-gram lookup wins."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("copier") / "ckpt")
+    steer(folder, cycle[0], dict(zip(cycle, [*cycle[1:], cycle[0]])))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def self_draft(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("self-draft") / "model"
+    build(tiny_checkpoint, out, "fp32", "cpu", {"draft": "int4"})
+    return out
+
+
+def copy_prompt(cycle: list[int]) -> list[int]:
+    # The cycle twice, then a stray continuation of its first two tokens, so some lookups
+    # propose a token the model rejects.
+    return [1, *cycle, *cycle, cycle[0], cycle[1], 7, 8, cycle[0]]
+
+
+def test_ngram_writes_the_speculative_section(tiny_checkpoint, tmp_path):
+    options = {"speculative": "ngram", "ngram_size": "4", "max_draft_tokens": "8"}
+    build(tiny_checkpoint, tmp_path / "out", extra_options=options)
+    assert genai(tmp_path / "out")["speculative"] == {"max_draft_tokens": 8, "ngram_size": 4}
+    assert "draft" not in genai(tmp_path / "out")["model"]
+
+
+def test_off_writes_no_section(tiny_fp32):
+    assert "speculative" not in genai(tiny_fp32)
+
+
+def test_ngram_greedy_output_is_plain_decoding(copier, cycle, tmp_path):
+    build(copier, tmp_path / "plain")
+    build(copier, tmp_path / "ngram", extra_options={"speculative": "ngram"})
+    prompt = copy_prompt(cycle)
+    plain, _ = greedy(og.Config(str(tmp_path / "plain")), prompt)
+    fast, stats = greedy(og.Config(str(tmp_path / "ngram")), prompt)
+    assert fast == plain
+    # The steering works: the reply goes round the cycle.
+    assert set(plain[-8:]) == set(cycle) and plain[-4:] == plain[-8:-4]
+    assert stats["draft_tokens_accepted"] > NEW_TOKENS // 2  # and the lookup finds it
+
+
+@pytest.mark.parametrize("adaptive", [0, 2])
+def test_ngram_on_random_weights_changes_no_token(tiny_fp32, adaptive):
+    """Random weights: most proposals are wrong, so this exercises rejection and rewinding."""
+    rng = np.random.default_rng(0)
+    text = rng.integers(3, 1000, 12).tolist()
+    prompt = [1, *text, *text, *text[:4]]
+    plain, _ = greedy(og.Config(str(tiny_fp32)), prompt)
+    config = og_config(tiny_fp32, "ngram")
+    config.overlay(json.dumps({"speculative": {"min_adaptive_k": adaptive}}))
+    fast, stats = greedy(config, prompt)
+    assert fast == plain
+    assert stats["rounds"] > 0
+
+
+def test_self_draft_is_one_folder_og_runs_as_target_and_draft(self_draft, tiny_fp32):
+    config = genai(self_draft)
+    assert config["model"]["draft"]["filename"] == "draft/model.onnx"
+    assert config["speculative"] == {"max_draft_tokens": 4}
+    assert genai(self_draft / "draft")["model"]["decoder"]["filename"] == "model.onnx"
+    draft = onnx.load(str(self_draft / "draft" / "model.onnx"), load_external_data=False)
+    bits = {a.i for n in draft.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"}  # fmt: skip
+    assert bits == {4}
+    prompt = [1, *range(40, 60)]
+    plain, _ = greedy(og.Config(str(tiny_fp32)), prompt)
+    fast, stats = greedy(og.Config(str(self_draft)), prompt)
+    assert fast == plain
+    assert stats["draft_forward_passes"] > 0 and stats["draft_tokens_accepted"] > 0
+
+
+def test_draft_from_another_built_folder(tiny_checkpoint, tiny_fp32, tmp_path):
+    build(tiny_checkpoint, tmp_path / "small", "int8", "cpu")
+    assert main(["-i", str(tiny_checkpoint), "-o", str(tmp_path / "big"), "-q",
+                 "--draft", str(tmp_path / "small")]) == 0  # fmt: skip
+    assert (tmp_path / "big" / "draft" / "model.onnx").is_file()
+    prompt = [1, *range(100, 120)]
+    plain, _ = greedy(og.Config(str(tiny_fp32)), prompt)
+    fast, stats = greedy(og.Config(str(tmp_path / "big")), prompt)
+    assert fast == plain and stats["draft_forward_passes"] > 0
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_checkpoint, tmp_path, capsys):
+    other = write_checkpoint(tmp_path / "other", make_config("tiny", vocab_size=1280), chat=True)
+    build(other, tmp_path / "small", "int4", "cpu")
+    code = main(["-i", str(tiny_checkpoint), "-o", str(tmp_path / "big"),
+                 "--draft", str(tmp_path / "small")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "vocabulary differs" in err and "1280 vs 1024" in err
+    assert not (tmp_path / "big").exists()
+
+
+def test_draft_for_another_device_is_refused(tiny_checkpoint, tmp_path):
+    build(tiny_checkpoint, tmp_path / "small", "int4", "cuda")
+    with pytest.raises(InternLM2GraphError, match="rebuild the draft with -e cpu"):
+        build(tiny_checkpoint, tmp_path / "big", extra_options={"draft": str(tmp_path / "small")})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"speculative": "medusa"}, "use one of off, ngram, draft"),
+        ({"speculative": "ngram", "ngram_size": "1"}, "expected a whole number 2..16"),
+        ({"speculative": "ngram", "max_draft_tokens": "17"}, "expected a whole number 1..16"),
+        ({"speculative": "ngram", "min_adaptive_k": "x"}, "expected a whole number 0..16"),
+        ({"ngram_size": "3"}, "need speculative=ngram or speculative=draft"),
+        ({"speculative": "draft", "ngram_size": "3"}, "only applies to speculative=ngram"),
+        ({"speculative": "ngram", "draft": "int4"}, "drop speculative=ngram"),
+        ({"draft": "nowhere"}, "not int4/int8 and not a built model folder"),
+    ],
+)
+def test_bad_speculative_options(options, message):
+    with pytest.raises(InternLM2GraphError, match=message):
+        split_options(options)
+
+
+def test_switch_at_run_time_without_touching_the_folder(self_draft):
+    before = (self_draft / "genai_config.json").read_bytes()
+    prompt = [1, *range(200, 210), *range(200, 210)]
+    runs = {mode: greedy(og_config(self_draft, mode), prompt) for mode in ("off", "ngram", "draft")}
+    assert runs["off"][0] == runs["ngram"][0] == runs["draft"][0]
+    assert runs["off"][1]["rounds"] == 0
+    assert runs["ngram"][1]["ngram_lookup_hits"] + runs["ngram"][1]["ngram_lookup_misses"] > 0
+    assert runs["draft"][1]["draft_forward_passes"] > 0
+    assert (self_draft / "genai_config.json").read_bytes() == before
+
+
+def test_set_speculative_rewrites_genai_config(tiny_checkpoint, tmp_path):
+    build(tiny_checkpoint, tmp_path / "out", extra_options={"draft": "int4"})
+    set_speculative(tmp_path / "out", "ngram")
+    assert "draft" not in genai(tmp_path / "out")["model"]
+    assert genai(tmp_path / "out")["speculative"]["ngram_size"] == 3
+    set_speculative(tmp_path / "out", "draft")  # the draft comes back from draft/
+    assert genai(tmp_path / "out")["model"]["draft"]["filename"] == "draft/model.onnx"
+    set_speculative(tmp_path / "out", "off")
+    assert "speculative" not in genai(tmp_path / "out")
+    with pytest.raises(InternLM2GraphError, match="has no draft"):
+        set_speculative(tmp_path / "out" / "draft", "draft")
