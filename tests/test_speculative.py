@@ -188,3 +188,20 @@ def test_set_speculative_rewrites_genai_config(tiny_checkpoint, tmp_path):
     assert "speculative" not in genai(tmp_path / "out")
     with pytest.raises(InternLM2GraphError, match="has no draft"):
         set_speculative(tmp_path / "out" / "draft", "draft")
+
+
+def test_benchmark_runs_every_setting_with_plain_decodings_tokens(self_draft, monkeypatch):
+    from argparse import Namespace
+
+    from benchmarks import speculative as bench
+
+    # Prompts that fit the tiny model's 256-token context.
+    monkeypatch.setitem(bench.PROMPTS, "edit-code", ("copy", "Copy: a = b + c; a = b + c;"))
+    models = bench.load_models(self_draft, "cpu")
+    tokenizer = og.Tokenizer(models["target"])
+    args = Namespace(gen=12, repeat=1)
+    cases = bench.measure(models, tokenizer, list(bench.SETTINGS), ["edit-code", "story"], args)
+    rows = bench.summarize(cases, args.gen)
+    assert [r["error"] for r in rows] == [None] * len(rows)
+    assert all(r["identical"] for r in rows)
+    assert {k["kind"] for k in bench.by_kind(rows)} == {"copy", "free"}

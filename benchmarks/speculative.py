@@ -1,0 +1,360 @@
+"""Speculative decoding in onnxruntime-genai: tokens/s and acceptance per setting beside plain
+greedy decoding, in the same run, on copy-heavy and free-writing prompts.
+
+    python -m benchmarks.speculative                      # SmolLM2-135M real weights, cpu
+    python -m benchmarks.speculative --ep cuda            # fp16 target + int4 self-draft
+    python -m benchmarks.speculative --checkpoint DIR     # any InternLM2 checkpoint
+    python -m benchmarks.speculative --synthetic 7b --ep cuda --prompts story  # mechanics only
+
+One folder is built per run: the target (fp32 on cpu, fp16 on cuda; --precision) with its int4
+self-draft in draft/ (internlm2_graph's speculative=draft). Two og.Models are loaded from it:
+without the draft (plain decoding and n-gram settings, switched per generator with
+GeneratorParams.set_speculative_options) and with it (draft settings). Per prompt, every setting
+runs once to warm up, then --repeat times in alternation (settings in order, then reversed, ...);
+tokens/s is --gen new tokens (min_length keeps EOS away, greedy) over the time from the prompt's
+first logits to the last token, the median of the runs. Acceptance is og's own
+`draft_tokens_accepted / draft_tokens_evaluated` (get_speculative_stats), tokens per round
+`mean_emitted_tokens_per_round`. Every setting's tokens are compared with plain decoding's.
+
+Results: markdown on stdout and benchmarks/results/speculative-<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+# name -> (model: "target" or "draft", GeneratorParams.set_speculative_options keywords)
+SETTINGS = {
+    "plain": ("target", {"ngram_size": 0}),
+    "ngram3-k6": ("target", {"ngram_size": 3, "max_draft_tokens": 6}),
+    "ngram3-k4": ("target", {"ngram_size": 3, "max_draft_tokens": 4}),
+    "ngram3-k8": ("target", {"ngram_size": 3, "max_draft_tokens": 8}),
+    "ngram2-k6": ("target", {"ngram_size": 2, "max_draft_tokens": 6}),
+    "ngram4-k6": ("target", {"ngram_size": 4, "max_draft_tokens": 6}),
+    "ngram3-adaptive1": ("target", {"ngram_size": 3, "min_adaptive_k": 1}),
+    "ngram3-adaptive2": ("target", {"ngram_size": 3, "min_adaptive_k": 2}),
+    "ngram3-k6-cooldown": ("target", {"ngram_size": 3, "max_draft_tokens": 6, "cooldown": True}),
+    "ngram3-k6-chained": (
+        "target",
+        {"ngram_size": 3, "max_draft_tokens": 6, "ngram_chained_lookup": True},
+    ),
+    "draft-k2": ("draft", {"max_draft_tokens": 2}),
+    "draft-k4": ("draft", {"max_draft_tokens": 4}),
+    "draft-k6": ("draft", {"max_draft_tokens": 6}),
+    "draft-adaptive1": ("draft", {"min_adaptive_k": 1}),
+}
+DEFAULT_SETTINGS = "plain,ngram3-k6,ngram3-k4,ngram3-adaptive1,ngram3-k6-cooldown,draft-k2,draft-k4"
+
+CODE = '''def merge_sorted(left, right):
+    """Merge two sorted lists into one sorted list."""
+    merged = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            merged.append(left[i])
+            i += 1
+        else:
+            merged.append(right[j])
+            j += 1
+    merged.extend(left[i:])
+    merged.extend(right[j:])
+    return merged
+
+
+def merge_sort(items):
+    if len(items) <= 1:
+        return items
+    middle = len(items) // 2
+    return merge_sorted(merge_sort(items[:middle]), merge_sort(items[middle:]))
+'''
+DOCUMENT = """The Harbor Street Library opened on 12 March 1921 with 4,000 books donated by the
+shipping merchant Eliza Crane. A fire on 3 June 1954 destroyed the east wing and about a third
+of the collection; the wing was rebuilt in brick and reopened on 1 September 1956. In 1988 the
+library added a children's room, and in 2009 it became the first public library in the county
+to lend e-readers. The library is open from 9 am to 7 pm on weekdays and from 10 am to 4 pm on
+Saturdays; it is closed on Sundays. Membership is free for residents of the county."""
+PROMPTS = {
+    # copy-heavy: the answer repeats long stretches of the prompt
+    "copy-code": ("copy", f"Copy this Python code exactly, without changes:\n\n{CODE}"),
+    "edit-code": (
+        "copy",
+        f"Rename the function merge_sorted to merge_lists everywhere in this code and return "
+        f"the whole code:\n\n{CODE}",
+    ),
+    "doc-qa": (
+        "copy",
+        f"{DOCUMENT}\n\nUsing only the text above, quote every sentence that contains a date.",
+    ),
+    # free writing: little to copy
+    "story": ("free", "Write a short story about a lighthouse keeper who finds a message."),
+    "explain": ("free", "Explain how a hash table works and when to use one."),
+}
+
+
+@dataclass
+class Case:
+    setting: str
+    prompt: str
+    seconds: list[float] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+    tokens: list[int] | None = None
+    error: str | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="an InternLM2-layout checkpoint folder")
+    source.add_argument("--synthetic", choices=("tiny", "1.8b", "7b", "20b"), help="random weights")
+    source.add_argument("--folder", help="an already built folder with a draft/ (skip the build)")
+    parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default=None, help="target precision (fp32 cpu, fp16 cuda)")
+    parser.add_argument("--draft", default="int4", help="self-draft precision (default int4)")
+    parser.add_argument("--extra_options", nargs="*", default=[], help="for the build, KEY=VALUE")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"from {', '.join(SETTINGS)}")
+    parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma list of prompt names")
+    parser.add_argument("--gen", type=int, default=200, help="new tokens per run")
+    parser.add_argument("--repeat", type=int, default=3, help="measured runs (after a warm-up)")
+    parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="checkpoints, builds")
+    parser.add_argument("--machine", default=None, help="name in the results file")
+    return parser.parse_args(argv)
+
+
+# --- the model folder -----------------------------------------------------------------------
+
+
+def checkpoint_for(args) -> tuple[Path, str]:
+    """(checkpoint folder, its name in the results)."""
+    workdir = Path(args.workdir)
+    if args.checkpoint:
+        return Path(args.checkpoint), Path(args.checkpoint).name
+    if args.synthetic:
+        from internlm2_graph.synthetic import make_config, write_checkpoint
+
+        folder = workdir / f"synthetic-{args.synthetic}"
+        if not (folder / "config.json").is_file():
+            write_checkpoint(folder, make_config(args.synthetic), chat=True)
+        return folder, f"synthetic {args.synthetic}"
+    from benchmarks.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(workdir), "SmolLM2-135M-Instruct"
+
+
+def built_folder(args, checkpoint: Path) -> Path:
+    """The target with its self-draft in draft/, built once per checkpoint and settings."""
+    from internlm2_graph import build
+
+    precision = args.precision or ("fp16" if args.ep == "cuda" else "fp32")
+    name = f"{checkpoint.name}-{precision}-{args.ep}-draft-{args.draft}"
+    out = Path(args.workdir) / name
+    options = [*args.extra_options, f"draft={args.draft}"]
+    if not (out / "draft" / "genai_config.json").is_file():
+        print(build(checkpoint, out, precision, args.ep, options, overwrite=True), flush=True)
+    return out
+
+
+def load_models(folder: Path, ep: str) -> dict:
+    """{"target": og.Model without the draft, "draft": og.Model with it}."""
+    import onnxruntime_genai as og
+
+    from internlm2_graph.speculative import og_config
+
+    models = {}
+    for key, mode in (("target", "off"), ("draft", "draft")):
+        config = og_config(folder, mode)
+        if ep == "cpu":
+            config.clear_providers()
+        models[key] = og.Model(config)
+    return models
+
+
+# --- the runs -------------------------------------------------------------------------------
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """The prompt as a one-turn chat when the folder has a chat template, else plain text."""
+    messages = json.dumps([{"role": "user", "content": text}])
+    with contextlib.suppress(Exception):  # a base model: no template
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+
+
+def one_run(model, options: dict, prompt: np.ndarray, gen: int) -> tuple[float, list[int], dict]:
+    """Seconds from the prompt's logits to the last of `gen` greedy tokens; tokens; og's stats."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = len(prompt) + gen
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    params.set_speculative_options(**options)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    generator.get_logits()  # the prompt is through the model
+    start = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = list(map(int, generator.get_sequence(0)))[len(prompt) :]
+    seconds = time.perf_counter() - start
+    return seconds, tokens, dict(generator.get_speculative_stats())
+
+
+def measure(models: dict, tokenizer, settings: list[str], prompts: list[str], args) -> list[Case]:
+    cases = []
+    for prompt_name in prompts:
+        prompt = encode(tokenizer, PROMPTS[prompt_name][1])
+        row = [Case(s, prompt_name) for s in settings]
+        for case in row:  # warm-up, and a setting og refuses is reported, not fatal
+            key, options = SETTINGS[case.setting]
+            try:
+                one_run(models[key], options, prompt, min(args.gen, 16))
+            except Exception as err:
+                case.error = str(err).splitlines()[0][:200]
+        for rep in range(args.repeat):
+            for case in row if rep % 2 == 0 else row[::-1]:
+                if case.error:
+                    continue
+                key, options = SETTINGS[case.setting]
+                seconds, tokens, stats = one_run(models[key], options, prompt, args.gen)
+                case.seconds.append(seconds)
+                case.stats.append(stats)
+                case.tokens = tokens
+                print(
+                    f"  {prompt_name:9s} {case.setting:20s} run {rep + 1}: "
+                    f"{args.gen / seconds:7.1f} tok/s, accepted "
+                    f"{stats['draft_tokens_accepted']}/{stats['draft_tokens_evaluated']}",
+                    flush=True,
+                )
+        cases.extend(row)
+    return cases
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def summarize(cases: list[Case], gen: int) -> list[dict]:
+    plain = {c.prompt: c for c in cases if c.setting == "plain"}
+    rows = []
+    for c in cases:
+        base = plain.get(c.prompt)
+        tok_s = gen / common.median(c.seconds) if c.seconds else None
+        base_tok_s = gen / common.median(base.seconds) if base and base.seconds else None
+        last = c.stats[-1] if c.stats else {}
+        evaluated = last.get("draft_tokens_evaluated", 0)
+        accepted = last.get("draft_tokens_accepted", 0)
+        rows.append(
+            {
+                "prompt": c.prompt,
+                "kind": PROMPTS[c.prompt][0],
+                "setting": c.setting,
+                "options": SETTINGS[c.setting][1],
+                "tok_s": tok_s,
+                "vs_plain": common.ratio(tok_s, base_tok_s),
+                "acceptance": accepted / evaluated if evaluated else None,
+                "tokens_per_round": last.get("mean_emitted_tokens_per_round") or None,
+                "rounds": last.get("rounds"),
+                "identical": None if not (base and base.tokens) else c.tokens == base.tokens,
+                "seconds": c.seconds,
+                "error": c.error,
+                "stats": last,
+            }
+        )
+    return rows
+
+
+def by_kind(rows: list[dict]) -> list[dict]:
+    """Per setting and prompt kind: the geometric mean and the worst of the ratios to plain."""
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        for kind in ("copy", "free"):
+            ratios = [
+                r["vs_plain"]
+                for r in rows
+                if r["setting"] == setting and r["kind"] == kind and r["vs_plain"]
+            ]
+            if ratios:
+                geo = float(np.exp(np.mean(np.log(ratios))))
+                out.append({"setting": setting, "kind": kind, "geomean": geo, "min": min(ratios)})
+    return out
+
+
+def markdown(rows: list[dict], kinds: list[dict], args, source: str, info: dict) -> str:
+    header = ["prompt", "setting", "tok/s", "vs plain", "acceptance", "tokens/round", "same"]
+    body = [
+        [
+            r["prompt"],
+            r["setting"],
+            common.fmt(r["tok_s"]),
+            common.fmt(r["vs_plain"], ".2f", "x"),
+            common.fmt(r["acceptance"], ".2f"),
+            common.fmt(r["tokens_per_round"], ".2f"),
+            r["error"] or {True: "yes", False: "NO", None: "-"}[r["identical"]],
+        ]
+        for r in rows
+    ]
+    summary = [[k["setting"], k["kind"], f"{k['geomean']:.2f}x", f"{k['min']:.2f}x"] for k in kinds]
+    where = info["gpu"] or f"{info['cpu_count']} cores"
+    return (
+        f"Speculative decoding ({args.ep}; {where}), onnxruntime-genai "
+        f"{common.genai_version(info)}, {source}: greedy, batch 1, {args.gen} new tokens, "
+        f"median of {args.repeat} alternating runs after a warm-up; 'same' = tokens identical "
+        f"to plain decoding\n\n"
+        + common.markdown_table(header, body)
+        + "\n\nPer prompt kind (ratio to plain decoding):\n\n"
+        + common.markdown_table(["setting", "prompts", "geomean", "worst"], summary)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import onnxruntime_genai as og
+
+    settings = args.settings.split(",")
+    prompts = args.prompts.split(",")
+    unknown = [s for s in settings if s not in SETTINGS] + [p for p in prompts if p not in PROMPTS]
+    if unknown:
+        raise SystemExit(f"unknown settings or prompts: {', '.join(unknown)}")
+    if "plain" not in settings:
+        settings.insert(0, "plain")
+    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
+    if args.folder:
+        folder, source = Path(args.folder), Path(args.folder).name
+    else:
+        checkpoint, source = checkpoint_for(args)
+        folder = built_folder(args, checkpoint)
+    models = load_models(folder, args.ep)
+    tokenizer = og.Tokenizer(models["target"])
+    cases = measure(models, tokenizer, settings, prompts, args)
+    info = common.machine_info()
+    rows = summarize(cases, args.gen)
+    kinds = by_kind(rows)
+    text = markdown(rows, kinds, args, source, info)
+    print("\n" + text)
+    name = f"speculative-{args.machine or common.default_machine_name()}"
+    payload = {
+        "machine": info,
+        "args": vars(args),
+        "source": source,
+        "folder": str(folder),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load": {"start": load_start, "end": common.load_average()},
+        "alternation": "settings in order, then reversed, ...",
+        "results": rows,
+        "by_kind": kinds,
+    }
+    print(f"\nwrote {common.write_results(name, payload, text)}")
+
+
+if __name__ == "__main__":
+    main()
