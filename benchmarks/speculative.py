@@ -10,9 +10,11 @@ One folder is built per run: the target (fp32 on cpu, fp16 on cuda; --precision)
 self-draft in draft/ (internlm2_graph's speculative=draft). Two og.Models are loaded from it:
 without the draft (plain decoding and n-gram settings, switched per generator with
 GeneratorParams.set_speculative_options) and with it (draft settings). Per prompt, every setting
-runs once to warm up, then --repeat times in alternation (settings in order, then reversed, ...);
+runs once to warm up, then --repeat rounds in which each setting runs next to a run of plain
+decoding (plain first on even rounds, second on odd ones; settings in order, then reversed).
 tokens/s is --gen new tokens (min_length keeps EOS away, greedy) over the time from the prompt's
-first logits to the last token, the median of the runs. Acceptance is og's own
+first logits to the last token, the median of the runs; "vs plain" is the median over rounds of
+plain's time / the setting's time within a pair. Acceptance is og's own
 `draft_tokens_accepted / draft_tokens_evaluated` (get_speculative_stats), tokens per round
 `mean_emitted_tokens_per_round`. Every setting's tokens are compared with plain decoding's.
 
@@ -105,6 +107,7 @@ class Case:
     setting: str
     prompt: str
     seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # plain's time / this one's, paired runs
     stats: list[dict] = field(default_factory=list)
     tokens: list[int] | None = None
     error: str | None = None
@@ -118,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="an InternLM2-layout checkpoint folder")
     source.add_argument("--synthetic", choices=("tiny", "1.8b", "7b", "20b"), help="random weights")
     source.add_argument("--folder", help="an already built folder with a draft/ (skip the build)")
+    parser.add_argument("--label", default=None, help="what --folder holds, for the results")
     parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default=None, help="target precision (fp32 cpu, fp16 cuda)")
     parser.add_argument("--draft", default="int4", help="self-draft precision (default int4)")
@@ -210,6 +214,10 @@ def one_run(model, options: dict, prompt: np.ndarray, gen: int) -> tuple[float, 
 
 
 def measure(models: dict, tokenizer, settings: list[str], prompts: list[str], args) -> list[Case]:
+    """Each setting runs next to a run of plain decoding (plain first on even rounds, second on
+    odd ones); its speed-up is the median over rounds of plain's time / its time in that pair.
+    On a shared machine the load moves within seconds: a ratio of neighbours survives that,
+    a ratio of medians taken minutes apart does not."""
     cases = []
     for prompt_name in prompts:
         prompt = encode(tokenizer, PROMPTS[prompt_name][1])
@@ -220,23 +228,30 @@ def measure(models: dict, tokenizer, settings: list[str], prompts: list[str], ar
                 one_run(models[key], options, prompt, min(args.gen, 16))
             except Exception as err:
                 case.error = str(err).splitlines()[0][:200]
+        plain, others = row[0], [c for c in row[1:] if not c.error]
         for rep in range(args.repeat):
-            for case in row if rep % 2 == 0 else row[::-1]:
-                if case.error:
-                    continue
-                key, options = SETTINGS[case.setting]
-                seconds, tokens, stats = one_run(models[key], options, prompt, args.gen)
-                case.seconds.append(seconds)
-                case.stats.append(stats)
-                case.tokens = tokens
-                print(
-                    f"  {prompt_name:9s} {case.setting:20s} run {rep + 1}: "
-                    f"{args.gen / seconds:7.1f} tok/s, accepted "
-                    f"{stats['draft_tokens_accepted']}/{stats['draft_tokens_evaluated']}",
-                    flush=True,
-                )
+            for case in others if rep % 2 == 0 else others[::-1]:
+                pair = (plain, case) if rep % 2 == 0 else (case, plain)
+                seconds = {c.setting: _timed(c, models, prompt, args.gen, rep) for c in pair}
+                case.ratios.append(seconds["plain"] / seconds[case.setting])
+            if not others:
+                _timed(plain, models, prompt, args.gen, rep)
         cases.extend(row)
     return cases
+
+
+def _timed(case: Case, models: dict, prompt: np.ndarray, gen: int, rep: int) -> float:
+    key, options = SETTINGS[case.setting]
+    seconds, tokens, stats = one_run(models[key], options, prompt, gen)
+    case.seconds.append(seconds)
+    case.stats.append(stats)
+    case.tokens = tokens
+    print(
+        f"  {case.prompt:9s} {case.setting:20s} round {rep + 1}: {gen / seconds:7.1f} tok/s, "
+        f"accepted {stats['draft_tokens_accepted']}/{stats['draft_tokens_evaluated']}",
+        flush=True,
+    )
+    return seconds
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -259,7 +274,9 @@ def summarize(cases: list[Case], gen: int) -> list[dict]:
                 "setting": c.setting,
                 "options": SETTINGS[c.setting][1],
                 "tok_s": tok_s,
-                "vs_plain": common.ratio(tok_s, base_tok_s),
+                "vs_plain": common.median(c.ratios) if c.ratios else (1.0 if c is base else None),
+                "vs_plain_ratios": c.ratios,
+                "vs_plain_of_medians": common.ratio(tok_s, base_tok_s),
                 "acceptance": accepted / evaluated if evaluated else None,
                 "tokens_per_round": last.get("mean_emitted_tokens_per_round") or None,
                 "rounds": last.get("rounds"),
@@ -307,8 +324,8 @@ def markdown(rows: list[dict], kinds: list[dict], args, source: str, info: dict)
     return (
         f"Speculative decoding ({args.ep}; {where}), onnxruntime-genai "
         f"{common.genai_version(info)}, {source}: greedy, batch 1, {args.gen} new tokens, "
-        f"median of {args.repeat} alternating runs after a warm-up; 'same' = tokens identical "
-        f"to plain decoding\n\n"
+        f"median of {args.repeat} rounds after a warm-up; 'vs plain' = median of the ratios to "
+        f"the plain run next to each run; 'same' = tokens identical to plain decoding\n\n"
         + common.markdown_table(header, body)
         + "\n\nPer prompt kind (ratio to plain decoding):\n\n"
         + common.markdown_table(["setting", "prompts", "geomean", "worst"], summary)
@@ -328,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.insert(0, "plain")
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
     if args.folder:
-        folder, source = Path(args.folder), Path(args.folder).name
+        folder, source = Path(args.folder), args.label or Path(args.folder).name
     else:
         checkpoint, source = checkpoint_for(args)
         folder = built_folder(args, checkpoint)
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         "started": started,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "load": {"start": load_start, "end": common.load_average()},
-        "alternation": "settings in order, then reversed, ...",
+        "alternation": "each setting paired with a plain run (plain first, then second, ...)",
         "results": rows,
         "by_kind": kinds,
     }
