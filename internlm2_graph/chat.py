@@ -67,7 +67,8 @@ class Chat:
     """A conversation with one built model folder.
 
     `search`: og search options (search_options()) over the folder's own; `max_new_tokens`
-    bounds each reply (None: until an eos id or a full context).
+    bounds each reply (None: until an eos id or a full context); `speculative`: off, ngram or
+    draft over the folder's own speculative decoding (None: as built).
     """
 
     def __init__(
@@ -77,9 +78,10 @@ class Chat:
         system: str | None = None,
         search: dict | None = None,
         max_new_tokens: int | None = None,
+        speculative: str | None = None,
     ):
         self._og = genai()
-        self.model = load_model(model_dir)
+        self.model = load_model(model_dir, speculative)
         self.tokenizer = self._og.Tokenizer(self.model)
         self._encoder = exact_tokenizer(model_dir)
         self.stop_ids = frozenset(eos_ids(model_dir))

@@ -104,6 +104,12 @@ def chat_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, default=512, help="tokens per reply at most (512)"
     )
+    parser.add_argument(
+        "--speculative",
+        choices=speculative.MODES,
+        help="speculative decoding for this session: off, ngram (prompt lookup) or draft (the "
+        "folder's draft/); default: as built. Greedy replies stay the same, only faster or slower",
+    )
     sampling = parser.add_argument_group(
         "sampling", "default: the folder's genai_config.json `search` (from generation_config)"
     )
@@ -261,7 +267,13 @@ def _chat(args) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    chat = Chat(args.model, system=args.system, search=search, max_new_tokens=args.max_new_tokens)
+    chat = Chat(
+        args.model,
+        system=args.system,
+        search=search,
+        max_new_tokens=args.max_new_tokens,
+        speculative=args.speculative,
+    )
     if args.prompt is not None:
         return 0 if _say(chat, args.prompt) else 130
     interactive = sys.stdin.isatty()

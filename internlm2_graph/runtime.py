@@ -65,8 +65,12 @@ def built_for_cuda(model_dir: str | Path) -> bool:
     return any("cuda" in provider for provider in options)
 
 
-def load_model(model_dir: str | Path):
-    """og.Model of a built folder, after the checks whose failures the runtime words poorly."""
+def load_model(model_dir: str | Path, speculative: str | None = None):
+    """og.Model of a built folder, after the checks whose failures the runtime words poorly.
+
+    `speculative` (off, ngram, draft) overrides the folder's own speculative decoding for this
+    model only (internlm2_graph.speculative.og_config); None keeps what genai_config says.
+    """
     check_model_folder(model_dir)
     og = genai()
     if built_for_cuda(model_dir) and not og.is_cuda_available():
@@ -74,4 +78,8 @@ def load_model(model_dir: str | Path):
             f"{model_dir} was built for CUDA (-e cuda) and this onnxruntime-genai has no CUDA: "
             f"{INSTALL_CUDA} in an environment without the [cpu] packages"
         )
-    return og.Model(str(model_dir))
+    if speculative is None:
+        return og.Model(str(model_dir))
+    from internlm2_graph.speculative import og_config
+
+    return og.Model(og_config(model_dir, speculative))

@@ -246,8 +246,9 @@ def og_config(folder: str | Path, spec: Speculative | str | None = None):
     genai_config names loads the model through a temporary folder of links with an edited
     genai_config (the files are opened at load time; the links go when the process ends).
     """
-    import onnxruntime_genai as og
+    from internlm2_graph.runtime import genai
 
+    og = genai()
     folder = Path(folder)
     if spec is None:
         return og.Config(str(folder))

@@ -205,3 +205,25 @@ def test_benchmark_runs_every_setting_with_plain_decodings_tokens(self_draft, mo
     assert [r["error"] for r in rows] == [None] * len(rows)
     assert all(r["identical"] for r in rows)
     assert {k["kind"] for k in bench.by_kind(rows)} == {"copy", "free"}
+
+
+def test_chat_turns_are_the_same_in_every_mode(self_draft):
+    """Multi-turn, so later turns rewind the cache that speculative rounds wrote."""
+    from internlm2_graph.chat import Chat
+
+    turns = ["Hello there, how are you?", "Tell me about rivers.", "And lakes?"]
+
+    def replies(mode: str | None) -> list[str]:
+        chat = Chat(self_draft, search={"do_sample": False}, max_new_tokens=10, speculative=mode)
+        return [chat.reply(text) for text in turns]
+
+    assert replies("off") == replies("ngram") == replies("draft") == replies(None)
+
+
+def test_chat_command_takes_speculative(self_draft, capsys):
+    def say(*flags: str) -> str:
+        args = ["chat", str(self_draft), "--prompt", "Hi", "--greedy", "--max-new-tokens", "8"]
+        assert main([*args, *flags]) == 0
+        return capsys.readouterr().out
+
+    assert say("--speculative", "ngram") == say("--speculative", "off") == say()
