@@ -16,7 +16,13 @@ from test_chat import steer
 
 from internlm2_graph import InternLM2GraphError, build
 from internlm2_graph.cli import main
-from internlm2_graph.speculative import og_config, set_speculative, split_options
+from internlm2_graph.speculative import (
+    NGRAM_SIZE,
+    chat_default,
+    og_config,
+    set_speculative,
+    split_options,
+)
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
 NEW_TOKENS = 48
@@ -181,7 +187,7 @@ def test_set_speculative_rewrites_genai_config(tiny_checkpoint, tmp_path):
     build(tiny_checkpoint, tmp_path / "out", extra_options={"draft": "int4"})
     set_speculative(tmp_path / "out", "ngram")
     assert "draft" not in genai(tmp_path / "out")["model"]
-    assert genai(tmp_path / "out")["speculative"]["ngram_size"] == 3
+    assert genai(tmp_path / "out")["speculative"]["ngram_size"] == NGRAM_SIZE
     set_speculative(tmp_path / "out", "draft")  # the draft comes back from draft/
     assert genai(tmp_path / "out")["model"]["draft"]["filename"] == "draft/model.onnx"
     set_speculative(tmp_path / "out", "off")
@@ -227,3 +233,12 @@ def test_chat_command_takes_speculative(self_draft, capsys):
         return capsys.readouterr().out
 
     assert say("--speculative", "ngram") == say("--speculative", "off") == say()
+
+
+def test_chat_default_is_ngram_where_measured(tiny_fp32, self_draft, tiny_checkpoint, tmp_path):
+    assert chat_default(tiny_fp32) == "ngram"  # cpu, nothing asked for
+    assert chat_default(self_draft) is None  # its own draft
+    build(tiny_checkpoint, tmp_path / "cuda", "fp16", "cuda")
+    assert chat_default(tmp_path / "cuda") is None  # not measured on CUDA yet
+    with pytest.raises(InternLM2GraphError, match="not a built model folder"):
+        chat_default(tmp_path)
