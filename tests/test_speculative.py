@@ -17,6 +17,7 @@ from test_chat import steer
 from internlm2_graph import InternLM2GraphError, build
 from internlm2_graph.cli import main
 from internlm2_graph.speculative import (
+    DRAFT_TOKENS,
     NGRAM_SIZE,
     chat_default,
     og_config,
@@ -113,7 +114,7 @@ def test_ngram_on_random_weights_changes_no_token(tiny_fp32, adaptive):
 def test_self_draft_is_one_folder_og_runs_as_target_and_draft(self_draft, tiny_fp32):
     config = genai(self_draft)
     assert config["model"]["draft"]["filename"] == "draft/model.onnx"
-    assert config["speculative"] == {"max_draft_tokens": 4}
+    assert config["speculative"] == {"max_draft_tokens": DRAFT_TOKENS}
     assert genai(self_draft / "draft")["model"]["decoder"]["filename"] == "model.onnx"
     draft = onnx.load(str(self_draft / "draft" / "model.onnx"), load_external_data=False)
     bits = {a.i for n in draft.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
