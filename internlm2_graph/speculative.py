@@ -2,7 +2,8 @@
 
 onnxruntime-genai 0.18 verifies several proposed tokens in one target pass and keeps the longest
 prefix greedy decoding would have produced, so greedy output is unchanged; only speed moves.
-Proposals come from one of two places (src/decoding_strategy.cpp, MakeDecodingStrategy):
+Proposals come from one of two places (microsoft/onnxruntime-genai, src/decoding_strategy.cpp,
+MakeDecodingStrategy; the installed 0.18 was checked by running it, see tests/test_speculative.py):
 - n-gram lookup: `speculative.ngram_size` > 0 matches the last n-1 tokens against the prompt
   and the reply so far; no second model (src/n_gram_decoding_strategy.cpp);
 - a draft model: `model.draft`, a decoder block with the same fields as `model.decoder`
@@ -235,7 +236,7 @@ def chat_default(folder: str | Path) -> str | None:
 
 
 def preset(mode: str, folder: str | Path | None = None) -> Speculative:
-    """The settings `chat --speculative MODE` means: og's defaults for a draft, ours for ngram."""
+    """The settings `chat --speculative MODE` means: this module's measured defaults."""
     if mode not in MODES:
         raise InternLM2GraphError(f"--speculative {mode!r}: use one of {', '.join(MODES)}")
     if mode == "draft" and folder is not None and not (Path(folder) / DRAFT_DIR).is_dir():
