@@ -21,6 +21,7 @@ from internlm2_graph.speculative import (
     NGRAM_SIZE,
     chat_default,
     og_config,
+    provider_of,
     set_speculative,
     split_options,
 )
@@ -243,3 +244,15 @@ def test_chat_default_is_ngram_where_measured(tiny_fp32, self_draft, tiny_checkp
     assert chat_default(tmp_path / "cuda") is None  # not measured on CUDA yet
     with pytest.raises(InternLM2GraphError, match="not a built model folder"):
         chat_default(tmp_path)
+
+
+def test_cuda_target_gets_a_cuda_int4_draft(tiny_checkpoint, tmp_path):
+    """What the GPU benchmark builds (fp16 target, int4 self-draft); only og-cuda can run it."""
+    build(tiny_checkpoint, tmp_path / "out", "fp16", "cuda", {"draft": "int4"})
+    config = genai(tmp_path / "out")
+    assert (
+        config["model"]["draft"]["session_options"] == config["model"]["decoder"]["session_options"]
+    )
+    assert provider_of(config["model"]["draft"]) == "cuda"
+    draft = onnx.load(str(tmp_path / "out" / "draft" / "model.onnx"), load_external_data=False)
+    assert {n.op_type for n in draft.graph.node} >= {"MatMulNBits", "GroupQueryAttention"}
