@@ -104,7 +104,12 @@ PROMPTS = {
     # free writing: little to copy
     "story": ("free", "Write a short story about a lighthouse keeper who finds a message."),
     "explain": ("free", "Explain how a hash table works and when to use one."),
+    "poem": ("free", "Write a poem about the sea in autumn."),
+    "advice": ("free", "Give me advice on learning to play the guitar as an adult."),
 }
+
+
+DEFAULT_PROMPTS = "copy-code,edit-code,doc-qa,story,explain"
 
 
 @dataclass
@@ -132,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft", default="int4", help="self-draft precision (default int4)")
     parser.add_argument("--extra_options", nargs="*", default=[], help="for the build, KEY=VALUE")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"from {', '.join(SETTINGS)}")
-    parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma list of prompt names")
+    parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help=f"from {', '.join(PROMPTS)}")
     parser.add_argument("--gen", type=int, default=200, help="new tokens per run")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs (after a warm-up)")
     parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="checkpoints, builds")
