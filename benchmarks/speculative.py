@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,11 @@ def checkpoint_for(args) -> tuple[Path, str]:
         from internlm2_graph.synthetic import make_config, write_checkpoint
 
         folder = workdir / f"synthetic-{args.synthetic}"
-        if not (folder / "config.json").is_file():
-            write_checkpoint(folder, make_config(args.synthetic), chat=True)
+        if not folder.is_dir():  # written aside and renamed: a cut-off run leaves no half folder
+            partial = workdir / f".synthetic-{args.synthetic}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            write_checkpoint(partial, make_config(args.synthetic), chat=True)
+            partial.rename(folder)
         return folder, f"synthetic {args.synthetic}"
     from benchmarks.smollm2 import smollm2_checkpoint
 
