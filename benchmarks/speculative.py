@@ -140,6 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"from {', '.join(SETTINGS)}")
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help=f"from {', '.join(PROMPTS)}")
     parser.add_argument("--gen", type=int, default=200, help="new tokens per run")
+    parser.add_argument(
+        "--sample", action="store_true", help="sample (T 0.8, top-p 0.8, seed 0), not greedy"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="measured runs (after a warm-up)")
     parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="checkpoints, builds")
     parser.add_argument("--machine", default=None, help="name in the results file")
@@ -213,13 +216,22 @@ def encode(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text), dtype=np.int32)
 
 
-def one_run(model, options: dict, prompt: np.ndarray, gen: int) -> tuple[float, list[int], dict]:
+def search_options(sample: bool) -> dict:
+    """Greedy, or InternLM2 chat's own sampling (generation_config: 0.8/0.8) with a fixed seed."""
+    if not sample:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "random_seed": 0}
+
+
+def one_run(
+    model, options: dict, prompt: np.ndarray, gen: int, sample: bool = False
+) -> tuple[float, list[int], dict]:
     """Seconds from the prompt's logits to the last of `gen` greedy tokens; tokens; og's stats."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     total = len(prompt) + gen
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    params.set_search_options(max_length=total, min_length=total, **search_options(sample))
     params.set_speculative_options(**options)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
@@ -244,24 +256,25 @@ def measure(models: dict, tokenizer, settings: list[str], prompts: list[str], ar
         for case in row:  # warm-up, and a setting og refuses is reported, not fatal
             key, options = SETTINGS[case.setting]
             try:
-                one_run(models[key], options, prompt, min(args.gen, 16))
+                one_run(models[key], options, prompt, min(args.gen, 16), args.sample)
             except Exception as err:
                 case.error = str(err).splitlines()[0][:200]
         plain, others = row[0], [c for c in row[1:] if not c.error]
         for rep in range(args.repeat):
             for case in others if rep % 2 == 0 else others[::-1]:
                 pair = (plain, case) if rep % 2 == 0 else (case, plain)
-                seconds = {c.setting: _timed(c, models, prompt, args.gen, rep) for c in pair}
+                seconds = {c.setting: _timed(c, models, prompt, args, rep) for c in pair}
                 case.ratios.append(seconds["plain"] / seconds[case.setting])
             if not others:
-                _timed(plain, models, prompt, args.gen, rep)
+                _timed(plain, models, prompt, args, rep)
         cases.extend(row)
     return cases
 
 
-def _timed(case: Case, models: dict, prompt: np.ndarray, gen: int, rep: int) -> float:
+def _timed(case: Case, models: dict, prompt: np.ndarray, args, rep: int) -> float:
     key, options = SETTINGS[case.setting]
-    seconds, tokens, stats = one_run(models[key], options, prompt, gen)
+    gen = args.gen
+    seconds, tokens, stats = one_run(models[key], options, prompt, gen, args.sample)
     case.seconds.append(seconds)
     case.stats.append(stats)
     case.tokens = tokens
@@ -276,7 +289,9 @@ def _timed(case: Case, models: dict, prompt: np.ndarray, gen: int, rep: int) -> 
 # --- report ---------------------------------------------------------------------------------
 
 
-def summarize(cases: list[Case], gen: int) -> list[dict]:
+def summarize(cases: list[Case], gen: int, sample: bool = False) -> list[dict]:
+    """Rows per prompt and setting; sampled tokens are not compared (speculative sampling is a
+    draw from the same distribution, not the same draw)."""
     plain = {c.prompt: c for c in cases if c.setting == "plain"}
     rows = []
     for c in cases:
@@ -299,7 +314,7 @@ def summarize(cases: list[Case], gen: int) -> list[dict]:
                 "acceptance": accepted / evaluated if evaluated else None,
                 "tokens_per_round": last.get("mean_emitted_tokens_per_round") or None,
                 "rounds": last.get("rounds"),
-                "identical": None if not (base and base.tokens) else c.tokens == base.tokens,
+                "identical": None if sample or not base else c.tokens == base.tokens,
                 "seconds": c.seconds,
                 "error": c.error,
                 "stats": last,
@@ -342,7 +357,9 @@ def markdown(rows: list[dict], kinds: list[dict], args, source: str, info: dict)
     where = info["gpu"] or f"{info['cpu_count']} cores"
     return (
         f"Speculative decoding ({args.ep}; {where}), onnxruntime-genai "
-        f"{common.genai_version(info)}, {source}: greedy, batch 1, {args.gen} new tokens, "
+        f"{common.genai_version(info)}, {source}: "
+        f"{'sampled (T 0.8, top-p 0.8)' if args.sample else 'greedy'}, batch 1, "
+        f"{args.gen} new tokens, "
         f"median of {args.repeat} rounds after a warm-up; 'vs plain' = median of the ratios to "
         f"the plain run next to each run; 'same' = tokens identical to plain decoding\n\n"
         + common.markdown_table(header, body)
@@ -373,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = og.Tokenizer(models["target"])
     cases = measure(models, tokenizer, settings, prompts, args)
     info = common.machine_info()
-    rows = summarize(cases, args.gen)
+    rows = summarize(cases, args.gen, args.sample)
     kinds = by_kind(rows)
     text = markdown(rows, kinds, args, source, info)
     print("\n" + text)

@@ -207,7 +207,7 @@ def test_benchmark_runs_every_setting_with_plain_decodings_tokens(self_draft, mo
     monkeypatch.setitem(bench.PROMPTS, "edit-code", ("copy", "Copy: a = b + c; a = b + c;"))
     models = bench.load_models(self_draft, "cpu")
     tokenizer = og.Tokenizer(models["target"])
-    args = Namespace(gen=12, repeat=1)
+    args = Namespace(gen=12, repeat=1, sample=False)
     cases = bench.measure(models, tokenizer, list(bench.SETTINGS), ["edit-code", "story"], args)
     rows = bench.summarize(cases, args.gen)
     assert [r["error"] for r in rows] == [None] * len(rows)
