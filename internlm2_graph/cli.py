@@ -108,8 +108,8 @@ def chat_parser() -> argparse.ArgumentParser:
         "--speculative",
         choices=speculative.MODES,
         help="speculative decoding: off, ngram (prompt lookup) or draft (the folder's draft/). "
-        "Default: as built, or ngram for a cpu folder built without any (measured never below "
-        "0.97x). Greedy replies stay the same; only the speed changes",
+        "Default: as built, or ngram for greedy replies from a cpu folder built without any "
+        "(measured 1.02x or more). Greedy replies stay the same; only the speed changes",
     )
     sampling = parser.add_argument_group(
         "sampling", "default: the folder's genai_config.json `search` (from generation_config)"
@@ -273,7 +273,7 @@ def _chat(args) -> int:
         system=args.system,
         search=search,
         max_new_tokens=args.max_new_tokens,
-        speculative=args.speculative or speculative.chat_default(args.model),
+        speculative=args.speculative or speculative.chat_default(args.model, search),
     )
     if args.prompt is not None:
         return 0 if _say(chat, args.prompt) else 130

@@ -238,10 +238,12 @@ def test_chat_command_takes_speculative(self_draft, capsys):
 
 
 def test_chat_default_is_ngram_where_measured(tiny_fp32, self_draft, tiny_checkpoint, tmp_path):
-    assert chat_default(tiny_fp32) == "ngram"  # cpu, nothing asked for
-    assert chat_default(self_draft) is None  # its own draft
+    greedy = {"do_sample": False}
+    assert chat_default(tiny_fp32, greedy) == "ngram"  # cpu, greedy, nothing asked for
+    assert chat_default(tiny_fp32, {"do_sample": True}) is None  # sampling: measured no gain
+    assert chat_default(self_draft, greedy) is None  # its own draft
     build(tiny_checkpoint, tmp_path / "cuda", "fp16", "cuda")
-    assert chat_default(tmp_path / "cuda") is None  # not measured on CUDA yet
+    assert chat_default(tmp_path / "cuda", greedy) is None  # not measured on CUDA yet
     with pytest.raises(InternLM2GraphError, match="not a built model folder"):
         chat_default(tmp_path)
 
