@@ -179,6 +179,7 @@ def built_folder(args, checkpoint: Path) -> Path:
 
     precision = args.precision or ("fp16" if args.ep == "cuda" else "fp32")
     name = f"{checkpoint.name}-{precision}-{args.ep}-draft-{args.draft}"
+    name += "".join(f"-{option.replace('=', '-')}" for option in args.extra_options)
     out = Path(args.workdir) / name
     options = [*args.extra_options, f"draft={args.draft}"]
     if not (out / "draft" / "genai_config.json").is_file():
