@@ -191,14 +191,14 @@ def built_folder(args, checkpoint: Path) -> Path:
     return out
 
 
-def load_models(folder: Path, ep: str) -> dict:
-    """{"target": og.Model without the draft, "draft": og.Model with it}."""
+def load_models(folder: Path, ep: str, with_draft: bool = True) -> dict:
+    """{"target": og.Model without the draft, "draft": og.Model with it (if `with_draft`)}."""
     import onnxruntime_genai as og
 
     from internlm2_graph.speculative import og_config
 
     models = {}
-    for key, mode in (("target", "off"), ("draft", "draft")):
+    for key, mode in (("target", "off"), ("draft", "draft"))[: 2 if with_draft else 1]:
         config = og_config(folder, mode)
         if ep == "cpu":
             config.clear_providers()
@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint, source = checkpoint_for(args)
         args.source = source
         folder = built_folder(args, checkpoint)
-    models = load_models(folder, args.ep)
+    with_draft = any(SETTINGS[s][0] == "draft" for s in settings)
+    models = load_models(folder, args.ep, with_draft)
     tokenizer = og.Tokenizer(models["target"])
     cases = measure(models, tokenizer, settings, prompts, args)
     info = common.machine_info()
