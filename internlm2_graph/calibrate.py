@@ -26,6 +26,7 @@ saver asks for that weight.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -87,7 +88,7 @@ def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
     L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
     n = h.shape[0]
     if n <= 512:
-        return np.linalg.inv(np.linalg.cholesky(h))
+        return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
     m = n // 2
     a_inv = _cholesky_inverse(h[:m, :m])
     b = h[m:, :m] @ a_inv.T
@@ -258,8 +259,9 @@ def _id_lists(text: str, where: str, config: InternLM2Config, max_tokens: int) -
                 f"{where}: id {int(ids[bad][0])} in list {row} is outside the vocabulary "
                 f"(0..{config.vocab_size - 1}); tokenize with this checkpoint's tokenizer"
             )
-        for start in range(0, len(ids), SEQUENCE_TOKENS):
-            part = ids[start : start + SEQUENCE_TOKENS][: max_tokens - total]
+        length = _sequence_tokens(config)
+        for start in range(0, len(ids), length):
+            part = ids[start : start + length][: max_tokens - total]
             if len(part):
                 sequences.append(part)
                 total += len(part)
@@ -295,16 +297,21 @@ def _chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.
             f"calibration_data: the tokenizer gives id {int(ids[bad][0])}, outside the model's "
             f"vocabulary (0..{config.vocab_size - 1}); the tokenizer and weights disagree"
         )
-    body = SEQUENCE_TOKENS - 1
+    length = _sequence_tokens(config)
     sequences = []
-    for start in range(0, len(ids), body):
-        if (len(sequences) + 1) * SEQUENCE_TOKENS > max_tokens and sequences:
+    for start in range(0, len(ids), length - 1):
+        if (len(sequences) + 1) * length > max_tokens and sequences:
             break
-        piece = ids[start : start + body]
+        piece = ids[start : start + length - 1]
         sequences.append(np.concatenate([[config.bos_token_id], piece]).astype(np.int64))
     return sequences
 
 
+def _sequence_tokens(config: InternLM2Config) -> int:
+    return min(SEQUENCE_TOKENS, config.max_position_embeddings)
+
+
+@functools.lru_cache(maxsize=1)
 def default_text(chars: int = 400_000) -> str:
     """Docstrings of the standard library's modules, classes and functions, in file order.
 
