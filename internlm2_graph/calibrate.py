@@ -38,8 +38,9 @@ import numpy as np
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.precision import QuantSpec
 from internlm2_graph.progress import Progress
-from internlm2_graph.quantize import QuantizedWeight, QuantSpec, dequantize, from_codes
+from internlm2_graph.quantize import QuantizedWeight, dequantize, from_codes
 from internlm2_graph.rope import rotary_tables
 
 # Calibration text is cut into sequences of this many tokens (<s> first), at most this many

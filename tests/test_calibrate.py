@@ -22,7 +22,8 @@ from internlm2_graph.calibrate import (
     hessian_factor,
 )
 from internlm2_graph.config import InternLM2Config
-from internlm2_graph.quantize import QuantSpec, dequantize, quantize
+from internlm2_graph.precision import QuantSpec
+from internlm2_graph.quantize import dequantize, quantize
 from internlm2_graph.reference import Reference
 
 SPECS = [
