@@ -51,6 +51,10 @@ DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's default
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
 TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
 HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
+# GPTQ's variants, measured on SmolLM2-135M (benchmarks/quant_quality.py): act_order (static
+# blocks) is clearly better there; the grid search is a smaller gain at more cost.
+ACT_ORDER = True
+SEARCH = True
 # Shrink factors searched_grid tries for a block's range (1 - 0.04 k): clipping the largest
 # weights of a block a little often lowers the error of all the others.
 SHRINK = np.float32(1) - np.float32(0.04) * np.arange(1, 11, dtype=np.float32)
@@ -272,7 +276,7 @@ def calibration_tokens(
     if option is None:
         text = default_text()
         ids = _encode(text, checkpoint_dir, "the default calibration text")
-        return _chop(ids, config, max_tokens)
+        return chop(ids, config, max_tokens)
     path = Path(option).expanduser()
     where = f"--extra_options calibration_data={option}"
     if not path.is_file():
@@ -296,7 +300,7 @@ def calibration_tokens(
     ids = _encode(text, checkpoint_dir, where)
     if len(ids) < 2:
         raise InternLM2GraphError(f"{where}: the text gives fewer than 2 tokens; give more text")
-    return _chop(ids, config, max_tokens)
+    return chop(ids, config, max_tokens)
 
 
 def _id_lists(text: str, where: str, config: InternLM2Config, max_tokens: int) -> list:
@@ -338,8 +342,7 @@ def _encode(text: str, checkpoint_dir: Path, where: str) -> np.ndarray:
         import sentencepiece
 
         processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
-        pieces = [p for p in text.split("\n\n") if p.strip()]
-        ids = [i for part in processor.encode(pieces) for i in part]
+        ids = processor.encode(text)
     elif (Path(checkpoint_dir) / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
@@ -353,8 +356,9 @@ def _encode(text: str, checkpoint_dir: Path, where: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.ndarray]:
-    """<s> + consecutive pieces of the stream, SEQUENCE_TOKENS each, max_tokens in all."""
+def chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.ndarray]:
+    """<s> + pieces of the stream, SEQUENCE_TOKENS each, max_tokens in all, taken evenly
+    spaced from the whole stream (the whole text is sampled, not only its beginning)."""
     bad = (ids < 0) | (ids >= config.vocab_size)
     if bad.any():
         raise InternLM2GraphError(
@@ -362,13 +366,14 @@ def _chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.
             f"vocabulary (0..{config.vocab_size - 1}); the tokenizer and weights disagree"
         )
     length = _sequence_tokens(config)
-    sequences = []
-    for start in range(0, len(ids), length - 1):
-        if (len(sequences) + 1) * length > max_tokens and sequences:
-            break
-        piece = ids[start : start + length - 1]
-        sequences.append(np.concatenate([[config.bos_token_id], piece]).astype(np.int64))
-    return sequences
+    starts = range(0, len(ids), length - 1)
+    keep = max(1, max_tokens // length)
+    if len(starts) > keep:
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+    return [
+        np.concatenate([[config.bos_token_id], ids[start : start + length - 1]]).astype(np.int64)
+        for start in starts
+    ]
 
 
 def _sequence_tokens(config: InternLM2Config) -> int:
@@ -376,29 +381,29 @@ def _sequence_tokens(config: InternLM2Config) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def default_text(chars: int = 400_000) -> str:
-    """Docstrings of the standard library's modules, classes and functions, in file order.
-
-    Every Python install ships them, so a calibrated build needs nothing from the user. The
-    same Python version gives the same text, hence the same build.
+def default_text(per_module: int = 3000) -> str:
+    """Prose and code that every Python install ships: for each module of the standard library
+    (in name order), its docstring and then its source from the first class or function on,
+    about `per_module` characters in all. English technical prose and Python code, from some
+    two hundred modules; the same Python version gives the same text, hence the same build.
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts: list[str] = []
-    size = 0
     for path in sorted(stdlib.glob("*.py")):
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-                    size += len(doc)
-        if size >= chars:
-            break
-    if size < 10_000:
+        doc = ast.get_docstring(tree) or ""
+        first = next(
+            (n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))), None
+        )
+        code = "" if first is None else "\n".join(source.splitlines()[first.lineno - 1 :])
+        text = (doc[: per_module // 2] + "\n\n" + code)[:per_module].strip()
+        if len(text) > 200:
+            parts.append(text)
+    if sum(map(len, parts)) < 50_000:
         raise InternLM2GraphError(
             "calibration_data: this Python install ships no standard library sources to "
             "calibrate on; pass calibration_data=PATH (text like your prompts)"
@@ -466,13 +471,16 @@ def calibrate(
     head: QuantSpec | None,
     scratch: Path,
     progress: Progress | None = None,
-    order: bool = False,
-    search: bool = True,
+    order: bool | None = None,
+    search: bool | None = None,
 ) -> Calibrated:
     """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
 
     `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
+    `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH.
     """
+    order = ACT_ORDER if order is None else order
+    search = SEARCH if search is None else search
     progress = progress or Progress(quiet=True)
     result = Calibrated(scratch)
     lengths = [len(s) for s in sequences]

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from internlm2_graph import InternLM2GraphError, build
 from internlm2_graph.calibrate import (
     act_order,
+    block_grid,
     calibration_tokens,
     default_text,
     gptq,
     hessian_factor,
+    searched_grid,
 )
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.precision import QuantSpec
@@ -103,6 +105,28 @@ def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(spec, ordered):
     assert calibrated <= 0.9 * rtn, (calibrated, rtn)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_the_searched_grid_never_rounds_worse_than_the_range_grid(spec):
+    rng = np.random.default_rng(4)
+    block = (rng.standard_t(3, (spec.block_size, 500))).astype(np.float32)  # heavy tails
+    importance = rng.uniform(0.1, 10, spec.block_size).astype(np.float32)
+    qmax = (1 << spec.bits) - 1
+
+    def error(scale, zp):
+        codes = np.clip(np.floor(block / scale + zp + 0.5), 0, qmax)
+        return importance @ ((codes - zp) * scale - block) ** 2
+
+    plain, searched = (
+        error(*block_grid(block, spec)),
+        error(*searched_grid(block, spec, importance)),
+    )
+    assert (searched <= plain * (1 + 1e-5)).all()
+    if spec.bits == 4:
+        assert searched.sum() < 0.95 * plain.sum()  # heavy tails: clipping pays
+    zp = searched_grid(block, spec, importance)[1]
+    assert ((zp == np.round(zp)) & (zp >= 0) & (zp <= qmax)).all()  # a storable zero point
+
+
 # --- calibration data ------------------------------------------------------------------------
 
 
@@ -112,6 +136,8 @@ def test_default_calibration_text_is_prose_from_this_python(tiny_checkpoint):
     config = InternLM2Config.from_dir(tiny_checkpoint)
     sequences = calibration_tokens(None, tiny_checkpoint, config, max_tokens=4096)
     assert sum(map(len, sequences)) <= 4096
+    everything = calibration_tokens(None, tiny_checkpoint, config, max_tokens=1 << 30)
+    assert sequences[-1].tolist() == everything[-1].tolist()  # spread over the whole text
     assert all(s[0] == config.bos_token_id for s in sequences)
     assert all(len(s) <= config.max_position_embeddings for s in sequences)
 
