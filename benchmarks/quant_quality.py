@@ -69,20 +69,33 @@ def calibration_ids(checkpoint: Path, held_out: list[np.ndarray], tokens: int) -
 
 BUILD = """
 import json, sys
-from internlm2_graph import build
+from internlm2_graph import build, calibrate
+for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, for ablations
+    setattr(calibrate, key, value)
 summary = build(sys.argv[1], sys.argv[2], sys.argv[3], "cpu", json.loads(sys.argv[4]),
                 overwrite=True)
 print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": summary.peak_rss_bytes}))
 """
 
 
-def measured_build(checkpoint: Path, out: Path, precision: str, options: dict) -> dict:
+def measured_build(
+    checkpoint: Path, out: Path, precision: str, options: dict, tweaks: dict | None = None
+) -> dict:
     """Build in a child process; its own wall time and peak RSS. Reuses a finished folder."""
     done = out / "build.json"
     if done.is_file():
         return json.loads(done.read_text())
     result = subprocess.run(
-        [sys.executable, "-c", BUILD, str(checkpoint), str(out), precision, json.dumps(options)],
+        [
+            sys.executable,
+            "-c",
+            BUILD,
+            str(checkpoint),
+            str(out),
+            precision,
+            json.dumps(options),
+            json.dumps(tweaks or {}),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         cwd=common.REPO,
@@ -105,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--machine", default=common.default_machine_name())
+    parser.add_argument(
+        "--tweak",
+        default="",
+        help="GPTQ variant for an ablation, calibrate.py constants as JSON, e.g. "
+        "'{\"DAMP\": 0.1}' (rows and builds get the JSON as a suffix)",
+    )
     args = parser.parse_args(argv)
 
     checkpoint = smollm2.smollm2_checkpoint(args.workdir)
@@ -142,11 +161,14 @@ def main(argv: list[str] | None = None) -> None:
                     options["lm_head_precision"] = head
                 if method != "rtn":
                     options["calibration_data"] = str(data)
+                tweaks = json.loads(args.tweak) if args.tweak and method != "rtn" else {}
                 name = f"{method}-{setting}-head-{head}"
+                if tweaks:
+                    name += "-" + "-".join(f"{k}={v}" for k, v in sorted(tweaks.items()))
                 start = time.perf_counter()
-                stats = measured_build(checkpoint, builds / name, "int4", options)
+                stats = measured_build(checkpoint, builds / name, "int4", options, tweaks)
                 row = {
-                    "method": method,
+                    "method": method + (f" {json.dumps(tweaks)}" if tweaks else ""),
                     "setting": setting,
                     "lm_head": head,
                     "bpw": bits_per_weight(4, int(SETTINGS[setting]["block_size"]),

@@ -74,16 +74,15 @@ def hessian_factor(
     (act_order). Inputs that never fire (zero diagonal) get a unit diagonal: their columns are
     then rounded to nearest with nothing to compensate.
     """
-    h = np.array(hessian, dtype=np.float32)
-    if order is not None:
-        h = h[np.ix_(order, order)]
+    # One float32 copy, already permuted and reversed (a 7B w2 Hessian is 0.8 GB).
+    flipped = np.arange(len(hessian))[::-1] if order is None else np.asarray(order)[::-1]
+    h = np.asarray(hessian, dtype=np.float32)[np.ix_(flipped, flipped)]
     diag = np.diagonal(h).copy()
-    dead = diag <= 0
-    diag[dead] = 1.0
+    diag[diag <= 0] = 1.0
     damp = DAMP if damp is None else damp
     h[np.diag_indices_from(h)] = diag + damp * float(np.mean(diag))
     try:
-        inverse = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))
+        inverse = _cholesky_inverse(h)
     except np.linalg.LinAlgError:
         raise InternLM2GraphError(
             "GPTQ: the calibration Hessian is not positive definite even after dampening; "
@@ -498,11 +497,9 @@ def calibrate(
         if head is not None:
             h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
             del x
-            hessian = _gram(h)
-            perm = act_order(hessian) if order else None
-            factor = hessian_factor(hessian, order=perm)
+            factor, perm, importance = _prepare(h, order, search)
+            del h
             ref = checkpoint["output.weight"]
-            importance = _importance(hessian) if search else None
             parts = [
                 gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance)
                 for start in range(0, ref.shape[0], HEAD_ROWS)
@@ -545,19 +542,21 @@ def _read_layer(checkpoint: Checkpoint, config: InternLM2Config, n: int) -> _Wei
     )
 
 
-def _importance(gram: np.ndarray) -> np.ndarray:
-    return np.diagonal(gram).astype(np.float32)
+def _prepare(inputs: np.ndarray, order: bool, search: bool):
+    """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K]."""
+    gram = _gram(inputs)
+    perm = act_order(gram) if order else None
+    importance = np.diagonal(gram).copy() if search else None
+    return hessian_factor(gram, order=perm), perm, importance
 
 
 def _quantize_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, order, search):
     """GPTQ the layer's linears in the order they run; returns the quantized layer's output."""
     eps = config.rms_norm_eps
 
-    def quantized(gram: np.ndarray, *names: str) -> list[np.ndarray]:
-        """GPTQ `names` (sharing one input), save them, return their dequantized weights."""
-        perm = act_order(gram) if order else None
-        factor = hessian_factor(gram, order=perm)
-        importance = _importance(gram) if search else None
+    def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
+        """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
+        factor, perm, importance = _prepare(inputs, order, search)
         out = []
         for each in names:
             q = gptq(weights.linears[each], factor, spec, perm, importance)
@@ -572,21 +571,21 @@ def _quantize_layer(prefix, weights, x, lengths, config, cos, sin, spec, result,
         return y if bias is None else y + bias
 
     h = _rmsnorm(x, weights.attention_norm, eps)
-    (wqkv,) = quantized(_gram(h), "attention.wqkv")
+    (wqkv,) = quantized(h, "attention.wqkv")
     attended = _attention(linear(h, wqkv, "attention.wqkv"), lengths, config, cos, sin)
     del h, wqkv
-    (wo,) = quantized(_gram(attended), "attention.wo")
+    (wo,) = quantized(attended, "attention.wo")
     x = x + linear(attended, wo, "attention.wo")
     del attended, wo
     h = _rmsnorm(x, weights.ffn_norm, eps)
-    w1, w3 = quantized(_gram(h), "feed_forward.w1", "feed_forward.w3")
+    w1, w3 = quantized(h, "feed_forward.w1", "feed_forward.w3")
     act = np.empty((len(h), w1.shape[0]), np.float32)
     for start in range(0, len(h), TOKEN_CHUNK):
         c = h[start : start + TOKEN_CHUNK]
         gate = c @ w1.T
         act[start : start + len(c)] = gate / (1 + np.exp(-gate)) * (c @ w3.T)
     del h, w1, w3
-    (w2,) = quantized(_gram(act), "feed_forward.w2")
+    (w2,) = quantized(act, "feed_forward.w2")
     x += linear(act, w2, "feed_forward.w2")
     return x
 
@@ -596,8 +595,8 @@ def _chunked(a: np.ndarray, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray
 
 
 def _gram(a: np.ndarray) -> np.ndarray:
-    """X^T X summed over tokens (float64 accumulation across chunks)."""
-    total = np.zeros((a.shape[1], a.shape[1]), np.float64)
+    """X^T X summed over tokens, float32 (a few thousand tokens: rounding far below damp)."""
+    total = np.zeros((a.shape[1], a.shape[1]), np.float32)
     for start in range(0, len(a), TOKEN_CHUNK):
         c = a[start : start + TOKEN_CHUNK]
         total += c.T @ c
