@@ -74,7 +74,9 @@ for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, fo
     setattr(calibrate, key, value)
 summary = build(sys.argv[1], sys.argv[2], sys.argv[3], "cpu", json.loads(sys.argv[4]),
                 overwrite=True)
-print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": summary.peak_rss_bytes}))
+# VmHWM, not getrusage: a child's ru_maxrss can start at its parent's (the evaluating process).
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": int(hwm.split()[1]) * 1024}))
 """
 
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             **{name: {"perplexity": None} for name in texts},
         }
     ]
-    reference_ppl = {}
+    reference_ppl, tokens = {}, {}
     for setting in args.settings.split(","):
         for head in args.heads.split(","):
             for method in args.methods.split(","):
@@ -178,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
                 for text, ids in texts.items():
                     q = kl_and_top1(builds / name, fp32, ids, window=1024)
                     reference_ppl[text] = q.reference_perplexity
-                    row[text] = {"perplexity": q.perplexity, "kl": q.kl, "top1": q.top1}
+                    row[text] = {
+                        "perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "tokens": q.tokens
+                    }  # fmt: skip
+                    tokens[text] = q.tokens
                 rows.append(row)
                 print(f"{name}: build {stats['seconds']:.0f}s, "
                       f"peak {stats['peak_rss'] / 1e9:.2f} GB, "
@@ -186,8 +191,15 @@ def main(argv: list[str] | None = None) -> None:
                                   for t in texts)
                       + f" ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
     for text in texts:
-        rows[0][text] = {"perplexity": reference_ppl.get(text), "kl": 0.0, "top1": 1.0}
-    report(rows, texts, args, dropped, calibration)
+        rows[0][text] = {
+            "perplexity": reference_ppl.get(text), "kl": 0.0, "top1": 1.0, "tokens": tokens[text]
+        }  # fmt: skip
+    for row in rows:  # both texts as one: the issue's "prose and code"
+        count = sum(row[t]["tokens"] for t in texts)
+        nll = sum(np.log(row[t]["perplexity"]) * row[t]["tokens"] for t in texts)
+        kl = sum(row[t]["kl"] * row[t]["tokens"] for t in texts)
+        row["prose+code"] = {"perplexity": float(np.exp(nll / count)), "kl": kl / count}
+    report(rows, [*texts, "prose+code"], args, dropped, calibration)
 
 
 def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:

@@ -47,7 +47,10 @@ from internlm2_graph.rope import rotary_tables
 # tokens in all: the layer forwards cost ~2 * parameters * tokens, the main cost of a build.
 SEQUENCE_TOKENS = 512
 MAX_TOKENS = 8192
-DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's default)
+# Fraction of the mean Hessian diagonal added to it. GPTQ's paper uses 0.01; on SmolLM2 0.1
+# generalises better from calibration text to other text (prose perplexity gap to fp32 at
+# block 128: 37% of RTN's, against 54% with 0.01; code unchanged).
+DAMP = 0.1
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
 TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
 HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
