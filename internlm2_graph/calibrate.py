@@ -398,9 +398,7 @@ def default_text(per_module: int = 3000) -> str:
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
         doc = ast.get_docstring(tree) or ""
-        first = next(
-            (n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))), None
-        )
+        first = next((n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))), None)
         code = "" if first is None else "\n".join(source.splitlines()[first.lineno - 1 :])
         text = (doc[: per_module // 2] + "\n\n" + code)[:per_module].strip()
         if len(text) > 200:
