@@ -4,11 +4,12 @@ name -> the saver pulls each tensor (read, regroup, transpose, quantize) into th
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from internlm2_graph import package, speculative
+from internlm2_graph import calibrate, package, speculative
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
@@ -83,7 +84,10 @@ def build(
     checkpoint = Checkpoint(folder)
     model, module = build_graph(config, target)
     scales = kv_cache_scales(config, target)
-    WeightBinder(checkpoint, config, allow_nonfinite, scales).bind(module)
+    binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
+    binder.bind(module)
+    if target.algorithm == "gptq":  # bad calibration data fails here, before any write
+        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
     expected_bytes = graph_bytes(model)
     draft_model = None
     if draft_target is not None:  # the self-draft: the same weights, quantized
@@ -95,8 +99,16 @@ def build(
     eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
     runtime_config = package.genai_config(config, target, eos)
 
-    with package.staged_folder(output, overwrite, expected_bytes) as staging:
+    with (
+        package.staged_folder(output, overwrite, expected_bytes) as staging,
+        tempfile.TemporaryDirectory(dir=staging, prefix=".calibration") as scratch,
+    ):
         tokenizer.write(staging)
+        if target.algorithm == "gptq":  # GPTQ's weights, spilled to `scratch` until saved
+            binder.calibrated = calibrate.calibrate(
+                checkpoint, config, sequences, target.quant, target.lm_head_quant,
+                Path(scratch), progress,
+            )  # fmt: skip
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:

@@ -41,6 +41,9 @@ OPTIONS = {
     "(default none); scales from kv_cache_scale_file, else calibrated in the build",
     "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
+    "algo_config": "rtn/gptq: round to nearest, or GPTQ calibrated on text (default rtn)",
+    "calibration_data": "gptq's text: a UTF-8 file or a JSON list of token-id lists "
+    "(default: docstrings of Python's standard library)",
 }
 # Options that shape quantized weights; a float build has none to shape.
 QUANT_OPTIONS = (
@@ -49,6 +52,8 @@ QUANT_OPTIONS = (
     "is_symmetric",
     "lm_head_precision",
     "use_cuda_bf16",
+    "algo_config",
+    "calibration_data",
 )
 # The linear layer whose precision `lm_head_precision` sets, by its checkpoint name.
 LM_HEAD = "output"
@@ -102,6 +107,10 @@ class QuantSpec:
             "block_size": self.block_size,
             "accuracy_level": self.accuracy_level,
         }
+
+
+# How quantized weights are rounded: to nearest, or by GPTQ on calibration text (calibrate.py).
+ALGORITHMS = ("rtn", "gptq")
 
 
 # What a KV cache value is divided by its scale into: the largest code (signed int8 and int4
@@ -176,6 +185,8 @@ class Target:
     max_length: int | None = None
     filename: str = "model.onnx"
     kv_cache: KVCacheSpec | None = None
+    algorithm: str = "rtn"  # how quantized weights are rounded: "rtn" or "gptq" (calibrate.py)
+    calibration_data: str | None = None
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
@@ -282,6 +293,16 @@ def resolve_target(
             )
         if head != "float":
             lm_head_quant = replace(quant, bits=4 if head == "int4" else 8)
+    algorithm = options.get("algo_config", "rtn")
+    if algorithm not in ALGORITHMS:
+        raise InternLM2GraphError(
+            f"--extra_options algo_config={algorithm!r}: use one of {', '.join(ALGORITHMS)}"
+        )
+    if "calibration_data" in options and algorithm == "rtn":
+        raise InternLM2GraphError(
+            "--extra_options calibration_data only applies with algo_config=gptq "
+            "(round to nearest needs no data)"
+        )
     return Target(
         precision=precision,
         execution_provider=execution_provider,
@@ -292,6 +313,8 @@ def resolve_target(
         max_length=_max_length(options),
         filename=_filename(options),
         kv_cache=_kv_cache(options, execution_provider),
+        algorithm=algorithm,
+        calibration_data=options.get("calibration_data"),
     )
 
 

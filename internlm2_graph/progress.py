@@ -16,11 +16,15 @@ class Progress:
         self.stream = stream or sys.stderr
 
     @contextlib.contextmanager
-    def task(self, label: str) -> Iterator[Callable[[object, int, int], None]]:
+    def task(
+        self, label: str, unit: str = "tensors", each: bool = False
+    ) -> Iterator[Callable[[object, int, int], None]]:
         """Yields `update(item, index, total)`; draws a bar (TTY) or a line every ~10%.
 
         Redrawing one line only works on a terminal: in a log file or CI output each redraw
-        would be a new line, so there a line is written per tenth of the work instead.
+        would be a new line, so there a line is written per tenth of the work instead (per
+        item with `each`, for a few slow items). Both show the time left, assuming the
+        remaining items take as long as the done ones did on average.
         """
         if self.quiet:
             yield lambda item, index, total: None
@@ -33,19 +37,20 @@ class Progress:
             nonlocal last_decile
             done = index + 1
             elapsed = time.perf_counter() - start
+            left = f", {elapsed / done * (total - done):.0f}s left" if done < total else ""
             if tty:
                 name = getattr(item, "name", "") or ""
                 filled = BAR_WIDTH * done // max(total, 1)
                 bar = "#" * filled + "-" * (BAR_WIDTH - filled)
                 self.stream.write(
-                    f"\r{label} [{bar}] {done}/{total} {elapsed:5.1f}s {name[:40]:<40}"
+                    f"\r{label} [{bar}] {done}/{total} {elapsed:5.1f}s{left} {name[:40]:<40}"
                 )
             else:
                 decile = 10 * done // max(total, 1)
-                if decile == last_decile:
+                if decile == last_decile and not each:
                     return
                 last_decile = decile
-                self.stream.write(f"{label}: {done}/{total} tensors, {elapsed:.1f}s\n")
+                self.stream.write(f"{label}: {done}/{total} {unit}, {elapsed:.1f}s{left}\n")
             self.stream.flush()
 
         try:

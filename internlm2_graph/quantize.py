@@ -264,3 +264,29 @@ def matmul_nbits_initializers(q: QuantizedWeight, scales_dtype=np.float32) -> li
     if q.zero_points is not None:
         arrays.append(q.zero_points)
     return arrays
+
+
+def from_codes(
+    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, spec: QuantSpec
+) -> QuantizedWeight:
+    """Pack codes chosen elsewhere (GPTQ, calibrate.py) into the layout ``quantize`` writes.
+
+    ``codes`` uint8 [N, K]; ``scales`` and ``zero_points`` (integers, stored as any dtype)
+    [N, k_blocks]. A ragged K's padding gets the block's zero point, so it dequantizes to 0.
+    """
+    n, k = codes.shape
+    q = _empty_outputs(n, k, spec)
+    _, mid = _levels(spec.bits)
+    zp = np.asarray(zero_points).astype(np.uint8)
+    padded = np.repeat(zp, spec.block_size, axis=1)
+    padded[:, :k] = codes
+    blocks = padded.reshape(n, q.k_blocks, spec.block_size)
+    q.packed[:] = blocks if spec.bits == 8 else _pack_nibbles(blocks)
+    q.scales[:] = scales
+    if q.zero_points is not None:
+        if spec.bits == 4:
+            if zp.shape[1] % 2:  # odd k_blocks: the spare nibble holds mid, as quantize writes
+                zp = np.pad(zp, ((0, 0), (0, 1)), constant_values=mid)
+            zp = _pack_nibbles(np.ascontiguousarray(zp))
+        q.zero_points[:] = zp
+    return q

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from internlm2_graph import modules
+from internlm2_graph.calibrate import Calibrated
 from internlm2_graph.checkpoint import Checkpoint, TensorRef
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
@@ -178,11 +179,14 @@ class WeightBinder:
         config: InternLM2Config,
         allow_nonfinite: bool = False,
         kv_scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        calibrated: Calibrated | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.config = config
         self.allow_nonfinite = allow_nonfinite
         self.kv_scales = kv_scales or {}
+        # GPTQ's weights by linear path (calibrate.py); may be set after bind(), before saving.
+        self.calibrated = calibrated
 
     def bind(self, root: modules.InternLM2ForCausalLM) -> None:
         for path, module in root.named_modules():
@@ -230,12 +234,24 @@ class WeightBinder:
     def _bind_quantized(self, path: str, module: modules.QuantizedLinear) -> None:
         source = self.source(f"{path}.weight", (module.out_features, module.in_features))
         parts = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
-        quantized = Once(lambda: quantize_source(source, module.spec), len(parts))
+        quantized = Once(lambda: self._quantized(path, source, module), len(parts))
         _attach(module.weight, lambda: quantized.take().packed)
         _attach(module.scales, lambda: _as(quantized.take().scales.reshape(-1), module.scales))
         if module.zero_points is not None:
             _attach(module.zero_points, lambda: quantized.take().zero_points.reshape(-1))
         self._bind_bias(path, module)
+
+    def _quantized(self, path: str, source: Source, module) -> QuantizedWeight:
+        if self.calibrated is None or path not in self.calibrated:
+            return quantize_source(source, module.spec)
+        q = self.calibrated.load(path, module.in_features, module.spec)
+        if path.endswith("attention.wqkv"):  # calibrated in the checkpoint's grouped row order
+            order = qkv_order(self.config)
+            zero_points = None if q.zero_points is None else q.zero_points[order]
+            q = QuantizedWeight(
+                q.packed[order], q.scales[order], zero_points, k=q.k, n=q.n, spec=q.spec
+            )
+        return q
 
     def _bind_rotary(self, module: modules.Rotary) -> None:
         # Computed and written a slice of positions at a time: a 1M-token table is 0.5 GB.

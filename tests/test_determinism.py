@@ -29,10 +29,12 @@ def test_fp32_in_another_process_is_byte_identical(tiny_checkpoint, tiny_fp32, t
     assert contents(output) == contents(tiny_fp32)
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_quantized_builds_are_byte_identical(tiny_checkpoint, tmp_path, precision):
+@pytest.mark.parametrize(
+    "precision, options", [("int4", []), ("int8", []), ("int4", ["algo_config=gptq"])]
+)
+def test_quantized_builds_are_byte_identical(tiny_checkpoint, tmp_path, precision, options):
     first, second = tmp_path / "first", tmp_path / "second"
-    build(tiny_checkpoint, first, precision)
-    build(tiny_checkpoint, second, precision)
+    build(tiny_checkpoint, first, precision, "cpu", options)
+    build(tiny_checkpoint, second, precision, "cpu", options)
     assert contents(first) == contents(second)
     assert set(contents(first)) >= {"model.onnx", "model.onnx.data", "genai_config.json"}

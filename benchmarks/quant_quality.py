@@ -1,0 +1,265 @@
+"""What int4 costs in quality on real weights, round-to-nearest against GPTQ (calibrate.py).
+
+    python -m benchmarks.quant_quality [--workdir DIR] [--settings 32-sym,128-sym,128-asym]
+        [--methods rtn,gptq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
+
+SmolLM2-135M-Instruct (benchmarks/smollm2.py: real trained weights in the InternLM2 layout) is
+built at fp32 (the reference) and at int4 with each method x block size x symmetry x lm_head
+precision, all with accuracy_level=0 (weights are what is measured, not int8 activations).
+Each build runs in its own process: wall time and peak RSS are the build's own.
+
+Calibration and evaluation text are different:
+- calibration: `calibrate.default_text()` (docstrings and code of the standard library, what a
+  build uses without calibration_data), tokenized with SmolLM2's real tokenizer and passed as
+  calibration_data=ids.json (the checkpoint carries a placeholder SentencePiece model, see
+  smollm2.py). Sequences sharing any 16-token run with the evaluation text are dropped first.
+- evaluation: `smollm2.eval_text()` (prose: Python's license and history, the heapq essay, the
+  Zen) and `smollm2.code_text()` (textwrap.py and shlex.py), --eval-tokens of each, windows
+  of 1024 tokens; perplexity, KL(fp32 || int4) per token and top-1 agreement with fp32.
+
+Bits per weight are those of the quantized linears (codes + fp32 scales + zero points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+from benchmarks import common, smollm2  # noqa: E402
+from benchmarks.quality import kl_and_top1  # noqa: E402
+
+SETTINGS = {
+    "32-sym": {"block_size": "32", "is_symmetric": "true"},
+    "128-sym": {"block_size": "128", "is_symmetric": "true"},
+    "128-asym": {"block_size": "128", "is_symmetric": "false"},
+    "32-asym": {"block_size": "32", "is_symmetric": "false"},
+}
+NGRAM = 16
+
+
+def bits_per_weight(bits: int, block: int, symmetric: bool) -> float:
+    return bits + (32 + (0 if symmetric else bits)) / block
+
+
+def calibration_ids(checkpoint: Path, held_out: list[np.ndarray], tokens: int) -> list:
+    """The default calibration text as SmolLM2 ids, without sequences that overlap evaluation."""
+    from internlm2_graph import calibrate
+    from internlm2_graph.config import InternLM2Config
+
+    config = InternLM2Config.from_dir(checkpoint)
+    ids = smollm2.encode(checkpoint, calibrate.default_text())
+    grams = {tuple(h[i : i + NGRAM]) for h in held_out for i in range(len(h) - NGRAM + 1)}
+    sequences = calibrate.chop(ids, config, 1 << 30)
+    clean = [
+        s
+        for s in sequences
+        if not any(tuple(s[i : i + NGRAM]) in grams for i in range(len(s) - NGRAM + 1))
+    ]
+    keep = max(1, tokens // len(clean[0]))
+    picks = np.linspace(0, len(clean) - 1, min(keep, len(clean))).round().astype(int)
+    return [clean[i].tolist() for i in picks], len(sequences) - len(clean)
+
+
+BUILD = """
+import json, sys
+from internlm2_graph import build, calibrate
+for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, for ablations
+    setattr(calibrate, key, value)
+summary = build(sys.argv[1], sys.argv[2], sys.argv[3], "cpu", json.loads(sys.argv[4]),
+                overwrite=True)
+# VmHWM, not getrusage: a child's ru_maxrss can start at its parent's (the evaluating process).
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": int(hwm.split()[1]) * 1024}))
+"""
+
+
+def measured_build(
+    checkpoint: Path, out: Path, precision: str, options: dict, tweaks: dict | None = None
+) -> dict:
+    """Build in a child process; its own wall time and peak RSS. Reuses a finished folder."""
+    done = out / "build.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BUILD,
+            str(checkpoint),
+            str(out),
+            precision,
+            json.dumps(options),
+            json.dumps(tweaks or {}),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=common.REPO,
+    )
+    if result.returncode:
+        raise SystemExit(f"build {out.name} failed:\n{result.stderr[-3000:]}")
+    line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
+    stats = json.loads(line.split(" ", 1)[1])
+    smollm2.install_tokenizer(out, checkpoint)
+    done.write_text(json.dumps(stats))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR)
+    parser.add_argument("--settings", default="32-sym,128-sym,128-asym")
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--heads", default="int4", help="lm_head precisions: int4,int8,float")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--machine", default=common.default_machine_name())
+    parser.add_argument(
+        "--tweak",
+        default="",
+        help="GPTQ variant for an ablation, calibrate.py constants as JSON, e.g. "
+        "'{\"DAMP\": 0.1}' (rows and builds get the JSON as a suffix)",
+    )
+    args = parser.parse_args(argv)
+
+    checkpoint = smollm2.smollm2_checkpoint(args.workdir)
+    texts = {
+        "prose": smollm2.encode(checkpoint, smollm2.eval_text(), args.eval_tokens),
+        "code": smollm2.encode(checkpoint, smollm2.code_text(), args.eval_tokens),
+    }
+    calibration, dropped = calibration_ids(
+        checkpoint, list(texts.values()), args.calibration_tokens
+    )
+    data = args.workdir / "calibration-ids.json"
+    data.write_text(json.dumps(calibration))
+    print(f"calibration: {sum(map(len, calibration))} tokens in {len(calibration)} sequences "
+          f"({dropped} overlapping the evaluation text dropped)", flush=True)  # fmt: skip
+
+    builds = args.workdir / "quant-quality"
+    fp32 = builds / "fp32"
+    fp32_stats = measured_build(checkpoint, fp32, "fp32", {})
+    rows = [
+        {
+            "method": "fp32",
+            "setting": "-",
+            "lm_head": "fp32",
+            "bpw": 32.0,
+            **fp32_stats,
+            **{name: {"perplexity": None} for name in texts},
+        }
+    ]
+    reference_ppl, tokens = {}, {}
+    for setting in args.settings.split(","):
+        for head in args.heads.split(","):
+            for method in args.methods.split(","):
+                options = {**SETTINGS[setting], "accuracy_level": "0", "algo_config": method}
+                if head != "int4":
+                    options["lm_head_precision"] = head
+                if method != "rtn":
+                    options["calibration_data"] = str(data)
+                tweaks = json.loads(args.tweak) if args.tweak and method != "rtn" else {}
+                name = f"{method}-{setting}-head-{head}"
+                if tweaks:
+                    name += "-" + "-".join(f"{k}={v}" for k, v in sorted(tweaks.items()))
+                start = time.perf_counter()
+                stats = measured_build(checkpoint, builds / name, "int4", options, tweaks)
+                row = {
+                    "method": method + (f" {json.dumps(tweaks)}" if tweaks else ""),
+                    "setting": setting,
+                    "lm_head": head,
+                    "bpw": bits_per_weight(4, int(SETTINGS[setting]["block_size"]),
+                                           SETTINGS[setting]["is_symmetric"] == "true"),
+                    **stats,
+                }  # fmt: skip
+                for text, ids in texts.items():
+                    q = kl_and_top1(builds / name, fp32, ids, window=1024)
+                    reference_ppl[text] = q.reference_perplexity
+                    row[text] = {
+                        "perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "tokens": q.tokens
+                    }  # fmt: skip
+                    tokens[text] = q.tokens
+                rows.append(row)
+                print(f"{name}: build {stats['seconds']:.0f}s, "
+                      f"peak {stats['peak_rss'] / 1e9:.2f} GB, "
+                      + ", ".join(f"{t} {row[t]['perplexity']:.3f} KL {row[t]['kl']:.4f}"
+                                  for t in texts)
+                      + f" ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+    for text in texts:
+        rows[0][text] = {
+            "perplexity": reference_ppl.get(text), "kl": 0.0, "top1": 1.0, "tokens": tokens[text]
+        }  # fmt: skip
+    for row in rows:  # both texts as one: the issue's "prose and code"
+        count = sum(row[t]["tokens"] for t in texts)
+        nll = sum(np.log(row[t]["perplexity"]) * row[t]["tokens"] for t in texts)
+        kl = sum(row[t]["kl"] * row[t]["tokens"] for t in texts)
+        row["prose+code"] = {"perplexity": float(np.exp(nll / count)), "kl": kl / count}
+    report(rows, [*texts, "prose+code"], args, dropped, calibration)
+
+
+def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:
+    """(ppl - fp32) of this row over (ppl - fp32) of RTN at the same setting and head."""
+    fp32 = rows[0][text]["perplexity"]
+    rtn = next(
+        (
+            r
+            for r in rows
+            if r["method"] == "rtn" and r["setting"] == row["setting"]
+            and r["lm_head"] == row["lm_head"]
+        ),
+        None,
+    )  # fmt: skip
+    if rtn is None or fp32 is None or rtn[text]["perplexity"] == fp32:
+        return None
+    return (row[text]["perplexity"] - fp32) / (rtn[text]["perplexity"] - fp32)
+
+
+def report(rows, texts, args, dropped, calibration) -> None:
+    header = ["method", "block, symmetry", "lm_head", "bits/weight"]
+    for text in texts:
+        header += [f"{text} ppl", f"{text} KL", f"{text} gap / RTN gap"]
+    header += ["build s", "peak RSS"]
+    table = []
+    for row in rows:
+        cells = [row["method"], row["setting"], row["lm_head"], f"{row['bpw']:.2f}"]
+        for text in texts:
+            ratio = gap_ratio(rows, row, text) if row["method"] != "fp32" else None
+            cells += [
+                common.fmt(row[text]["perplexity"], ".3f"),
+                common.fmt(row[text].get("kl"), ".4f"),
+                "-" if ratio is None else f"{ratio:.0%}",
+            ]
+        cells += [f"{row['seconds']:.0f}", f"{row['peak_rss'] / 1e9:.2f} GB"]
+        table.append(cells)
+    machine = common.machine_info()
+    markdown = "\n".join(
+        [
+            f"# int4 quality on real weights: SmolLM2-135M-Instruct ({args.machine})",
+            "",
+            f"Evaluation: {args.eval_tokens} tokens each of prose (`smollm2.eval_text`) and code "
+            "(`smollm2.code_text`), windows of 1024, KL(fp32 || int4) per token. Calibration "
+            f"(gptq): {sum(map(len, calibration))} tokens of `calibrate.default_text()` "
+            f"({dropped} sequences overlapping the evaluation text dropped). accuracy_level=0. "
+            "`gap / RTN gap`: (ppl - fp32 ppl) / (RTN's ppl - fp32 ppl) at the same setting.",
+            "",
+            common.markdown_table(header, table),
+            "",
+            f"Machine: {json.dumps(machine)}",
+        ]
+    )
+    path = common.write_results(
+        f"quant-quality-{args.machine}",
+        {"rows": rows, "machine": machine, "git": common.git_state(), "args": vars(args)},
+        markdown,
+    )
+    print(markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,644 @@
+"""Calibrated int4/int8 (GPTQ) without torch: numpy, streamed one decoder layer at a time.
+
+Round-to-nearest (quantize.py) rounds each weight on its own. GPTQ (Frantar et al. 2022,
+arXiv:2210.17323) rounds the columns of a linear layer one after another and spreads each
+column's rounding error over the columns not yet rounded, weighted by the inverse Hessian
+``H = X^T X`` of the layer's input X on calibration text: it minimises the error of the layer's
+OUTPUT on that text, not of its weights.
+
+Layout. The result must be what MatMulNBits reads, so GPTQ runs on the same block grid as RTN:
+blocks of ``block_size`` consecutive input columns per output row, one scale (and zero point)
+each, computed with quantize.py's rounding rules from the block's values at the moment GPTQ
+reaches its first column (the standard "groupsize" GPTQ). No g_idx, no reordering: a folder
+built with GPTQ decodes exactly as fast as an RTN one. With ``act_order`` the columns are
+processed by decreasing Hessian diagonal but every block's scale is fixed up front ("static
+groups"), so the stored layout stays the plain grid.
+
+Streaming (`calibrate`). Calibration hidden states ``[tokens, hidden]`` plus one decoder layer's
+weights are in memory at a time. Inside a layer the linears are quantized in the order they run
+(wqkv; wo; w1 and w3, which share their input; w2), each Hessian taken from activations that
+already went through the quantized linears before it ("true sequential"), and the quantized
+layer's output feeds the next layer, so each quantized layer corrects the errors of those
+before it. Results are spilled to a scratch folder, one .npz per linear, and read back when the
+saver asks for that weight.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from internlm2_graph.checkpoint import Checkpoint
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.precision import QuantSpec
+from internlm2_graph.progress import Progress
+from internlm2_graph.quantize import QuantizedWeight, dequantize, from_codes
+from internlm2_graph.rope import rotary_tables
+
+# Calibration text is cut into sequences of this many tokens (<s> first), at most this many
+# tokens in all: the layer forwards cost ~2 * parameters * tokens, the main cost of a build.
+SEQUENCE_TOKENS = 512
+MAX_TOKENS = 8192
+# Fraction of the mean Hessian diagonal added to it. GPTQ's paper uses 0.01; on SmolLM2 0.1
+# generalises better from calibration text to other text (prose perplexity gap to fp32 at
+# block 128: 37% of RTN's, against 54% with 0.01; code unchanged).
+DAMP = 0.1
+LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
+TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
+HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
+# GPTQ's variants, measured on SmolLM2-135M (benchmarks/quant_quality.py): act_order (static
+# blocks) is clearly better there; the grid search is a smaller gain at more cost.
+ACT_ORDER = True
+SEARCH = True
+# Shrink factors searched_grid tries for a block's range (1 - 0.04 k): clipping the largest
+# weights of a block a little often lowers the error of all the others.
+SHRINK = np.float32(1) - np.float32(0.04) * np.arange(1, 11, dtype=np.float32)
+
+
+# --- GPTQ, pure numpy -----------------------------------------------------------------------
+
+
+def hessian_factor(
+    hessian: np.ndarray, damp: float | None = None, order: np.ndarray | None = None
+) -> np.ndarray:
+    """The upper-triangular U with ``U^T U = inverse(H + damp * mean(diag H) * I)``.
+
+    GPTQ reads row i of U as "how column i's error spreads to the columns after it". Computed
+    with one Cholesky and one triangular inverse: for the reversal P, ``P chol(P H P) P = R`` is
+    upper triangular with ``H = R R^T``, so ``U = R^-1``. `order` permutes columns first
+    (act_order). Inputs that never fire (zero diagonal) get a unit diagonal: their columns are
+    then rounded to nearest with nothing to compensate.
+    """
+    # One float32 copy, already permuted and reversed (a 7B w2 Hessian is 0.8 GB).
+    flipped = np.arange(len(hessian))[::-1] if order is None else np.asarray(order)[::-1]
+    h = np.asarray(hessian, dtype=np.float32)[np.ix_(flipped, flipped)]
+    diag = np.diagonal(h).copy()
+    diag[diag <= 0] = 1.0
+    damp = DAMP if damp is None else damp
+    h[np.diag_indices_from(h)] = diag + damp * float(np.mean(diag))
+    try:
+        inverse = _cholesky_inverse(h)
+    except np.linalg.LinAlgError:
+        raise InternLM2GraphError(
+            "GPTQ: the calibration Hessian is not positive definite even after dampening; "
+            "the calibration data is degenerate, give more varied calibration_data"
+        ) from None
+    return np.ascontiguousarray(inverse[::-1, ::-1])
+
+
+def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
+    """inverse(L) for the lower Cholesky factor L of h, recursively by 2x2 blocks, so that
+    nearly all the work is matmuls (numpy's Cholesky and inverse are several times slower):
+    with L = [[A, 0], [B, C]], B = H21 A^-T and C = chol(H22 - B B^T), and
+    L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+    n = h.shape[0]
+    if n <= 512:
+        return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
+    m = n // 2
+    a_inv = _cholesky_inverse(h[:m, :m])
+    b = h[m:, :m] @ a_inv.T
+    c_inv = _cholesky_inverse(h[m:, m:] - b @ b.T)
+    out = np.zeros_like(h)
+    out[:m, :m] = a_inv
+    out[m:, m:] = c_inv
+    out[m:, :m] = -(c_inv @ (b @ a_inv))
+    return out
+
+
+def block_grid(block: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per column of ``block`` [block_size, N] (transposed weights), by
+    quantize.py's rules (symmetric: the extreme lands on code 0; asymmetric: [min, max]
+    including 0, a 4-bit integer zero point). float32 [N] each."""
+    qmax, mid = (1 << spec.bits) - 1, 1 << (spec.bits - 1)
+    hi = block.max(axis=0)
+    lo = block.min(axis=0)
+    if spec.symmetric:
+        ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        return ext * np.float32(-1.0 / mid), np.full(hi.shape, mid, np.float32)
+    lo = np.minimum(lo, 0)
+    hi = np.maximum(hi, 0)
+    scale = (hi - lo) / np.float32(qmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(scale != 0, np.float32(0) - lo / scale, lo)
+    return scale, np.clip(np.floor(zp + np.float32(0.5)), 0, qmax).astype(np.float32)
+
+
+def searched_grid(
+    block: np.ndarray, spec: QuantSpec, importance: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The grid (scale, zero point per column of ``block`` [block_size, N]) that minimises the
+    rounding error weighted by ``importance`` [block_size] (the Hessian's diagonal: how much
+    each input moves the output), among block_grid's and narrowed ones that clip the extremes.
+
+    Symmetric candidates map the block's extreme to the lowest code (block_grid's choice) or to
+    the highest, times a shrink factor; asymmetric ones shrink the low end, the high end or
+    both. The layout is unchanged: only the values of scale and zero point differ.
+    """
+    qmax, mid = (1 << spec.bits) - 1, 1 << (spec.bits - 1)
+    best_scale, best_zp = block_grid(block, spec)
+    best = _grid_error(block, best_scale, best_zp, importance, qmax)
+    hi = block.max(axis=0)
+    lo = block.min(axis=0)
+    candidates = []
+    if spec.symmetric:
+        ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        zp = np.full(hi.shape, mid, np.float32)
+        for r in SHRINK:
+            candidates.append((ext * np.float32(-r / mid), zp))
+            candidates.append((ext * np.float32(r / (mid - 1)), zp))
+    else:
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        for r in SHRINK:
+            for a, b in ((r, r), (r, 1), (1, r)):
+                scale = (hi * np.float32(b) - lo * np.float32(a)) / np.float32(qmax)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    zp = np.where(scale != 0, -(lo * np.float32(a)) / scale, 0)
+                zp = np.clip(np.floor(zp + np.float32(0.5)), 0, qmax).astype(np.float32)
+                candidates.append((scale.astype(np.float32), zp))
+    for scale, zp in candidates:
+        error = _grid_error(block, scale, zp, importance, qmax)
+        better = error < best
+        best = np.where(better, error, best)
+        best_scale = np.where(better, scale, best_scale)
+        best_zp = np.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def _grid_error(block, scale, zp, importance, qmax) -> np.ndarray:
+    restored = (_round(block, _reciprocal(scale), zp, qmax) - zp) * scale
+    restored -= block
+    restored *= restored
+    return importance @ restored
+
+
+def _round(w: np.ndarray, recip: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
+    """Codes as quantize.py (and MLAS) round: clamp(w * (1/scale) + zp + 0.5, 0, qmax), cut."""
+    y = w * recip
+    y += zp
+    y += np.float32(0.5)
+    np.clip(y, 0, qmax, out=y)
+    return y.astype(np.uint8)
+
+
+def _reciprocal(scale: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", over="ignore"):
+        recip = np.float32(1) / scale
+    recip[~np.isfinite(recip)] = 0
+    return recip
+
+
+def gptq(
+    weight: np.ndarray,
+    factor: np.ndarray,
+    spec: QuantSpec,
+    order: np.ndarray | None = None,
+    importance: np.ndarray | None = None,
+) -> QuantizedWeight:
+    """GPTQ of an HF-layout [N=out, K=in] weight on MatMulNBits' block grid.
+
+    `factor` is ``hessian_factor(H, order=order)`` of the weight's input; rows are independent,
+    so a big weight can be done in row chunks with one factor. Without `order`, each block's
+    scale comes from its values as updated by the error feedback of the blocks before it. With
+    `order` (act_order: a permutation of the K columns), scales are fixed from the original
+    weight first and columns are rounded in that order. With `importance` (the Hessian's
+    diagonal, in the weight's column order) each block's grid is searched (searched_grid)
+    rather than taken from its range.
+    """
+    n, k = weight.shape
+    bs, qmax = spec.block_size, (1 << spec.bits) - 1
+    k_blocks = -(-k // bs)
+    wt = np.array(weight.T, dtype=np.float32, order="C")  # [K, N]: a column is a row here
+    codes = np.empty((k, n), np.uint8)
+    scales = np.empty((k_blocks, n), np.float32)
+    zero_points = np.empty((k_blocks, n), np.float32)
+
+    def grid(block: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+        if importance is None:
+            return block_grid(block, spec)
+        return searched_grid(block, spec, importance[first : first + len(block)])
+
+    if order is not None:
+        for b in range(k_blocks):
+            scales[b], zero_points[b] = grid(wt[b * bs : (b + 1) * bs], b * bs)
+        wt = wt[order]
+        positions = np.asarray(order)
+    else:
+        positions = np.arange(k)
+    recips = np.empty_like(scales)
+    if order is not None:
+        recips[:] = _reciprocal(scales)
+    lazy = max(LAZY_COLUMNS, bs)  # a multiple of bs: a block never straddles two batches
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        err = np.empty((i2 - i1, n), np.float32)
+        for i in range(i1, i2):
+            column = positions[i]
+            b = column // bs
+            if order is None and column % bs == 0:
+                scales[b], zero_points[b] = grid(wt[i : i + bs], i)
+                recips[b] = _reciprocal(scales[b])
+            w = wt[i]
+            q = _round(w, recips[b], zero_points[b], qmax)
+            codes[column] = q
+            e = (w - (q - zero_points[b]) * scales[b]) / factor[i, i]
+            err[i - i1] = e
+            if i + 1 < i2:
+                wt[i + 1 : i2] -= factor[i, i + 1 : i2, None] * e[None, :]
+        if i2 < k:
+            wt[i2:] -= factor[i1:i2, i2:].T @ err
+    return from_codes(codes.T, scales.T, zero_points.T, spec)
+
+
+def act_order(hessian: np.ndarray) -> np.ndarray:
+    """Columns by decreasing Hessian diagonal (stable): GPTQ's act_order."""
+    return np.argsort(-np.diagonal(hessian), kind="stable")
+
+
+# --- calibration data -----------------------------------------------------------------------
+
+
+def calibration_tokens(
+    option: str | None, checkpoint_dir: Path, config: InternLM2Config, max_tokens: int = MAX_TOKENS
+) -> list[np.ndarray]:
+    """The calibration sequences (int64 ids, <s> first) for `calibration_data=option`.
+
+    A JSON file holding a list of id lists is used as given (sequences longer than
+    SEQUENCE_TOKENS are cut); any other file is UTF-8 text, tokenized with the checkpoint's own
+    tokenizer. Without the option: docstrings of this Python's standard library (every install
+    ships them; technical English prose).
+    """
+    if option is None:
+        text = default_text()
+        ids = _encode(text, checkpoint_dir, "the default calibration text")
+        return chop(ids, config, max_tokens)
+    path = Path(option).expanduser()
+    where = f"--extra_options calibration_data={option}"
+    if not path.is_file():
+        raise InternLM2GraphError(
+            f"{where}: no such file; give a UTF-8 text file or a JSON list of token-id lists"
+        )
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise InternLM2GraphError(
+            f"{where}: the file is empty; give a few thousand tokens of text like your prompts"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InternLM2GraphError(
+            f"{where}: not UTF-8 text (byte {err.start}); save it as UTF-8 or pass a JSON list "
+            "of token-id lists"
+        ) from None
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("[["):
+        return _id_lists(text, where, config, max_tokens)
+    ids = _encode(text, checkpoint_dir, where)
+    if len(ids) < 2:
+        raise InternLM2GraphError(f"{where}: the text gives fewer than 2 tokens; give more text")
+    return chop(ids, config, max_tokens)
+
+
+def _id_lists(text: str, where: str, config: InternLM2Config, max_tokens: int) -> list:
+    try:
+        lists = json.loads(text)
+    except ValueError as err:
+        raise InternLM2GraphError(f"{where}: not valid JSON ({err})") from None
+    ok = (
+        isinstance(lists, list)
+        and lists
+        and all(isinstance(s, list) and s for s in lists)
+        and all(isinstance(i, int) and not isinstance(i, bool) for s in lists for i in s)
+    )
+    if not ok:
+        raise InternLM2GraphError(
+            f"{where}: expected a JSON list of non-empty lists of token ids, e.g. [[1, 422, 9]]"
+        )
+    sequences, total = [], 0
+    for row, seq in enumerate(lists):
+        ids = np.asarray(seq, dtype=np.int64)
+        bad = (ids < 0) | (ids >= config.vocab_size)
+        if bad.any():
+            raise InternLM2GraphError(
+                f"{where}: id {int(ids[bad][0])} in list {row} is outside the vocabulary "
+                f"(0..{config.vocab_size - 1}); tokenize with this checkpoint's tokenizer"
+            )
+        length = _sequence_tokens(config)
+        for start in range(0, len(ids), length):
+            part = ids[start : start + length][: max_tokens - total]
+            if len(part):
+                sequences.append(part)
+                total += len(part)
+    return sequences
+
+
+def _encode(text: str, checkpoint_dir: Path, where: str) -> np.ndarray:
+    model = Path(checkpoint_dir) / "tokenizer.model"
+    if model.is_file():
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        ids = processor.encode(text)
+    elif (Path(checkpoint_dir) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(Path(checkpoint_dir) / "tokenizer.json"))
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+    else:
+        raise InternLM2GraphError(
+            f"{where}: the checkpoint has no tokenizer.model to tokenize it; pass "
+            "calibration_data=FILE.json, a JSON list of token-id lists"
+        )
+    return np.asarray(ids, dtype=np.int64)
+
+
+def chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.ndarray]:
+    """<s> + pieces of the stream, SEQUENCE_TOKENS each, max_tokens in all, taken evenly
+    spaced from the whole stream (the whole text is sampled, not only its beginning)."""
+    bad = (ids < 0) | (ids >= config.vocab_size)
+    if bad.any():
+        raise InternLM2GraphError(
+            f"calibration_data: the tokenizer gives id {int(ids[bad][0])}, outside the model's "
+            f"vocabulary (0..{config.vocab_size - 1}); the tokenizer and weights disagree"
+        )
+    length = _sequence_tokens(config)
+    starts = range(0, len(ids), length - 1)
+    keep = max(1, max_tokens // length)
+    if len(starts) > keep:
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+    return [
+        np.concatenate([[config.bos_token_id], ids[start : start + length - 1]]).astype(np.int64)
+        for start in starts
+    ]
+
+
+def _sequence_tokens(config: InternLM2Config) -> int:
+    return min(SEQUENCE_TOKENS, config.max_position_embeddings)
+
+
+@functools.lru_cache(maxsize=1)
+def default_text(per_module: int = 3000) -> str:
+    """Prose and code that every Python install ships: for each module of the standard library
+    (in name order), its docstring and then its source from the first class or function on,
+    about `per_module` characters in all. English technical prose and Python code, from some
+    two hundred modules; the same Python version gives the same text, hence the same build.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[str] = []
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        doc = ast.get_docstring(tree) or ""
+        first = next((n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))), None)
+        code = "" if first is None else "\n".join(source.splitlines()[first.lineno - 1 :])
+        text = (doc[: per_module // 2] + "\n\n" + code)[:per_module].strip()
+        if len(text) > 200:
+            parts.append(text)
+    if sum(map(len, parts)) < 50_000:
+        raise InternLM2GraphError(
+            "calibration_data: this Python install ships no standard library sources to "
+            "calibrate on; pass calibration_data=PATH (text like your prompts)"
+        )
+    return "\n\n".join(parts)
+
+
+# --- the layer-by-layer driver --------------------------------------------------------------
+
+
+class Calibrated:
+    """Quantized weights by linear path ("model.layers.3.attention.wqkv", "output"), in the
+    checkpoint's row order, kept on disk in `folder` until the saver asks for them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.paths: set[str] = set()
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.paths
+
+    def save(self, path: str, q: QuantizedWeight) -> None:
+        arrays = {"packed": q.packed, "scales": q.scales}
+        if q.zero_points is not None:
+            arrays["zero_points"] = q.zero_points
+        np.savez(self.folder / f"{path}.npz", **arrays)
+        self.paths.add(path)
+
+    def save_rows(self, path: str, parts: list[QuantizedWeight]) -> None:
+        first = parts[0]
+        joined = QuantizedWeight(
+            packed=np.concatenate([p.packed for p in parts]),
+            scales=np.concatenate([p.scales for p in parts]),
+            zero_points=None
+            if first.zero_points is None
+            else np.concatenate([p.zero_points for p in parts]),
+            k=first.k,
+            n=sum(p.n for p in parts),
+            spec=first.spec,
+        )
+        self.save(path, joined)
+
+    def load(self, path: str, k: int, spec: QuantSpec) -> QuantizedWeight:
+        with np.load(self.folder / f"{path}.npz") as data:
+            packed, scales = data["packed"], data["scales"]
+            zero_points = data.get("zero_points")
+        return QuantizedWeight(packed, scales, zero_points, k=k, n=len(packed), spec=spec)
+
+
+@dataclass
+class _Weights:
+    """One layer's float32 weights, HF layout; wqkv in its grouped rows."""
+
+    attention_norm: np.ndarray
+    ffn_norm: np.ndarray
+    linears: dict[str, np.ndarray]
+    biases: dict[str, np.ndarray]
+
+
+def calibrate(
+    checkpoint: Checkpoint,
+    config: InternLM2Config,
+    sequences: list[np.ndarray],
+    body: QuantSpec,
+    head: QuantSpec | None,
+    scratch: Path,
+    progress: Progress | None = None,
+    order: bool | None = None,
+    search: bool | None = None,
+) -> Calibrated:
+    """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
+
+    `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
+    `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH.
+    """
+    order = ACT_ORDER if order is None else order
+    search = SEARCH if search is None else search
+    progress = progress or Progress(quiet=True)
+    result = Calibrated(scratch)
+    lengths = [len(s) for s in sequences]
+    x = _embed(checkpoint, np.concatenate(sequences))
+    cos, sin = rotary_tables(config, max(lengths))
+    steps = config.num_hidden_layers + (head is not None)
+    with progress.task("calibrating (gptq)", unit="layers", each=True) as update:
+        for n in range(config.num_hidden_layers):
+            weights = _read_layer(checkpoint, config, n)
+            x = _quantize_layer(
+                f"model.layers.{n}", weights, x, lengths, config, cos, sin, body, result,
+                order, search,
+            )  # fmt: skip
+            update(_Named(f"layer {n}"), n, steps)
+        if head is not None:
+            h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
+            del x
+            factor, perm, importance = _prepare(h, order, search)
+            del h
+            ref = checkpoint["output.weight"]
+            parts = [
+                gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance)
+                for start in range(0, ref.shape[0], HEAD_ROWS)
+            ]
+            result.save_rows("output", parts)
+            update(_Named("lm_head"), steps - 1, steps)
+    return result
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
+def _embed(checkpoint: Checkpoint, ids: np.ndarray) -> np.ndarray:
+    """Embedding rows of `ids`, reading the table a slice at a time (it is the largest)."""
+    ref = checkpoint["model.tok_embeddings.weight"]
+    out = np.empty((len(ids), ref.shape[1]), np.float32)
+    step = max(1, (64 << 20) // (4 * ref.shape[1]))
+    for start in range(0, ref.shape[0], step):
+        hit = (ids >= start) & (ids < start + step)
+        if hit.any():
+            out[hit] = ref.read_rows(start, start + step)[ids[hit] - start]
+    return out
+
+
+def _read_layer(checkpoint: Checkpoint, config: InternLM2Config, n: int) -> _Weights:
+    p = f"model.layers.{n}."
+    names = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3")
+    names += ("feed_forward.w2",)
+    biases = {}
+    if config.bias:
+        for name in ("attention.wqkv", "attention.wo"):
+            biases[name] = checkpoint[p + name + ".bias"].read()
+    return _Weights(
+        attention_norm=checkpoint[p + "attention_norm.weight"].read(),
+        ffn_norm=checkpoint[p + "ffn_norm.weight"].read(),
+        linears={name: checkpoint[p + name + ".weight"].read() for name in names},
+        biases=biases,
+    )
+
+
+def _prepare(inputs: np.ndarray, order: bool, search: bool):
+    """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K]."""
+    gram = _gram(inputs)
+    perm = act_order(gram) if order else None
+    importance = np.diagonal(gram).copy() if search else None
+    return hessian_factor(gram, order=perm), perm, importance
+
+
+def _quantize_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, order, search):
+    """GPTQ the layer's linears in the order they run; returns the quantized layer's output."""
+    eps = config.rms_norm_eps
+
+    def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
+        """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
+        factor, perm, importance = _prepare(inputs, order, search)
+        out = []
+        for each in names:
+            q = gptq(weights.linears[each], factor, spec, perm, importance)
+            result.save(f"{prefix}.{each}", q)
+            out.append(dequantize(q))
+            weights.linears[each] = None  # free the float weight
+        return out
+
+    def linear(a: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
+        y = _chunked(a, lambda c: c @ w.T)
+        bias = weights.biases.get(name)
+        return y if bias is None else y + bias
+
+    h = _rmsnorm(x, weights.attention_norm, eps)
+    (wqkv,) = quantized(h, "attention.wqkv")
+    attended = _attention(linear(h, wqkv, "attention.wqkv"), lengths, config, cos, sin)
+    del h, wqkv
+    (wo,) = quantized(attended, "attention.wo")
+    x = x + linear(attended, wo, "attention.wo")
+    del attended, wo
+    h = _rmsnorm(x, weights.ffn_norm, eps)
+    w1, w3 = quantized(h, "feed_forward.w1", "feed_forward.w3")
+    act = np.empty((len(h), w1.shape[0]), np.float32)
+    for start in range(0, len(h), TOKEN_CHUNK):
+        c = h[start : start + TOKEN_CHUNK]
+        gate = c @ w1.T
+        act[start : start + len(c)] = gate / (1 + np.exp(-gate)) * (c @ w3.T)
+    del h, w1, w3
+    (w2,) = quantized(act, "feed_forward.w2")
+    x += linear(act, w2, "feed_forward.w2")
+    return x
+
+
+def _chunked(a: np.ndarray, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    return np.concatenate([f(a[s : s + TOKEN_CHUNK]) for s in range(0, len(a), TOKEN_CHUNK)])
+
+
+def _gram(a: np.ndarray) -> np.ndarray:
+    """X^T X summed over tokens, float32 (a few thousand tokens: rounding far below damp)."""
+    total = np.zeros((a.shape[1], a.shape[1]), np.float32)
+    for start in range(0, len(a), TOKEN_CHUNK):
+        c = a[start : start + TOKEN_CHUNK]
+        total += c.T @ c
+    return total
+
+
+def _rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * weight
+
+
+def _sequences(lengths: list[int]) -> Iterator[tuple[int, int]]:
+    start = 0
+    for length in lengths:
+        yield start, start + length
+        start += length
+
+
+def _attention(qkv, lengths, config: InternLM2Config, cos, sin) -> np.ndarray:
+    """Causal GQA with rotate-half RoPE on grouped wqkv outputs, one sequence at a time."""
+    kv, g, d = config.num_key_value_heads, config.group, config.head_dim
+    out = np.empty((len(qkv), config.num_attention_heads * d), np.float32)
+    for start, stop in _sequences(lengths):
+        length = stop - start
+        grouped = qkv[start:stop].reshape(length, kv, g + 2, d).transpose(1, 2, 0, 3)
+        c = np.concatenate([cos[:length], cos[:length]], axis=-1)
+        s = np.concatenate([sin[:length], sin[:length]], axis=-1)
+        q = _rotate(grouped[:, :g], c, s)  # [kv, g, L, d]
+        k = _rotate(grouped[:, g], c, s)  # [kv, L, d]
+        v = grouped[:, g + 1]
+        scores = q @ k[:, None].transpose(0, 1, 3, 2)  # [kv, g, L, L]
+        scores *= np.float32(d**-0.5)
+        scores += np.triu(np.full((length, length), -np.inf, np.float32), 1)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        attended = scores @ v[:, None]  # [kv, g, L, d]
+        out[start:stop] = attended.transpose(2, 0, 1, 3).reshape(length, -1)
+    return out
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,266 @@
+"""GPTQ (calibrate.py): the MatMulNBits layout, less output error than RTN, builds, bad input.
+
+The oracle for "better" is the quantity GPTQ minimises, the error of a layer's output on its
+calibration inputs, and, for whole builds, the KL divergence of the built folder's logits to
+the fp32 reference on text that calibration did not see.
+"""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from internlm2_graph import InternLM2GraphError, build
+from internlm2_graph.calibrate import (
+    act_order,
+    block_grid,
+    calibration_tokens,
+    default_text,
+    gptq,
+    hessian_factor,
+    searched_grid,
+)
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.precision import QuantSpec
+from internlm2_graph.quantize import dequantize, quantize
+from internlm2_graph.reference import Reference
+
+SPECS = [
+    QuantSpec(bits=4, block_size=32, symmetric=True),
+    QuantSpec(bits=4, block_size=16, symmetric=False),
+    QuantSpec(bits=4, block_size=128, symmetric=True),
+    QuantSpec(bits=8, block_size=32, symmetric=False),
+]
+
+
+def correlated_inputs(seed: int, tokens: int, k: int) -> np.ndarray:
+    """Activations with what real ones have: correlated channels and a few large ones."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((tokens, k)) @ (np.eye(k) + 2 * mix)
+    x[:, rng.choice(k, max(1, k // 16), replace=False)] *= 8
+    return x.astype(np.float32)
+
+
+# --- the algorithm ---------------------------------------------------------------------------
+
+
+@given(
+    spec=st.sampled_from(SPECS),
+    n=st.integers(1, 24),
+    k=st.integers(1, 300),
+    seed=st.integers(0, 2**16),
+)
+@example(spec=SPECS[1], n=3, k=48, seed=0)  # odd number of blocks: the spare zero-point nibble
+def test_with_a_diagonal_hessian_gptq_is_round_to_nearest_byte_for_byte(spec, n, k, seed):
+    # No correlation between inputs means no error to feed forward: GPTQ must then write
+    # exactly quantize()'s bytes, which pins its grid, rounding, padding and packing.
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    factor = hessian_factor(np.diag(rng.uniform(0.5, 2.0, k)))
+    got, want = gptq(weight, factor, spec), quantize(weight, spec)
+    assert np.array_equal(got.packed, want.packed)
+    assert np.array_equal(got.scales, want.scales)
+    if spec.symmetric:
+        assert got.zero_points is None
+    else:
+        assert np.array_equal(got.zero_points, want.zero_points)
+
+
+def test_hessian_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse():
+    x = correlated_inputs(0, 1200, 700).astype(np.float64)  # 700: the recursion splits unevenly
+    hessian = x.T @ x
+    factor = hessian_factor(hessian, damp=0.01).astype(np.float64)
+    dampened = hessian + 0.01 * np.mean(np.diag(hessian)) * np.eye(len(hessian))
+    inverse = np.linalg.inv(dampened)
+    assert np.array_equal(factor, np.triu(factor))
+    assert np.max(np.abs(factor.T @ factor - inverse)) <= 1e-5 * np.max(np.abs(inverse))
+
+
+def test_a_dead_input_does_not_break_the_factor():
+    x = correlated_inputs(1, 300, 64)
+    x[:, 5] = 0  # an input that never fires
+    factor = hessian_factor(x.T @ x)
+    assert np.isfinite(factor).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("ordered", [False, True], ids=["in order", "act_order"])
+def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(spec, ordered):
+    x = correlated_inputs(2, 2048, 256)
+    weight = np.random.default_rng(3).standard_normal((96, 256)).astype(np.float32)
+    hessian = x.T.astype(np.float64) @ x
+    order = act_order(hessian) if ordered else None
+    q = gptq(weight, hessian_factor(hessian, order=order), spec, order)
+    assert q.packed.shape == quantize(weight, spec).packed.shape
+
+    def output_error(restored):
+        return np.linalg.norm(x @ (restored - weight).T)
+
+    rtn = output_error(dequantize(quantize(weight, spec)))
+    calibrated = output_error(dequantize(q))
+    assert calibrated <= 0.9 * rtn, (calibrated, rtn)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_the_searched_grid_never_rounds_worse_than_the_range_grid(spec):
+    rng = np.random.default_rng(4)
+    block = (rng.standard_t(3, (spec.block_size, 500))).astype(np.float32)  # heavy tails
+    importance = rng.uniform(0.1, 10, spec.block_size).astype(np.float32)
+    qmax = (1 << spec.bits) - 1
+
+    def error(scale, zp):
+        codes = np.clip(np.floor(block / scale + zp + 0.5), 0, qmax)
+        return importance @ ((codes - zp) * scale - block) ** 2
+
+    plain, searched = (
+        error(*block_grid(block, spec)),
+        error(*searched_grid(block, spec, importance)),
+    )
+    assert (searched <= plain * (1 + 1e-5)).all()
+    if spec.bits == 4:
+        assert searched.sum() < 0.95 * plain.sum()  # heavy tails: clipping pays
+    zp = searched_grid(block, spec, importance)[1]
+    assert ((zp == np.round(zp)) & (zp >= 0) & (zp <= qmax)).all()  # a storable zero point
+
+
+# --- calibration data ------------------------------------------------------------------------
+
+
+def test_default_calibration_text_is_prose_from_this_python(tiny_checkpoint):
+    text = default_text()
+    assert len(text) > 100_000 and text == default_text()  # the same text every time
+    config = InternLM2Config.from_dir(tiny_checkpoint)
+    sequences = calibration_tokens(None, tiny_checkpoint, config, max_tokens=4096)
+    assert sum(map(len, sequences)) <= 4096
+    everything = calibration_tokens(None, tiny_checkpoint, config, max_tokens=1 << 30)
+    assert sequences[-1].tolist() == everything[-1].tolist()  # spread over the whole text
+    assert all(s[0] == config.bos_token_id for s in sequences)
+    assert all(len(s) <= config.max_position_embeddings for s in sequences)
+
+
+def test_calibration_data_as_token_id_lists(tiny_checkpoint, tmp_path):
+    config = InternLM2Config.from_dir(tiny_checkpoint)
+    path = tmp_path / "ids.json"
+    path.write_text(json.dumps([[1, 5, 6, 7], list(range(1, 600))]))
+    sequences = calibration_tokens(str(path), tiny_checkpoint, config)
+    assert [len(s) for s in sequences] == [4, 256, 256, 87]  # cut to the context length
+    assert sequences[0].tolist() == [1, 5, 6, 7]
+
+
+# --- whole builds ----------------------------------------------------------------------------
+
+
+def session_logits(model_dir, ids: np.ndarray) -> np.ndarray:
+    """Logits [seq, vocab] of a built folder for one sequence, empty KV cache."""
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(model_dir / genai["filename"]))
+    feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            shape = (1, genai["num_key_value_heads"], 0, genai["head_size"])
+            feeds[inp.name] = np.zeros(shape, np.float32)
+    return session.run(["logits"], feeds)[0][0].astype(np.float64)
+
+
+def mean_kl(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    """KL(reference || other) per token, averaged."""
+
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    kls = [
+        (np.exp(log_softmax(p)) * (log_softmax(p) - log_softmax(q))).sum(axis=-1)
+        for p, q in zip(reference, other)
+    ]
+    return float(np.mean(np.concatenate(kls)))
+
+
+@pytest.fixture(scope="module")
+def split_text(tiny_checkpoint, tmp_path_factory):
+    """Calibration and evaluation text from different parts of the default text."""
+    config = InternLM2Config.from_dir(tiny_checkpoint)
+    sequences = calibration_tokens(None, tiny_checkpoint, config, max_tokens=1 << 20)
+    calibration = tmp_path_factory.mktemp("calibration") / "ids.json"
+    calibration.write_text(json.dumps([s.tolist() for s in sequences[:16]]))
+    return calibration, sequences[-4:]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["block_size=32"],
+        ["block_size=16", "is_symmetric=false"],
+        ["block_size=64", "lm_head_precision=int8"],
+    ],
+)
+def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(
+    tiny_checkpoint, split_text, tmp_path, options
+):
+    calibration, held_out = split_text
+    base = ["accuracy_level=0", *options]
+    build(tiny_checkpoint, tmp_path / "rtn", "int4", "cpu", base)
+    build(
+        tiny_checkpoint,
+        tmp_path / "gptq",
+        "int4",
+        "cpu",
+        [*base, "algo_config=gptq", f"calibration_data={calibration}"],
+    )
+    reference = Reference(tiny_checkpoint)
+    fp32 = [reference.forward(ids)[0] for ids in held_out]
+    rtn = [session_logits(tmp_path / "rtn", ids) for ids in held_out]
+    calibrated = [session_logits(tmp_path / "gptq", ids) for ids in held_out]
+    assert mean_kl(fp32, calibrated) < mean_kl(fp32, rtn)
+    # Same layout as RTN: same initializers, shapes and MatMulNBits attributes.
+    assert sorted(p.name for p in (tmp_path / "gptq").iterdir()) == sorted(
+        p.name for p in (tmp_path / "rtn").iterdir()
+    )
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "precision, options, message",
+    [
+        ("fp16", ["algo_config=gptq"], "algo_config only apply to --precision int4/int8"),
+        ("int4", ["algo_config=awq2"], "algo_config='awq2': use one of rtn, gptq"),
+        ("int4", ["calibration_data=x.txt"], "calibration_data only applies with algo_config="),
+        ("int4", ["algo_config=gptq", "calibration_data=/no/such.txt"], "no such file"),
+    ],
+)
+def test_bad_calibration_options_fail_before_writing(
+    tiny_checkpoint, tmp_path, precision, options, message
+):
+    with pytest.raises(InternLM2GraphError, match=message):
+        build(tiny_checkpoint, tmp_path / "out", precision, "cpu", options)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "  \n", "the file is empty"),
+        ("ids.json", "[[1, 5, 99999]]", "id 99999 in list 0 is outside the vocabulary"),
+        ("neg.json", "[[1, -3]]", "id -3 in list 0 is outside the vocabulary"),
+        ("flat.json", "[1, 2, 3]", "expected a JSON list of non-empty lists of token ids"),
+        ("broken.json", "[[1, 2", "not valid JSON"),
+    ],
+)
+def test_bad_calibration_data_is_one_line_naming_the_option(
+    tiny_checkpoint, tmp_path, name, content, message
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / name).write_text(content)
+    options = ["algo_config=gptq", f"calibration_data={data / name}"]
+    with pytest.raises(InternLM2GraphError, match=message) as info:
+        build(tiny_checkpoint, tmp_path / "out", "int4", "cpu", options)
+    assert "\n" not in str(info.value) and "calibration_data=" in str(info.value)
+    assert not (tmp_path / "out").exists()
