@@ -174,15 +174,18 @@ def checkpoint_for(args) -> tuple[Path, str]:
 
 
 def built_folder(args, checkpoint: Path) -> Path:
-    """The target with its self-draft in draft/, built once per checkpoint and settings."""
+    """The target with its self-draft in draft/ (CPU only: og 0.18 runs no draft elsewhere),
+    built once per checkpoint and settings."""
     from internlm2_graph import build
+    from internlm2_graph.speculative import DRAFT_PROVIDERS
 
     precision = args.precision or ("fp16" if args.ep == "cuda" else "fp32")
-    name = f"{checkpoint.name}-{precision}-{args.ep}-draft-{args.draft}"
+    draft = args.ep in DRAFT_PROVIDERS
+    name = f"{checkpoint.name}-{precision}-{args.ep}" + (f"-draft-{args.draft}" if draft else "")
     name += "".join(f"-{option.replace('=', '-')}" for option in args.extra_options)
     out = Path(args.workdir) / name
-    options = [*args.extra_options, f"draft={args.draft}"]
-    if not (out / "draft" / "genai_config.json").is_file():
+    options = [*args.extra_options, *([f"draft={args.draft}"] if draft else [])]
+    if not (out / ("draft" if draft else "") / "genai_config.json").is_file():
         print(build(checkpoint, out, precision, args.ep, options, overwrite=True), flush=True)
         if args.source == SMOLLM2:
             from benchmarks.smollm2 import install_tokenizer

@@ -71,6 +71,7 @@ def build(
     if not isinstance(extra_options, dict):
         extra_options = parse_extra_options(extra_options)
     spec, options = speculative.split_options(extra_options)
+    speculative.check_provider(spec, execution_provider)
     target = resolve_target(precision, execution_provider, options)
     draft_target = _draft_target(spec, precision, execution_provider, options)
     output = Path(output)

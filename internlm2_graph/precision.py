@@ -38,7 +38,7 @@ OPTIONS = {
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
     "kv_cache_quant_scheme": "int8|int4|fp8 x _per_tensor|_per_channel: a quantized KV cache "
-    "(default none); scales from kv_cache_scale_file, else calibrated in the build",
+    "(default none), with scales from kv_cache_scale_file",
     "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
     "algo_config": "rtn/gptq: round to nearest, or GPTQ calibrated on text (default rtn)",

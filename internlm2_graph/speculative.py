@@ -26,6 +26,10 @@ from internlm2_graph.errors import InternLM2GraphError
 
 MODES = ("off", "ngram", "draft")
 DRAFT_DIR = "draft"
+# onnxruntime-genai 0.18 fills the decoder's provider list from genai_config's provider_options
+# but not the draft's, so its same-provider check fails for every pair but CPU + CPU (measured
+# on an H200: benchmarks/speculative_draft_probe.py; later og versions fill both).
+DRAFT_PROVIDERS = ("cpu",)
 DRAFT_PRECISIONS = ("int4", "int8")
 # og 0.18 validates K and n within [1, 16] and [2, 16] (src/config.cpp, Speculative_Element).
 MAX_K = 16
@@ -146,6 +150,16 @@ def check_draft_folder(folder: Path) -> dict:
             "built without one"
         )
     return genai
+
+
+def check_provider(spec: Speculative, provider: str) -> None:
+    """Refuse a draft where onnxruntime-genai cannot load one."""
+    if spec.mode == "draft" and provider not in DRAFT_PROVIDERS:
+        raise InternLM2GraphError(
+            f"--extra_options speculative=draft with -e {provider}: onnxruntime-genai 0.18 "
+            "loads a draft model on the CPU only (elsewhere it fails 'Target and draft must "
+            "use the same execution provider'); build target and draft with -e cpu"
+        )
 
 
 def check_draft(spec: Speculative, vocab: dict[str, int], vocab_size: int, provider: str) -> None:

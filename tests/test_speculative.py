@@ -21,7 +21,6 @@ from internlm2_graph.speculative import (
     NGRAM_SIZE,
     chat_default,
     og_config,
-    provider_of,
     set_speculative,
     split_options,
 )
@@ -248,13 +247,10 @@ def test_chat_default_is_ngram_where_measured(tiny_fp32, self_draft, tiny_checkp
         chat_default(tmp_path)
 
 
-def test_cuda_target_gets_a_cuda_int4_draft(tiny_checkpoint, tmp_path):
-    """What the GPU benchmark builds (fp16 target, int4 self-draft); only og-cuda can run it."""
-    build(tiny_checkpoint, tmp_path / "out", "fp16", "cuda", {"draft": "int4"})
-    config = genai(tmp_path / "out")
-    assert (
-        config["model"]["draft"]["session_options"] == config["model"]["decoder"]["session_options"]
-    )
-    assert provider_of(config["model"]["draft"]) == "cuda"
-    draft = onnx.load(str(tmp_path / "out" / "draft" / "model.onnx"), load_external_data=False)
-    assert {n.op_type for n in draft.graph.node} >= {"MatMulNBits", "GroupQueryAttention"}
+def test_a_draft_on_cuda_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """og 0.18 loads no CUDA draft (measured on an H200): refused before anything is written."""
+    code = main(["-i", str(tiny_checkpoint), "-o", str(tmp_path / "out"), "-p", "fp16",
+                 "-e", "cuda", "--draft", "int4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "loads a draft model on the CPU only" in err and not (tmp_path / "out").exists()
