@@ -84,11 +84,15 @@ def build(
     speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
     checkpoint = Checkpoint(folder)
     model, module = build_graph(config, target)
+    calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
+    if target.algorithm == "gptq" or calibrated_kv:  # bad data fails here, before any write
+        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
     scales = kv_cache_scales(config, target)
+    if calibrated_kv:  # one float pass, layer by layer; it writes nothing
+        kv_tokens = calibrate.first_tokens(sequences, calibrate.KV_TOKENS)
+        scales = calibrate.kv_cache_scales(checkpoint, config, kv_tokens, target.kv_cache, progress)
     binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
     binder.bind(module)
-    if target.algorithm == "gptq":  # bad calibration data fails here, before any write
-        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
     expected_bytes = graph_bytes(model)
     draft_model = None
     if draft_target is not None:  # the self-draft: the same weights, quantized

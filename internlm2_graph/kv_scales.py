@@ -32,16 +32,11 @@ def attention_path(layer: int) -> str:
 
 
 def kv_cache_scales(config: InternLM2Config, target: Target) -> Scales | None:
-    """The scales the graph's quantized KV cache needs, or None for a float cache."""
+    """The scales a scale file gives the graph's quantized KV cache; None for a float cache or
+    when there is no file (the build then calibrates them: calibrate.kv_cache_scales)."""
     spec = target.kv_cache
-    if spec is None:
+    if spec is None or spec.scale_file is None:
         return None
-    if spec.scale_file is None:
-        raise InternLM2GraphError(
-            f"--extra_options kv_cache_quant_scheme={spec.scheme} needs its scales: pass "
-            "kv_cache_scale_file=PATH (the onnxruntime-genai builder's kv_cache_calibration "
-            "writes one)"
-        )
     return read_scale_file(spec.scale_file, spec, config, Path(target.filename).stem)
 
 

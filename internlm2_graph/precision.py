@@ -38,7 +38,7 @@ OPTIONS = {
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
     "kv_cache_quant_scheme": "int8|int4|fp8 x _per_tensor|_per_channel: a quantized KV cache "
-    "(default none), with scales from kv_cache_scale_file",
+    "(default none); scales from kv_cache_scale_file, else calibrated on calibration_data",
     "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
     "algo_config": "rtn/gptq: round to nearest, or GPTQ calibrated on text (default rtn)",
@@ -259,7 +259,11 @@ def resolve_target(
             "GroupQueryAttention runs fp16/bf16 only; use fp16, bf16 or int4 on cuda"
         )
     quantized = precision in ("int4", "int8")
+    # calibration_data also calibrates a quantized KV cache that comes without a scale file.
+    calibrated_kv = "kv_cache_quant_scheme" in options and "kv_cache_scale_file" not in options
     misplaced = sorted(set(QUANT_OPTIONS) & options.keys()) if not quantized else []
+    if calibrated_kv and "calibration_data" in misplaced:
+        misplaced.remove("calibration_data")
     if misplaced:
         raise InternLM2GraphError(
             f"--extra_options {', '.join(misplaced)} only apply to --precision int4/int8"
@@ -298,10 +302,10 @@ def resolve_target(
         raise InternLM2GraphError(
             f"--extra_options algo_config={algorithm!r}: use one of {', '.join(ALGORITHMS)}"
         )
-    if "calibration_data" in options and algorithm == "rtn":
+    if "calibration_data" in options and algorithm == "rtn" and not calibrated_kv:
         raise InternLM2GraphError(
-            "--extra_options calibration_data only applies with algo_config=gptq "
-            "(round to nearest needs no data)"
+            "--extra_options calibration_data only applies with algo_config=gptq or a "
+            "kv_cache_quant_scheme without kv_cache_scale_file (round to nearest needs no data)"
         )
     return Target(
         precision=precision,

@@ -205,3 +205,43 @@ def test_the_scales_are_what_the_kernel_uses(tiny_checkpoint, tiny_fp32, scale_f
         diff = np.abs(teacher_forced(tmp_path / name) - teacher_forced(tiny_fp32))
         errors[name] = float(np.median(diff.max(axis=-1)))
     assert errors["coarse"] > 3 * errors["fine"]
+
+
+def test_scales_calibrated_in_the_build_are_the_reference_ones(tiny_checkpoint):
+    """Without a scale file the build runs the float model over calibration text, a layer at a
+    time: its scales equal those from the independent reference's keys and values."""
+    from internlm2_graph.calibrate import kv_cache_scales
+    from internlm2_graph.checkpoint import Checkpoint
+    from internlm2_graph.config import InternLM2Config
+
+    spec = KVCacheSpec("int8", "per_channel")
+    config = InternLM2Config.from_dir(tiny_checkpoint)
+    got = kv_cache_scales(Checkpoint(tiny_checkpoint), config, [IDS], spec)
+    for layer, (k, v) in reference_kv(tiny_checkpoint, IDS).items():
+        want = scales_from_thresholds(*thresholds(k, v), spec)
+        np.testing.assert_allclose(got[attention_path(layer)][0], want[0], rtol=1e-4)
+        np.testing.assert_allclose(got[attention_path(layer)][1], want[1], rtol=1e-4)
+
+
+def test_one_command_gives_a_quantized_kv_model(tiny_checkpoint, tiny_fp32, tmp_path):
+    """kv_cache_quant_scheme alone: scales calibrated on calibration_data (here id lists drawn
+    like IDS but others; by default text every Python install ships), no scale file."""
+    rng = np.random.default_rng(7)
+    ids = [[1, *map(int, rng.integers(3, 1000, 255))] for _ in range(4)]
+    (tmp_path / "calibration.json").write_text(json.dumps(ids))
+    options = {"kv_cache_quant_scheme": "int8_per_channel"}
+    options["calibration_data"] = str(tmp_path / "calibration.json")
+    build(tiny_checkpoint, tmp_path / "m", "fp32", "cpu", options)
+    errors = np.abs(teacher_forced(tmp_path / "m") - teacher_forced(tiny_fp32)).max(axis=-1)
+    assert np.median(errors) < 0.1 and errors.max() < 0.4  # other tokens: a few values clip
+    default = {"kv_cache_quant_scheme": "int8_per_tensor"}  # the default text, tokenized
+    build(tiny_checkpoint, tmp_path / "d", "fp32", "cpu", default)
+    assert (tmp_path / "d" / "model.onnx").is_file()
+
+
+def test_calibration_data_needs_something_to_calibrate(tmp_path):
+    with pytest.raises(InternLM2GraphError, match="calibration_data only applies"):
+        resolve_target("int4", "cpu", {"calibration_data": "x.txt"})
+    options = {"kv_cache_quant_scheme": "int8_per_tensor", "kv_cache_scale_file": "s.json"}
+    with pytest.raises(InternLM2GraphError, match="calibration_data only applies"):
+        resolve_target("int4", "cpu", {**options, "calibration_data": "x.txt"})
