@@ -9,12 +9,19 @@ tokenized with SmolLM2's real tokenizer and passed as id lists); evaluation is 4
 of prose (smollm2.eval_text) and code (smollm2.code_text), other text than the calibration's.
 Windows are fed `--chunk` tokens per call, so every token after the first chunk attends to keys
 and values read back from the quantized cache. Results: benchmarks/results/kv-quality-<machine>.
+
+`--builder` adds the onnxruntime-genai builder's int8_per_channel on the same weights (its
+Llama-layout copy with the real tokenizer), scales from its own kv_cache_calibration tool at
+its defaults, against its own float-KV build; and ours with the builder's scale file. Needs the
+`bench` extra (torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,12 +38,63 @@ def cells(q: dict) -> str:
     return f"{q['perplexity']:.3f} | {change:+.2f}% | {q['kl']:.2e} | {q['top1']:.3f}"
 
 
+def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
+    """The builder's fp32 and int8_per_channel-KV builds (its calibration tool's scales), and
+    ours with those scales, each against its own tool's float-KV build."""
+    from benchmarks.llama_layout import write_llama_copy
+
+    llama = work / "smollm2-llama"
+    if not (llama / "config.json").is_file():
+        write_llama_copy(checkpoint, llama, checkpoint / "smollm2-tokenizer" / "tokenizer.json")
+
+    def builder(out: Path, *options: str) -> Path:
+        if not (out / "genai_config.json").is_file():
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama),
+                   "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache",
+                   *(["--extra_options", *options] if options else [])]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True)
+        return out
+
+    base = builder(work / "kvq-builder-fp32")
+    scales = work / "kvq-builder-scales.json"
+    if not scales.is_file():
+        tool = "onnxruntime_genai.models.quantization.kv_cache_calibration"
+        cmd = [sys.executable, "-m", tool, "--model", str(base), "--tokenizer", str(llama),
+               "--out", str(scales)]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    scheme = "kv_cache_quant_scheme=int8_per_channel"
+    theirs = builder(work / "kvq-builder-int8", scheme, f"kv_cache_scale_file={scales}")
+    ours = built_model(
+        checkpoint, work / "kvq-ours-builder-scales",
+        extra_options={"kv_cache_quant_scheme": "int8_per_channel",
+                       "kv_cache_scale_file": str(scales)},
+    )  # fmt: skip
+    rows = []
+    for label, folder, reference in (
+        ("builder int8_per_channel (its tool's scales)", theirs, base),
+        ("ours int8_per_channel (the builder's scales)", ours, work / "kvq-fp32"),
+    ):
+        row = {"scheme": label, "build_seconds": 0.0}
+        for name, text in texts.items():
+            q = kl_and_top1(
+                folder, reference, text, args.window, chunk=args.chunk, reference_chunk=args.chunk
+            )
+            row[name] = {
+                "perplexity": q.perplexity, "reference": q.reference_perplexity,
+                "kl": q.kl, "top1": q.top1,
+            }  # fmt: skip
+        print(row["scheme"], json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/internlm2-bench")
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--machine", default=None)
+    parser.add_argument("--builder", action="store_true", help="also the builder's int8 KV")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
     checkpoint = smollm2_checkpoint(work / "smollm2")
@@ -75,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         rows.append(row)
         print(scheme, json.dumps(row), flush=True)
+    if args.builder:
+        rows += builder_rows(work, checkpoint, texts, args)
     lines = [
         "KV cache schemes on real weights: SmolLM2-135M-Instruct, fp32 CPU builds, scales "
         "calibrated in the build on stdlib text; 4096 tokens each of prose and code, windows of "
