@@ -328,10 +328,9 @@ def _id_lists(text: str, where: str, config: InternLM2Config, max_tokens: int) -
     sequences, total = [], 0
     for row, seq in enumerate(lists):
         ids = np.asarray(seq, dtype=np.int64)
-        bad = (ids < 0) | (ids >= config.vocab_size)
-        if bad.any():
+        if (bad := _outside_vocabulary(ids, config)) is not None:
             raise InternLM2GraphError(
-                f"{where}: id {int(ids[bad][0])} in list {row} is outside the vocabulary "
+                f"{where}: id {bad} in list {row} is outside the vocabulary "
                 f"(0..{config.vocab_size - 1}); tokenize with this checkpoint's tokenizer"
             )
         length = _sequence_tokens(config)
@@ -341,6 +340,12 @@ def _id_lists(text: str, where: str, config: InternLM2Config, max_tokens: int) -
                 sequences.append(part)
                 total += len(part)
     return sequences
+
+
+def _outside_vocabulary(ids: np.ndarray, config: InternLM2Config) -> int | None:
+    """The first id without an embedding row, or None."""
+    bad = (ids < 0) | (ids >= config.vocab_size)
+    return int(ids[bad][0]) if bad.any() else None
 
 
 def _encode(text: str, checkpoint_dir: Path, where: str) -> np.ndarray:
@@ -366,10 +371,9 @@ def _encode(text: str, checkpoint_dir: Path, where: str) -> np.ndarray:
 def chop(ids: np.ndarray, config: InternLM2Config, max_tokens: int) -> list[np.ndarray]:
     """<s> + pieces of the stream, SEQUENCE_TOKENS each, max_tokens in all, taken evenly
     spaced from the whole stream (the whole text is sampled, not only its beginning)."""
-    bad = (ids < 0) | (ids >= config.vocab_size)
-    if bad.any():
+    if (bad := _outside_vocabulary(ids, config)) is not None:
         raise InternLM2GraphError(
-            f"calibration_data: the tokenizer gives id {int(ids[bad][0])}, outside the model's "
+            f"calibration_data: the tokenizer gives id {bad}, outside the model's "
             f"vocabulary (0..{config.vocab_size - 1}); the tokenizer and weights disagree"
         )
     length = _sequence_tokens(config)
@@ -623,7 +627,7 @@ def first_tokens(sequences: list[np.ndarray], count: int) -> list[np.ndarray]:
     return chosen
 
 
-def kv_cache_scales(
+def calibrate_kv_cache(
     checkpoint: Checkpoint,
     config: InternLM2Config,
     sequences: list[np.ndarray],

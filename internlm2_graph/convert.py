@@ -14,7 +14,7 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
-from internlm2_graph.kv_scales import kv_cache_scales
+from internlm2_graph.kv_scales import scales_from_file
 from internlm2_graph.precision import (
     QUANT_OPTIONS,
     Target,
@@ -87,17 +87,19 @@ def build(
     calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
     if target.algorithm == "gptq" or calibrated_kv:  # bad data fails here, before any write
         sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
-    scales = kv_cache_scales(config, target)
+    scales = scales_from_file(config, target)
     if calibrated_kv:  # one float pass, layer by layer; it writes nothing
         kv_tokens = calibrate.first_tokens(sequences, calibrate.KV_TOKENS)
-        scales = calibrate.kv_cache_scales(checkpoint, config, kv_tokens, target.kv_cache, progress)
+        scales = calibrate.calibrate_kv_cache(
+            checkpoint, config, kv_tokens, target.kv_cache, progress
+        )
     binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
     binder.bind(module)
     expected_bytes = graph_bytes(model)
     draft_model = None
     if draft_target is not None:  # the self-draft: the same weights, quantized
         draft_model, draft_module = build_graph(config, draft_target)
-        draft_scales = kv_cache_scales(config, draft_target)
+        draft_scales = scales_from_file(config, draft_target)
         WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
         expected_bytes += graph_bytes(draft_model)
     # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.

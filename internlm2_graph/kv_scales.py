@@ -31,9 +31,9 @@ def attention_path(layer: int) -> str:
     return f"model.layers.{layer}.attention"
 
 
-def kv_cache_scales(config: InternLM2Config, target: Target) -> Scales | None:
+def scales_from_file(config: InternLM2Config, target: Target) -> Scales | None:
     """The scales a scale file gives the graph's quantized KV cache; None for a float cache or
-    when there is no file (the build then calibrates them: calibrate.kv_cache_scales)."""
+    when there is no file (the build then calibrates them: calibrate.calibrate_kv_cache)."""
     spec = target.kv_cache
     if spec is None or spec.scale_file is None:
         return None

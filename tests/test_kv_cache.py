@@ -210,13 +210,13 @@ def test_the_scales_are_what_the_kernel_uses(tiny_checkpoint, tiny_fp32, scale_f
 def test_scales_calibrated_in_the_build_are_the_reference_ones(tiny_checkpoint):
     """Without a scale file the build runs the float model over calibration text, a layer at a
     time: its scales equal those from the independent reference's keys and values."""
-    from internlm2_graph.calibrate import kv_cache_scales
+    from internlm2_graph.calibrate import calibrate_kv_cache
     from internlm2_graph.checkpoint import Checkpoint
     from internlm2_graph.config import InternLM2Config
 
     spec = KVCacheSpec("int8", "per_channel")
     config = InternLM2Config.from_dir(tiny_checkpoint)
-    got = kv_cache_scales(Checkpoint(tiny_checkpoint), config, [IDS], spec)
+    got = calibrate_kv_cache(Checkpoint(tiny_checkpoint), config, [IDS], spec)
     for layer, (k, v) in reference_kv(tiny_checkpoint, IDS).items():
         want = scales_from_thresholds(*thresholds(k, v), spec)
         np.testing.assert_allclose(got[attention_path(layer)][0], want[0], rtol=1e-4)
