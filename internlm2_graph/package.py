@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,17 +109,46 @@ def save_model(
     all, are written a slice of rows at a time (weights.RowStreamedTensor).
     """
 
+    stop = threading.Event()
+
     def callback(tensor, info) -> None:
+        if stop.is_set():
+            raise _Stopped
         if on_tensor is not None:
             on_tensor(tensor, info.index, info.total)
 
-    ir.save(
-        model,
-        folder / filename,
-        external_data=filename + ".data",
-        callback=callback,
-        **_parallel_save_options(),
-    )
+    def save() -> None:
+        try:
+            ir.save(
+                model,
+                folder / filename,
+                external_data=filename + ".data",
+                callback=callback,
+                **_parallel_save_options(),
+            )
+        except BaseException as error:  # handed to the caller's thread below
+            failure.append(error)
+
+    # The save runs in a thread of its own, so that Ctrl-C (delivered to the main thread) never
+    # lands inside onnx-ir's writer: a KeyboardInterrupt raised while its main loop held the
+    # in-flight semaphore's lock left the workers blocked on it, and the build hung (seen in
+    # about 1 of 10 interrupted builds). Ctrl-C now stops the writer at its next tensor.
+    failure: list[BaseException] = []
+    saver = threading.Thread(target=save, name="save_model")
+    saver.start()
+    try:
+        while saver.is_alive():
+            saver.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        saver.join()
+        raise
+    if failure and not isinstance(failure[0], _Stopped):
+        raise failure[0]
+
+
+class _Stopped(Exception):
+    """The save was asked to stop (Ctrl-C) between two tensors."""
 
 
 def _parallel_save_options() -> dict:
