@@ -4,6 +4,12 @@
 #   bash benchmarks/long_context_gpu.sh kv-speed     # 7B int4: fp16 vs int8_per_channel KV, 1k-32k
 #   bash benchmarks/long_context_gpu.sh kv-builder   # 1.8B int4, int8 KV: ours beside the builder's
 #   bash benchmarks/long_context_gpu.sh one-million  # a 7B-1M-shaped model, max_length 1048576
+# 7B int4, ours beside the builder, KV fp16/int8/fp8/int4 (one machine, these in order; the
+# GPTQ build runs in the background, on cores of its own, while the timings run):
+#   bash benchmarks/long_context_gpu.sh kv-7b-build     # checkpoint, Llama copy, 4 + 4 builds
+#   bash benchmarks/long_context_gpu.sh kv-7b-time      # starts the GPTQ build; long_context.py
+#   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length; waits for GPTQ
+#   bash benchmarks/long_context_gpu.sh gptq-7b-decode  # GPTQ's build time, decode beside RTN
 # Scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +18,53 @@ export PYTHONUNBUFFERED=1
 W=/tmp/internlm2-bench
 mkdir -p "$W"
 
-scales() {  # scales LAYERS FILE: int8 per-channel scales for 8 KV heads of 128
-python3 - "$1" "$2" <<'PY'
+scales() {  # scales LAYERS FILE [QMAX]: per-channel scales (threshold 8) for 8 KV heads of 128
+python3 - "$1" "$2" "${3:-128}" <<'PY'
 import json, sys
-s = [[8.0 / 128] * (8 * 128)] * int(sys.argv[1])
+s = [[8.0 / float(sys.argv[3])] * (8 * 128)] * int(sys.argv[1])
 json.dump({"scales": {"k_scales": s, "v_scales": s}}, open(sys.argv[2], "w"))
 PY
 }
+
+SCHEMES="fp16 int8_per_channel fp8_per_channel int4_per_channel"
+qmax() { case $1 in int8*) echo 127 ;; fp8*) echo 448 ;; int4*) echo 7 ;; esac; }
+kv_options() {  # kv_options SCHEME: the --extra_options of a quantized KV cache
+    [ "$1" = fp16 ] || echo "kv_cache_quant_scheme=$1 kv_cache_scale_file=/tmp/kv-$1.json"
+}
+dedupe() {  # dedupe FILE...: identical files become hard links of the first
+    local first=$1 f; shift
+    for f in "$@"; do
+        if [ "$f" -ef "$first" ]; then continue; fi
+        if cmp -s "$first" "$f"; then ln -f "$first" "$f"; fi
+    done
+}
+builder_best() {  # the builder at its best: CUDA graph on (its default is off)
+python3 - "$1" <<'PY'
+import json, sys
+path = sys.argv[1] + "/genai_config.json"
+genai = json.load(open(path))
+for options in genai["model"]["decoder"]["session_options"]["provider_options"]:
+    options.get("cuda", {})["enable_cuda_graph"] = "1"
+json.dump(genai, open(path, "w"), indent=4)
+PY
+}
+timed() {  # timed NAME COMMAND...: wall seconds (and peak RSS where GNU time is installed)
+    local name=$1; shift
+    if [ -x /usr/bin/time ]; then /usr/bin/time -f "$name: %e s, peak %M kB" "$@"
+    else local t0=$SECONDS; "$@"; local rc=$?; echo "$name: $((SECONDS - t0)) s"; return $rc; fi
+}
+GPU_CORES="" CPU_CORES=""  # the timings on cores 0-3, the GPTQ build beside them on 4-15
+if command -v taskset > /dev/null; then GPU_CORES="taskset -c 0-3" CPU_CORES="taskset -c 4-15"; fi
+folders() {  # folders: TOOL:SCHEME=FOLDER for each 7B build that exists
+    local s tool
+    for s in $SCHEMES; do
+        for tool in ours builder; do
+            if [ -f $W/$tool-$s/genai_config.json ]; then echo "$tool:$s=$W/$tool-$s"; fi
+        done
+    done
+}
+CK=$W/7b-1m  # 7B shapes, InternLM2.5-7B-Chat-1M's rotary settings
+OURS_MAX=4194304  # ours: max_length past max_position_embeddings x factor (dynamic NTK)
 
 case "${1:-}" in
 kv-speed)
@@ -90,9 +136,63 @@ for length in (1024, 131072):
     del generator
 PY
     ;;
+kv-7b-build)
+    df -h /tmp | tail -1
+    [ -f $CK/config.json ] || python3 -m internlm2_graph.synthetic $CK --size 7b --set \
+        max_position_embeddings=262144 'rope_scaling={"type": "dynamic", "factor": 2.5}' \
+        rope_theta=50000000
+    python3 -c "from benchmarks.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
+    for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
+    lane() {  # the builder, one scheme after another
+        for s in "$@"; do
+            timed "builder $s" env HF_HUB_OFFLINE=1 python3 -m \
+                onnxruntime_genai.models.builder -i $CK-llama -o $W/builder-$s -p int4 -e cuda \
+                -c $W/cache-$s $( [ $s = fp16 ] || echo --extra_options $(kv_options $s) ) \
+                > $W/builder-$s.log 2>&1 && builder_best $W/builder-$s || echo "builder $s FAILED"
+            tail -1 $W/builder-$s.log
+            rm -rf $W/cache-$s
+        done
+    }
+    lane fp16 int8_per_channel & lane fp8_per_channel int4_per_channel &
+    for s in $SCHEMES; do
+        timed "ours $s" python3 -m internlm2_graph -i $CK \
+            -o $W/ours-$s -p int4 -e cuda -q --overwrite --extra_options max_length=$OURS_MAX \
+            $(kv_options $s) || echo "ours $s FAILED"
+    done
+    dedupe $W/ours-fp16/model.onnx.data $W/ours-*/model.onnx.data
+    wait
+    rm -rf $CK-llama
+    dedupe $W/builder-fp16/model.onnx.data $W/builder-*/model.onnx.data
+    du -sh $W/* | sort -h | tail; df -h /tmp | tail -1
+    ;;
+kv-7b-time)
+    # GPTQ (CPU work) on cores 4-15 while the timings (GPU work) run on 0-3; it outlives this
+    # call (setsid) and the next call waits for it.
+    setsid nohup bash -c "t0=\$(date +%s); $CPU_CORES python3 -m internlm2_graph -i $CK \
+        -o $W/ours-gptq -p int4 -e cuda --overwrite --extra_options max_length=$OURS_MAX \
+        algo_config=gptq; echo \"gptq build: rc \$?, \$((\$(date +%s) - t0)) s\"" \
+        > $W/gptq.log 2>&1 < /dev/null &
+    echo $! > $W/gptq.pid
+    $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
+        --gen 64 --repeat 2 --machine h200-7b-int4
+    tr '\r' '\n' < $W/gptq.log | tail -2
+    ;;
+kv-7b-capacity)
+    $GPU_CORES python3 -m benchmarks.long_context --capacity $(folders) --contexts 131072 \
+        --step 65536 --machine h200-7b-int4-capacity
+    while kill -0 "$(cat $W/gptq.pid)" 2> /dev/null; do sleep 5; done
+    tr '\r' '\n' < $W/gptq.log | tail -4
+    ;;
+gptq-7b-decode)
+    tr '\r' '\n' < $W/gptq.log | grep -E "layer|gptq build" | tail -40
+    python3 -m benchmarks.runtime rtn=$W/ours-fp16 gptq=$W/ours-gptq --ep cuda \
+        --prompts 1024,8192 --gen 128 --repeat 3 --machine h200-7b-int4-gptq --bandwidth 4800
+    ;;
 *)
-    sed -n '2,7p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*h200-*kv* "$OUT"/ 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ]; then
+    cp benchmarks/results/*h200-*kv* benchmarks/results/*h200-7b-int4* "$OUT"/ 2>/dev/null || true
+fi

@@ -27,6 +27,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,15 @@ print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": int(hwm.spl
 
 
 def measured_build(
-    checkpoint: Path, out: Path, precision: str, options: dict, tweaks: dict | None = None
+    checkpoint: Path,
+    out: Path,
+    precision: str,
+    options: dict,
+    tweaks: dict | None = None,
+    finish: Callable[[Path, Path], None] | None = smollm2.install_tokenizer,
 ) -> dict:
-    """Build in a child process; its own wall time and peak RSS. Reuses a finished folder."""
+    """Build in a child process; its own wall time and peak RSS. Reuses a finished folder.
+    `finish(out, checkpoint)` runs on a new folder (by default: SmolLM2's real tokenizer)."""
     done = out / "build.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -106,7 +113,8 @@ def measured_build(
         raise SystemExit(f"build {out.name} failed:\n{result.stderr[-3000:]}")
     line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
     stats = json.loads(line.split(" ", 1)[1])
-    smollm2.install_tokenizer(out, checkpoint)
+    if finish is not None:
+        finish(out, checkpoint)
     done.write_text(json.dumps(stats))
     return stats
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,8 @@ MAX_TOKENS = 8192
 KV_TOKENS = 2048
 DAMP = 0.1
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
+SUB_COLUMNS = 16  # ... and the sub-batch inside it whose updates are applied column by column
+THREADS = os.cpu_count() or 1
 TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
 HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
 # GPTQ's variants, measured on SmolLM2-135M (benchmarks/quant_quality.py): act_order (static
@@ -216,14 +220,17 @@ def gptq(
     weight first and columns are rounded in that order. With `importance` (the Hessian's
     diagonal, in the weight's column order) each block's grid is searched (searched_grid)
     rather than taken from its range.
+
+    Columns are rounded in batches of LAZY_COLUMNS and, inside those, of SUB_COLUMNS: a
+    column's error is applied at once only to the columns of its sub-batch, a sub-batch's
+    errors to the rest of its batch and a batch's to all later columns as matmuls (GPTQ's
+    "lazy batch", at two levels, so the per-column elementwise work is a few rows).
     """
     n, k = weight.shape
     bs, qmax = spec.block_size, (1 << spec.bits) - 1
     k_blocks = -(-k // bs)
     wt = np.array(weight.T, dtype=np.float32, order="C")  # [K, N]: a column is a row here
     codes = np.empty((k, n), np.uint8)
-    scales = np.empty((k_blocks, n), np.float32)
-    zero_points = np.empty((k_blocks, n), np.float32)
 
     def grid(block: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
         if importance is None:
@@ -231,32 +238,47 @@ def gptq(
         return searched_grid(block, spec, importance[first : first + len(block)])
 
     if order is not None:
-        for b in range(k_blocks):
-            scales[b], zero_points[b] = grid(wt[b * bs : (b + 1) * bs], b * bs)
+        # Static blocks: every grid up front, in threads (elementwise numpy releases the GIL).
+        with ThreadPoolExecutor(THREADS) as pool:
+            grids = list(
+                pool.map(lambda b: grid(wt[b * bs : (b + 1) * bs], b * bs), range(k_blocks))
+            )
+        scales = np.stack([g[0] for g in grids])
+        zero_points = np.stack([g[1] for g in grids])
+        recips = _reciprocal(scales)
         wt = wt[order]
         positions = np.asarray(order)
     else:
+        scales = np.empty((k_blocks, n), np.float32)
+        zero_points = np.empty((k_blocks, n), np.float32)
+        recips = np.empty_like(scales)
         positions = np.arange(k)
-    recips = np.empty_like(scales)
-    if order is not None:
-        recips[:] = _reciprocal(scales)
-    lazy = max(LAZY_COLUMNS, bs)  # a multiple of bs: a block never straddles two batches
+    # Multiples of bs (at least SUB_COLUMNS, a power of two like bs): in-order blocks start a
+    # sub-batch, when every row of the block has had all earlier errors applied.
+    lazy, sub = max(LAZY_COLUMNS, bs), min(SUB_COLUMNS, bs)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         err = np.empty((i2 - i1, n), np.float32)
-        for i in range(i1, i2):
-            column = positions[i]
-            b = column // bs
-            if order is None and column % bs == 0:
-                scales[b], zero_points[b] = grid(wt[i : i + bs], i)
-                recips[b] = _reciprocal(scales[b])
-            w = wt[i]
-            q = _round(w, recips[b], zero_points[b], qmax)
-            codes[column] = q
-            e = (w - (q - zero_points[b]) * scales[b]) / factor[i, i]
-            err[i - i1] = e
-            if i + 1 < i2:
-                wt[i + 1 : i2] -= factor[i, i + 1 : i2, None] * e[None, :]
+        for s1 in range(i1, i2, sub):
+            s2 = min(s1 + sub, i2)
+            for i in range(s1, s2):
+                column = positions[i]
+                b = column // bs
+                if order is None and column % bs == 0:
+                    scales[b], zero_points[b] = grid(wt[i : i + bs], i)
+                    recips[b] = _reciprocal(scales[b])
+                w = wt[i]
+                q = _round(w, recips[b], zero_points[b], qmax)
+                codes[column] = q
+                e = err[i - i1]
+                np.subtract(q, zero_points[b], out=e)
+                e *= scales[b]
+                np.subtract(w, e, out=e)
+                e *= np.float32(1 / factor[i, i])
+                if i + 1 < s2:
+                    wt[i + 1 : s2] -= factor[i, i + 1 : s2, None] * e[None, :]
+            if s2 < i2:
+                wt[s2:i2] -= factor[s1:s2, s2:i2].T @ err[s1 - i1 : s2 - i1]
         if i2 < k:
             wt[i2:] -= factor[i1:i2, i2:].T @ err
     return from_codes(codes.T, scales.T, zero_points.T, spec)
@@ -637,25 +659,45 @@ def calibrate_kv_cache(
     """Scales of a quantized KV cache from the float model's keys and values on the calibration
     text (kv_scales.thresholds: a key channel pair's norm bounds it at every position), streamed
     one decoder layer at a time."""
+    scales = {}
+
+    def keep(n: int, keys: np.ndarray, values: np.ndarray) -> None:
+        scales[attention_path(n)] = scales_from_thresholds(*thresholds(keys, values), spec)
+
+    float_forward(checkpoint, config, sequences, keep, progress, "calibrating the KV cache")
+    return scales
+
+
+def float_forward(
+    checkpoint: Checkpoint,
+    config: InternLM2Config,
+    sequences: list[np.ndarray],
+    on_kv: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    progress: Progress | None = None,
+    task: str = "float forward",
+) -> np.ndarray:
+    """The checkpoint's own float32 model on `sequences` (each from position 0), one decoder
+    layer in memory at a time: the last layer's hidden states [tokens, hidden], before the
+    final norm. `on_kv(layer, keys, values)` sees each layer's keys (before rotary) and values.
+    """
     progress = progress or Progress(quiet=True)
     lengths = [len(s) for s in sequences]
     x = _embed(checkpoint, np.concatenate(sequences))
     cos, sin = rotary_tables(config, max(lengths))
-    scales = {}
     layers = config.num_hidden_layers
-    with progress.task("calibrating the KV cache", unit="layers", each=True) as update:
+    with progress.task(task, unit="layers", each=True) as update:
         for n in range(layers):
             weights = _read_layer(checkpoint, config, n)
 
             def as_read(inputs, *names, weights=weights):
                 return [weights.linears[name] for name in names]
 
-            def keep(keys, values, n=n):
-                scales[attention_path(n)] = scales_from_thresholds(*thresholds(keys, values), spec)
+            def seen(keys, values, n=n):
+                on_kv(n, keys, values)
 
-            x = _layer(weights, x, lengths, config, cos, sin, as_read, keep)
+            x = _layer(weights, x, lengths, config, cos, sin, as_read, on_kv and seen)
             update(_Named(f"layer {n}"), n, layers)
-    return scales
+    return x
 
 
 def _chunked(a: np.ndarray, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

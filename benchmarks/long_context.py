@@ -1,0 +1,196 @@
+"""Long-context prefill and decode of built folders, side by side; and how long a context loads.
+
+    python -m benchmarks.long_context ours:int8=DIR builder:int8=DIR ... \
+        [--contexts 4096,32768,131072] [--gen 64] [--repeat 2] [--machine NAME]
+    python -m benchmarks.long_context --capacity ours:int8=DIR ... [--step 32768]
+
+Timing (one process, every folder loaded once, folders in alternating order per repeat):
+- a fresh generator takes the first context as its prompt (prefill tok/s), then decodes --gen
+  tokens (decode tok/s at that context);
+- a second fresh generator takes the second context as its prompt (prefill tok/s), decodes,
+  and then grows to each later context by appending the missing tokens (og's continued
+  prompt), decoding --gen tokens at each: decode tok/s at 128k without a second 128k prefill.
+One short warm-up per folder first; medians of --repeat. Names are TOOL:SCHEME; rows put each
+scheme's tools side by side, with ours/builder ratios.
+
+--capacity: the largest max_length a folder loads at, in steps of --step tokens: a generator of
+that max_length is created (the KV cache is allocated whole) and decodes after a 16-token
+prompt. Each attempt runs in a fresh process (a failed allocation leaves nothing behind);
+binary search between the largest timed context and the folder's own context_length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+from benchmarks import common  # noqa: E402
+from benchmarks.runtime import load, vocab_size  # noqa: E402
+
+TRY = """
+import sys, numpy as np, onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=int(sys.argv[2]), do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens(np.arange(3, 19, dtype=np.int32))
+generator.generate_next_token()
+print("LOADED")
+"""
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    return {spec.split("=", 1)[0]: Path(spec.split("=", 1)[1]) for spec in specs}
+
+
+def generator(model, length: int):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
+    return og.Generator(model, params)
+
+
+def decode(gen, steps: int) -> float:
+    """tok/s of `steps` decode steps (the first, which reads the prompt's logits, excluded)."""
+    gen.generate_next_token()
+    start = time.perf_counter()
+    for _ in range(steps):
+        gen.generate_next_token()
+    gen.get_next_tokens()
+    return steps / (time.perf_counter() - start)
+
+
+def append(gen, ids: np.ndarray) -> float:
+    start = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.get_logits()  # the prompt's logits ready (and copied): the prefill is done
+    return len(ids) / (time.perf_counter() - start)
+
+
+def one_pass(model, contexts: list[int], steps: int, rng, vocab: int) -> dict:
+    """{"prefill": {ctx: tok/s}, "decode": {ctx: tok/s}} (module docstring)."""
+    ids = rng.integers(3, vocab - 16, contexts[-1] + 4 * steps).astype(np.int32)
+    out = {"prefill": {}, "decode": {}}
+    first = generator(model, contexts[0] + steps + 1)
+    out["prefill"][contexts[0]] = append(first, ids[: contexts[0]])
+    out["decode"][contexts[0]] = decode(first, steps)
+    del first
+    if len(contexts) > 1:
+        walk = generator(model, contexts[-1] + steps + 1)
+        out["prefill"][contexts[1]] = append(walk, ids[: contexts[1]])
+        out["decode"][contexts[1]] = decode(walk, steps)
+        for context in contexts[2:]:
+            have = len(walk.get_sequence(0))
+            append(walk, ids[have:context])
+            out["decode"][context] = decode(walk, steps)
+        del walk
+    return out
+
+
+def timing(folders: dict[str, Path], args) -> dict:
+    contexts = [int(c) for c in args.contexts.split(",")]
+    models = {name: load(folder, args.ep) for name, folder in folders.items()}
+    vocab = min(vocab_size(f) for f in folders.values())
+    runs: dict[str, list[dict]] = {name: [] for name in folders}
+    for model in models.values():  # warm-up: kernels, CUDA graph capture
+        one_pass(model, [1024], 8, np.random.default_rng(1), vocab)
+    for rep in range(args.repeat):
+        names = list(models) if rep % 2 == 0 else list(models)[::-1]
+        for name in names:
+            result = one_pass(models[name], contexts, args.gen, np.random.default_rng(rep), vocab)
+            runs[name].append(result)
+            print(f"  {name:16s} run {rep + 1}: "
+                  + ", ".join(f"prefill@{c} {v:.0f}" for c, v in result["prefill"].items()) + "; "
+                  + ", ".join(f"decode@{c} {v:.1f}" for c, v in result["decode"].items()),
+                  flush=True)  # fmt: skip
+    return {
+        name: {
+            kind: {c: common.median([r[kind][c] for r in rs]) for c in rs[0][kind]}
+            for kind in ("prefill", "decode")
+        }
+        for name, rs in runs.items()
+    }
+
+
+def loads(folder: Path, length: int) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", TRY, str(folder), str(length)], capture_output=True, text=True
+    )
+    return "LOADED" in result.stdout
+
+
+def capacity(folder: Path, low: int, step: int) -> dict:
+    """Largest multiple of `step` (or the folder's context_length) whose generator loads."""
+    top = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
+    if loads(folder, top):
+        return {"max_length": top, "limit": "context_length of the build"}
+    lo, hi = low // step, top // step  # lo loads (the timing ran there), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if loads(folder, mid * step) else (lo, mid)
+    return {"max_length": lo * step, "limit": f"GPU memory ({hi * step} fails)"}
+
+
+def report(medians: dict, caps: dict, args) -> None:
+    schemes = sorted({n.split(":")[1] for n in (medians or caps)}, key=str)
+    rows = []
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for scheme in schemes:
+        ours, theirs = medians.get(f"ours:{scheme}"), medians.get(f"builder:{scheme}")
+        for kind, points in (("prefill", contexts[:2]), ("decode", contexts)):
+            for c in points:
+                a = ours and ours[kind].get(c)
+                b = theirs and theirs[kind].get(c)
+                rows.append([scheme, f"{kind} tok/s @ {c}", common.fmt(a), common.fmt(b),
+                             common.fmt(common.ratio(a, b), ".3f", "x")])  # fmt: skip
+    table = common.markdown_table(["KV cache", "measure", "ours", "builder", "ours/builder"], rows)
+    cap_rows = [[name, str(c["max_length"]), c["limit"]] for name, c in caps.items()]
+    cap_table = common.markdown_table(
+        ["folder", "largest max_length that loads", "bound"], cap_rows
+    )
+    info = common.machine_info()
+    markdown = (
+        f"# Long context, side by side ({info.get('gpu')})\n\n"
+        f"`python -m benchmarks.long_context` ({args.repeat} alternating runs, medians; "
+        f"{args.gen} decode steps per point)\n\n{table if rows else ''}\n\n"
+        f"{cap_table if cap_rows else ''}\n"
+    )
+    print(markdown)
+    common.write_results(f"long-context-{args.machine}", {"timing": medians, "capacity": caps,
+                         **info}, markdown)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("models", nargs="*", metavar="TOOL:SCHEME=FOLDER")
+    parser.add_argument("--capacity", nargs="*", default=[], metavar="TOOL:SCHEME=FOLDER")
+    parser.add_argument("--ep", default="cuda", choices=("cpu", "cuda"))
+    parser.add_argument("--contexts", default="4096,32768,131072")
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--step", type=int, default=32768)
+    parser.add_argument("--machine", default=common.default_machine_name())
+    args = parser.parse_args(argv)
+    common.require_genai()
+    medians = timing(parse_models(args.models), args) if args.models else {}
+    low = max(int(c) for c in args.contexts.split(","))
+    caps = {}
+    for name, folder in parse_models(args.capacity).items():
+        caps[name] = capacity(folder, low, args.step)
+        print(f"  {name}: loads at max_length {caps[name]['max_length']} "
+              f"({caps[name]['limit']})", flush=True)  # fmt: skip
+    report(medians, caps, args)
+
+
+if __name__ == "__main__":
+    main()
