@@ -4,7 +4,7 @@
         [--contexts 4096,32768,131072] [--gen 64] [--repeat 2] [--machine NAME]
     python -m benchmarks.long_context --capacity ours:int8=DIR ... [--step 32768]
 
-Timing (one process, every folder loaded once, folders in alternating order per repeat):
+Timing (one process; the folders of a scheme loaded together, in alternating order per repeat):
 - a fresh generator takes the first context as its prompt (prefill tok/s), then decodes --gen
   tokens (decode tok/s at that context);
 - a second fresh generator takes the second context as its prompt (prefill tok/s), decodes,
@@ -96,28 +96,38 @@ def one_pass(model, contexts: list[int], steps: int, rng, vocab: int) -> dict:
 
 
 def timing(folders: dict[str, Path], args) -> dict:
+    """Medians per folder; the folders of one scheme are loaded together and released before
+    the next scheme's (each session's memory arena keeps what its longest prefill took)."""
+    import gc
+
     contexts = [int(c) for c in args.contexts.split(",")]
-    models = {name: load(folder, args.ep) for name, folder in folders.items()}
     vocab = min(vocab_size(f) for f in folders.values())
-    runs: dict[str, list[dict]] = {name: [] for name in folders}
-    for model in models.values():  # warm-up: kernels, CUDA graph capture
-        one_pass(model, [1024], 8, np.random.default_rng(1), vocab)
-    for rep in range(args.repeat):
-        names = list(models) if rep % 2 == 0 else list(models)[::-1]
-        for name in names:
-            result = one_pass(models[name], contexts, args.gen, np.random.default_rng(rep), vocab)
-            runs[name].append(result)
-            print(f"  {name:16s} run {rep + 1}: "
-                  + ", ".join(f"prefill@{c} {v:.0f}" for c, v in result["prefill"].items()) + "; "
-                  + ", ".join(f"decode@{c} {v:.1f}" for c, v in result["decode"].items()),
-                  flush=True)  # fmt: skip
-    return {
-        name: {
-            kind: {c: common.median([r[kind][c] for r in rs]) for c in rs[0][kind]}
-            for kind in ("prefill", "decode")
-        }
-        for name, rs in runs.items()
-    }
+    medians = {}
+    for scheme in dict.fromkeys(name.split(":")[-1] for name in folders):
+        group = {n: f for n, f in folders.items() if n.split(":")[-1] == scheme}
+        models = {name: load(folder, args.ep) for name, folder in group.items()}
+        runs: dict[str, list[dict]] = {name: [] for name in group}
+        for model in models.values():  # warm-up: kernels, CUDA graph capture
+            one_pass(model, [1024], 8, np.random.default_rng(1), vocab)
+        for rep in range(args.repeat):
+            names = list(models) if rep % 2 == 0 else list(models)[::-1]
+            for name in names:
+                result = one_pass(models[name], contexts, args.gen, np.random.default_rng(rep),
+                                  vocab)  # fmt: skip
+                runs[name].append(result)
+                print(f"  {name:24s} run {rep + 1}: "
+                      + ", ".join(f"prefill@{c} {v:.0f}" for c, v in result["prefill"].items())
+                      + "; "
+                      + ", ".join(f"decode@{c} {v:.1f}" for c, v in result["decode"].items()),
+                      flush=True)  # fmt: skip
+        for name, rs in runs.items():
+            medians[name] = {
+                kind: {c: common.median([r[kind][c] for r in rs]) for c in rs[0][kind]}
+                for kind in ("prefill", "decode")
+            }
+        del models
+        gc.collect()
+    return medians
 
 
 def loads(folder: Path, length: int) -> bool:
