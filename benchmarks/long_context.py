@@ -146,14 +146,14 @@ def capacity(folder: Path, low: int, step: int) -> dict:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if loads(folder, mid * step) else (lo, mid)
-    return {"max_length": lo * step, "limit": f"GPU memory ({hi * step} fails)"}
+    return {"max_length": lo * step, "limit": f"{hi * step} does not load"}
 
 
 def report(medians: dict, caps: dict, args) -> None:
     schemes = sorted({n.split(":")[1] for n in (medians or caps)}, key=str)
     rows = []
     contexts = [int(c) for c in args.contexts.split(",")]
-    for scheme in schemes:
+    for scheme in schemes if medians else []:
         ours, theirs = medians.get(f"ours:{scheme}"), medians.get(f"builder:{scheme}")
         for kind, points in (("prefill", contexts[:2]), ("decode", contexts)):
             for c in points:
