@@ -302,8 +302,11 @@ def search_rows(inputs: np.ndarray) -> np.ndarray:
     if tokens <= AWQ_ROWS:
         return np.asarray(inputs, np.float32)
     if k <= AWQ_ROWS:
-        eigenvalues, vectors = np.linalg.eigh(_gram(inputs).astype(np.float64))
-        return (np.sqrt(np.maximum(eigenvalues, 0))[:, None] * vectors.T).astype(np.float32)
+        # R = L^T for the Cholesky factor L; a millionth of the mean diagonal keeps a Gram
+        # matrix with dead channels positive definite and moves errors by about as much.
+        gram = _gram(inputs).astype(np.float64)
+        gram[np.diag_indices(k)] += 1e-6 * max(float(np.mean(np.diagonal(gram))), 1e-30)
+        return np.linalg.cholesky(gram).T.astype(np.float32)
     return np.asarray(inputs[np.linspace(0, tokens - 1, AWQ_ROWS).round().astype(int)], np.float32)
 
 
@@ -343,8 +346,10 @@ def awq_clip(weight: np.ndarray, rows: np.ndarray, spec: QuantSpec) -> np.ndarra
     n, k = weight.shape
     blocks = spec.blocks(k)
     w = _to_blocks(weight, blocks, spec.block_size)  # [N, blocks, bs]
-    x = _to_blocks(rows, blocks, spec.block_size).transpose(1, 0, 2)  # [blocks, m, bs]
-    gram = x.transpose(0, 2, 1) @ x  # [blocks, bs, bs]: each block's own output error
+    x = _to_blocks(rows, blocks, spec.block_size)  # [m, blocks, bs]
+    # Each block's own Gram matrix [blocks, bs, bs], one plain matmul each (a stacked matmul
+    # of these strided views is several times slower).
+    gram = np.stack([x[:, b].T @ x[:, b] for b in range(blocks)])
     peak = np.abs(w).max(axis=-1, keepdims=True)
     best_bound, best_error = peak, np.full((n, blocks), np.inf, np.float32)
     for r in AWQ_SHRINK:
