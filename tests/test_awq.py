@@ -115,8 +115,8 @@ def test_an_awq_build_computes_with_its_folded_rounded_weights(
     path, sequences = calibration
     options = ["accuracy_level=0", "algo_config=awq", f"calibration_data={path}", *options]
     build(bias_checkpoint, tmp_path / "awq", precision, "cpu", options)
-    # The numpy reference: the same calibration run directly, its rounded linears dequantized,
-    # its folded norms and biases as they are, the lm_head rounded to nearest.
+    # The numpy reference: the same calibration run directly, its rounded linears (the lm_head
+    # included) dequantized, its folded norms and biases as they are.
     target = resolve_target(precision, "cpu", dict(o.split("=", 1) for o in options))
     config = InternLM2Config.from_dir(bias_checkpoint)
     (tmp_path / "scratch").mkdir()
@@ -127,11 +127,11 @@ def test_an_awq_build_computes_with_its_folded_rounded_weights(
     reference = quantized_reference(bias_checkpoint, target)
     for path_ in result.paths:
         k = reference.w[path_ + ".weight"].shape[1]
-        weight = dequantize(result.load(path_, k, target.quant))
+        weight = dequantize(result.load(path_, k, target.linear_spec(path_)))
         reference.w[path_ + ".weight"] = weight.astype(np.float64)
     for name in result.floats:
         reference.w[name] = np.asarray(result.load_float(name), np.float64)
-    assert any(name.endswith("wqkv.bias") for name in result.floats)
+    assert any(name.endswith("wqkv.bias") for name in result.floats) and "output" in result
     ids = sequences[0][:40]
     got = session_logits(tmp_path / "awq", ids)
     want = reference.forward(ids)[0]
