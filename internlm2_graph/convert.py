@@ -112,10 +112,9 @@ def build(
     ):
         tokenizer.write(staging)
         if target.algorithm != "rtn":  # calibrated weights, spilled to `scratch` until saved
-            binder.calibrated = calibrate.CALIBRATORS[target.algorithm](
-                checkpoint, config, sequences, target.quant, target.lm_head_quant,
-                Path(scratch), progress,
-            )  # fmt: skip
+            binder.calibrated = calibrate.calibrated_weights(
+                checkpoint, config, sequences, target, Path(scratch), progress
+            )
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:

@@ -138,6 +138,20 @@ def test_an_awq_build_computes_with_its_folded_rounded_weights(
     assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
 
 
+def test_under_a_quantized_kv_cache_awq_leaves_the_values_alone(
+    bias_checkpoint, calibration, tmp_path
+):
+    # The cache's scales are the float model's values': scaled value rows would overflow them.
+    config = InternLM2Config.from_dir(bias_checkpoint)
+    options = {"algo_config": "awq", "kv_cache_quant_scheme": "int8_per_channel"}
+    target = resolve_target("int4", "cpu", options)
+    result = cal.calibrated_weights(
+        Checkpoint(bias_checkpoint), config, calibration[1], target, tmp_path
+    )
+    assert "model.layers.0.attention_norm.weight" in result.floats
+    assert not any(name.endswith("wqkv.bias") for name in result.floats)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
