@@ -1,7 +1,7 @@
-"""What int4 costs in quality on real weights, round-to-nearest against GPTQ (calibrate.py).
+"""What int4 costs in quality on real weights: round to nearest, GPTQ and AWQ (calibrate.py).
 
     python -m benchmarks.quant_quality [--workdir DIR] [--settings 32-sym,128-sym,128-asym]
-        [--methods rtn,gptq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
+        [--methods rtn,gptq,awq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
 
 SmolLM2-135M-Instruct (benchmarks/smollm2.py: real trained weights in the InternLM2 layout) is
 built at fp32 (the reference) and at int4 with each method x block size x symmetry x lm_head
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tweak",
         default="",
-        help="GPTQ variant for an ablation, calibrate.py constants as JSON, e.g. "
+        help="GPTQ/AWQ variant for an ablation, calibrate.py constants as JSON, e.g. "
         "'{\"DAMP\": 0.1}' (rows and builds get the JSON as a suffix)",
     )
     args = parser.parse_args(argv)
@@ -251,7 +251,7 @@ def report(rows, texts, args, dropped, calibration) -> None:
             "",
             f"Evaluation: {args.eval_tokens} tokens each of prose (`smollm2.eval_text`) and code "
             "(`smollm2.code_text`), windows of 1024, KL(fp32 || int4) per token. Calibration "
-            f"(gptq): {sum(map(len, calibration))} tokens of `calibrate.default_text()` "
+            f"(gptq, awq): {sum(map(len, calibration))} tokens of `calibrate.default_text()` "
             f"({dropped} sequences overlapping the evaluation text dropped). accuracy_level=0. "
             "`gap / RTN gap`: (ppl - fp32 ppl) / (RTN's ppl - fp32 ppl) at the same setting.",
             "",

@@ -1,4 +1,4 @@
-"""Calibrated int4/int8 (GPTQ) without torch: numpy, streamed one decoder layer at a time.
+"""Calibrated int4/int8 (GPTQ, AWQ) without torch: numpy, streamed one decoder layer at a time.
 
 Round-to-nearest (quantize.py) rounds each weight on its own. GPTQ (Frantar et al. 2022,
 arXiv:2210.17323) rounds the columns of a linear layer one after another and spreads each
@@ -21,6 +21,14 @@ already went through the quantized linears before it ("true sequential"), and th
 layer's output feeds the next layer, so each quantized layer corrects the errors of those
 before it. Results are spilled to a scratch folder, one .npz per linear, and read back when the
 saver asks for that weight.
+
+AWQ (Lin et al. 2023, arXiv:2306.00978) keeps round-to-nearest but first moves each input
+channel's importance into the weights: a linear's columns are multiplied by ``s`` and its input
+divided by ``s``, which leaves the float model unchanged, and ``s = mean|x|^alpha`` (alpha
+searched) gives the channels that carry large activations more of the grid's resolution. The
+division is folded into whatever makes the input: the RMSNorm weight before wqkv and before
+w1/w3, the rows of w3 before w2, and the value rows of wqkv before wo. Only those float weights
+and the codes change: the graph is the same.
 """
 
 from __future__ import annotations
@@ -41,9 +49,9 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.kv_scales import attention_path, scales_from_thresholds, thresholds
-from internlm2_graph.precision import KVCacheSpec, QuantSpec
+from internlm2_graph.precision import KVCacheSpec, QuantSpec, Target
 from internlm2_graph.progress import Progress
-from internlm2_graph.quantize import QuantizedWeight, dequantize, from_codes
+from internlm2_graph.quantize import QuantizedWeight, dequantize, from_codes, quantize
 from internlm2_graph.rope import rotary_tables
 
 # Calibration text is cut into sequences of this many tokens (<s> first), at most this many
@@ -289,6 +297,154 @@ def act_order(hessian: np.ndarray) -> np.ndarray:
     return np.argsort(-np.diagonal(hessian), kind="stable")
 
 
+# --- AWQ, pure numpy --------------------------------------------------------------------------
+
+# AutoAWQ's grids. Exponents 0, 0.05, ..., 0.95: alpha = 0 is s = 1, plain round-to-nearest, so
+# the search never ends worse than RTN on the tokens it sees. Clip: a block's largest |w| times
+# 1, 0.95, ..., 0.55 (r = 1 is no clipping).
+AWQ_ALPHAS = np.arange(20, dtype=np.float32) / np.float32(20)
+AWQ_SHRINK = np.float32(1) - np.arange(10, dtype=np.float32) / np.float32(20)
+# Rows of input the searches measure output error on. With fewer input channels than that, the
+# K rows of a square root of the Gram matrix stand in for all the tokens (the same error,
+# exactly, at the cost of K rows); with more (w2 of 1.8B+), evenly spaced tokens, which bounds
+# the search at 20 * 2 * AWQ_ROWS * N * K flops per linear, about one GPTQ of the same weight.
+AWQ_ROWS = 2048
+# Measured on SmolLM2-135M (benchmarks/quant_quality.py).
+AWQ_CLIP = True
+# Scale wo's input, one scale per KV head, folded into wqkv's value rows: on SmolLM2 it lowers
+# wo's output error on held-out text by 2-5% (and on calibration text by 7-9%).
+AWQ_WO = True
+# The lm_head (a fifth of SmolLM2's weights) is rounded by GPTQ, as algo_config=gptq rounds it:
+# with an int4 RTN head AWQ kept 82% of RTN's prose gap at block 128, see the README. "rtn":
+# left to the saver.
+AWQ_HEAD = "gptq"
+AWQ_ROUNDING = "rtn"  # "gptq": GPTQ rounds the scaled weights (an ablation, not an option)
+
+
+def search_rows(inputs: np.ndarray) -> np.ndarray:
+    """Rows R [m, K] whose Gram matrix R^T R is that of `inputs` [tokens, K] (when that takes
+    fewer rows), or evenly spaced tokens, AWQ_ROWS of them: ||R d||^2 is then the output error
+    of a weight error d on all the tokens, or on a sample of them."""
+    tokens, k = inputs.shape
+    if tokens <= AWQ_ROWS:
+        return np.asarray(inputs, np.float32)
+    if k <= AWQ_ROWS:
+        # R = L^T for the Cholesky factor L; a millionth of the mean diagonal keeps a Gram
+        # matrix with dead channels positive definite and moves errors by about as much.
+        gram = _gram(inputs).astype(np.float64)
+        gram[np.diag_indices(k)] += 1e-6 * max(float(np.mean(np.diagonal(gram))), 1e-30)
+        return np.linalg.cholesky(gram).T.astype(np.float32)
+    return np.asarray(inputs[np.linspace(0, tokens - 1, AWQ_ROWS).round().astype(int)], np.float32)
+
+
+def awq_scales(
+    weights: list[np.ndarray], rows: np.ndarray, mean_abs: np.ndarray, spec: QuantSpec
+) -> np.ndarray:
+    """AWQ's scale per input channel [K] for linears that share their input (HF layout [N, K]).
+
+    Candidates are ``mean_abs ** alpha`` for alpha in AWQ_ALPHAS, normalised so that the largest
+    and smallest scale multiply to 1 (AutoAWQ's rule); the winner minimises the summed output
+    error ``||rows (Q(W s) / s - W)^T||^2`` of the linears, Q being quantize.py's rounding.
+    `mean_abs` is the mean |input| per channel (tied channels given equal values)."""
+    best, best_error = np.ones_like(mean_abs, dtype=np.float32), np.inf
+    for alpha in AWQ_ALPHAS:
+        s = np.maximum(np.asarray(mean_abs, np.float32) ** alpha, np.float32(1e-4))
+        s /= np.sqrt(s.max() * s.min())
+        error = sum(_output_error(_scaled_rtn(w, s, spec) - w, rows) for w in weights)
+        if error < best_error:
+            best, best_error = s, error
+    return best
+
+
+def _scaled_rtn(weight: np.ndarray, s: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Q(W s) / s: the weight as the quantized model computes with it, in the unscaled frame."""
+    return dequantize(quantize(weight * s, spec)) / s
+
+
+def _output_error(difference: np.ndarray, rows: np.ndarray) -> float:
+    y = _chunked(rows, lambda c: c @ difference.T)
+    return float(np.vdot(y, y))
+
+
+def awq_clip(weight: np.ndarray, rows: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """The weight [N, K] with each block of each row clipped to ±r max|w| of that block, r from
+    AWQ_SHRINK minimising that block's share of the output error on `rows` [m, K] (AWQ's clip
+    search): a narrower grid rounds the other weights of the block more finely."""
+    n, k = weight.shape
+    blocks = spec.blocks(k)
+    w = _to_blocks(weight, blocks, spec.block_size)  # [N, blocks, bs]
+    x = _to_blocks(rows, blocks, spec.block_size)  # [m, blocks, bs]
+    # Each block's own Gram matrix [blocks, bs, bs], one plain matmul each (a stacked matmul
+    # of these strided views is several times slower).
+    gram = np.stack([x[:, b].T @ x[:, b] for b in range(blocks)])
+    peak = np.abs(w).max(axis=-1, keepdims=True)
+    best_bound, best_error = peak, np.full((n, blocks), np.inf, np.float32)
+    for r in AWQ_SHRINK:
+        bound = peak * r
+        clipped = np.clip(w, -bound, bound).reshape(n, -1)[:, :k]
+        d = _to_blocks(dequantize(quantize(clipped, spec)) - weight, blocks, spec.block_size)
+        d = d.transpose(1, 0, 2)  # [blocks, N, bs]
+        error = np.sum((d @ gram) * d, axis=-1).T  # [N, blocks]
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_bound = np.where(better[..., None], bound, best_bound)
+    return np.clip(w, -best_bound, best_bound).reshape(n, -1)[:, :k]
+
+
+def _to_blocks(a: np.ndarray, blocks: int, block_size: int) -> np.ndarray:
+    """[rows, K] float32 -> [rows, blocks, block_size], a ragged K zero-padded."""
+    out = np.zeros((a.shape[0], blocks * block_size), np.float32)
+    out[:, : a.shape[1]] = a
+    return out.reshape(a.shape[0], blocks, block_size)
+
+
+def tied_per_kv_head(mean_abs: np.ndarray, config: InternLM2Config) -> np.ndarray:
+    """wo's input statistic averaged over the query heads of each KV head: all the heads of a
+    group read the same value rows, so one scale per (KV head, channel) is all a fold into them
+    can express."""
+    kv, g, d = config.num_key_value_heads, config.group, config.head_dim
+    per_kv = mean_abs.reshape(kv, g, d).mean(axis=1, keepdims=True)
+    return np.broadcast_to(per_kv, (kv, g, d)).reshape(-1).copy()
+
+
+# The linears AWQ scales together (they share an input), in the order the layer runs them.
+AWQ_GROUPS = (
+    ("attention.wqkv",),
+    ("attention.wo",),
+    ("feed_forward.w1", "feed_forward.w3"),
+    ("feed_forward.w2",),
+)
+
+
+def fold_scales(weights: _Weights, scales: dict, config: InternLM2Config) -> _Weights:
+    """The layer with each group's input divided by its scale and the group's columns
+    multiplied by it, which computes the same function in exact arithmetic. `scales` maps the
+    names of an AWQ_GROUPS entry to s [K] (a missing group keeps s = 1). The division goes into
+    the RMSNorm weight before wqkv and before w1/w3, into the rows of w3 before w2 (the SwiGLU
+    product is linear in w3's output) and into wqkv's value rows (and bias) before wo (attention
+    output is linear in the values); wo's s must then be equal across each KV head's group."""
+    linears = {name: w.copy() for name, w in weights.linears.items()}
+    biases = {name: b.copy() for name, b in weights.biases.items()}
+    attention_norm, ffn_norm = weights.attention_norm.copy(), weights.ffn_norm.copy()
+    for names, s in scales.items():
+        for name in names:
+            linears[name] *= s
+    if (s := scales.get(("attention.wqkv",))) is not None:
+        attention_norm /= s
+    if (s := scales.get(("feed_forward.w1", "feed_forward.w3"))) is not None:
+        ffn_norm /= s
+    if (s := scales.get(("feed_forward.w2",))) is not None:
+        linears["feed_forward.w3"] /= s[:, None]
+    if (s := scales.get(("attention.wo",))) is not None:
+        kv, g, d = config.num_key_value_heads, config.group, config.head_dim
+        per_kv = s.reshape(kv, g, d)[:, 0]  # [kv, d]
+        for table in (linears, biases):
+            if "attention.wqkv" in table:
+                grouped = table["attention.wqkv"].reshape(kv, g + 2, d, -1)
+                grouped[:, g + 1] /= per_kv[..., None]
+    return _Weights(attention_norm, ffn_norm, linears, biases)
+
+
 # --- calibration data -----------------------------------------------------------------------
 
 
@@ -447,14 +603,24 @@ def default_text(per_module: int = 3000) -> str:
 
 class Calibrated:
     """Quantized weights by linear path ("model.layers.3.attention.wqkv", "output"), in the
-    checkpoint's row order, kept on disk in `folder` until the saver asks for them."""
+    checkpoint's row order, kept on disk in `folder` until the saver asks for them; and float
+    tensors that calibration changed (AWQ's folded norm weights), by checkpoint tensor name."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.paths: set[str] = set()
+        self.floats: set[str] = set()
 
     def __contains__(self, path: str) -> bool:
         return path in self.paths
+
+    def save_float(self, name: str, array: np.ndarray) -> None:
+        """Replace checkpoint tensor `name` (same shape, checkpoint row order) in the build."""
+        np.save(self.folder / f"{name}.npy", np.asarray(array, np.float32))
+        self.floats.add(name)
+
+    def load_float(self, name: str) -> np.ndarray:
+        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
 
     def save(self, path: str, q: QuantizedWeight) -> None:
         arrays = {"packed": q.packed, "scales": q.scales}
@@ -529,16 +695,20 @@ def calibrate(
         if head is not None:
             h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
             del x
-            factor, perm, importance = _prepare(h, order, search)
-            del h
-            ref = checkpoint["output.weight"]
-            parts = [
-                gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance)
-                for start in range(0, ref.shape[0], HEAD_ROWS)
-            ]
-            result.save_rows("output", parts)
+            _gptq_head(checkpoint, h, head, result, order, search)
             update(_Named("lm_head"), steps - 1, steps)
     return result
+
+
+def _gptq_head(checkpoint, h, head, result, order, search) -> None:
+    """GPTQ the lm_head on its input h (the final norm's output), HEAD_ROWS rows at a time."""
+    factor, perm, importance = _prepare(h, order, search)
+    ref = checkpoint["output.weight"]
+    parts = [
+        gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance)
+        for start in range(0, ref.shape[0], HEAD_ROWS)
+    ]
+    result.save_rows("output", parts)
 
 
 @dataclass(frozen=True)
@@ -597,6 +767,121 @@ def _quantize_layer(prefix, weights, x, lengths, config, cos, sin, spec, result,
         return out
 
     return _layer(weights, x, lengths, config, cos, sin, quantized)
+
+
+def awq(
+    checkpoint: Checkpoint,
+    config: InternLM2Config,
+    sequences: list[np.ndarray],
+    body: QuantSpec,
+    head: QuantSpec | None,
+    scratch: Path,
+    progress: Progress | None = None,
+    fold_values: bool = True,
+) -> Calibrated:
+    """AWQ every decoder linear, streaming one layer at a time (see the module docstring); the
+    folded norm weights and wqkv biases are kept as float overrides. The lm_head is rounded as
+    AWQ_HEAD says (GPTQ on the quantized model's last hidden states, or left to the saver).
+    Without `fold_values`, wo's input is not scaled and the values stay the float model's."""
+    progress = progress or Progress(quiet=True)
+    result = Calibrated(scratch)
+    lengths = [len(s) for s in sequences]
+    x = _embed(checkpoint, np.concatenate(sequences))
+    cos, sin = rotary_tables(config, max(lengths))
+    gptq_head = head is not None and AWQ_HEAD == "gptq"
+    steps = config.num_hidden_layers + gptq_head
+    with progress.task("calibrating (awq)", unit="layers", each=True) as update:
+        for n in range(config.num_hidden_layers):
+            weights = _read_layer(checkpoint, config, n)
+            x = _awq_layer(
+                f"model.layers.{n}", weights, x, lengths, config, cos, sin, body, result,
+                fold_values and AWQ_WO,
+            )  # fmt: skip
+            update(_Named(f"layer {n}"), n, steps)
+        if gptq_head:
+            h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
+            del x
+            _gptq_head(checkpoint, h, head, result, ACT_ORDER, SEARCH)
+            update(_Named("lm_head"), steps - 1, steps)
+    return result
+
+
+def _awq_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, fold_values):
+    """AWQ one layer: a float pass records each group's input, the scales are searched on it
+    (AutoAWQ's recipe: every group against the float layer) and folded, then a pass through
+    the quantized layer gives the next layer's input."""
+    seen = {}
+
+    def record(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
+        mean_abs = np.mean(np.abs(inputs), axis=0)
+        if names == ("attention.wo",):
+            mean_abs = tied_per_kv_head(mean_abs, config)
+        seen[names] = (mean_abs, search_rows(inputs))
+        return [weights.linears[name] for name in names]
+
+    _layer(weights, x, lengths, config, cos, sin, record)
+    scales = {
+        names: awq_scales([weights.linears[n] for n in names], rows, mean_abs, spec)
+        for names, (mean_abs, rows) in seen.items()
+        if fold_values or names != ("attention.wo",)
+    }
+    folded = fold_scales(weights, scales, config)
+    weights.linears.clear()  # the folded copies replace the float weights
+    result.save_float(f"{prefix}.attention_norm.weight", folded.attention_norm)
+    result.save_float(f"{prefix}.ffn_norm.weight", folded.ffn_norm)
+    if "attention.wqkv" in folded.biases and ("attention.wo",) in scales:
+        result.save_float(f"{prefix}.attention.wqkv.bias", folded.biases["attention.wqkv"])
+
+    def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
+        """Round `names` (clipped first), save them, return their dequantized weights."""
+        if AWQ_ROUNDING == "gptq":
+            factor, perm, importance = _prepare(inputs, ACT_ORDER, SEARCH)
+        out = []
+        for name in names:
+            weight = folded.linears[name]
+            if AWQ_ROUNDING == "gptq":
+                q = gptq(weight, factor, spec, perm, importance)
+            else:
+                if AWQ_CLIP:
+                    s = scales.get(names, np.float32(1))
+                    weight = _clipped(name, weight, seen[names][1] / s, spec, config)
+                q = quantize(weight, spec)
+            result.save(f"{prefix}.{name}", q)
+            out.append(dequantize(q))
+            folded.linears[name] = None  # free the float weight
+        return out
+
+    return _layer(folded, x, lengths, config, cos, sin, quantized)
+
+
+def _clipped(name, weight, rows, spec, config) -> np.ndarray:
+    """awq_clip of a weight; of wqkv only the value rows, as AutoAWQ: the query and key rows'
+    error reaches the output through softmax, which a linear output error misjudges."""
+    if name != "attention.wqkv":
+        return awq_clip(weight, rows, spec)
+    kv, g, d = config.num_key_value_heads, config.group, config.head_dim
+    grouped = weight.reshape(kv, g + 2, d, -1).copy()
+    values = grouped[:, g + 1].reshape(kv * d, -1)
+    grouped[:, g + 1] = awq_clip(values, rows, spec).reshape(kv, d, -1)
+    return grouped.reshape(weight.shape)
+
+
+def calibrated_weights(
+    checkpoint: Checkpoint,
+    config: InternLM2Config,
+    sequences: list[np.ndarray],
+    target: Target,
+    scratch: Path,
+    progress: Progress | None = None,
+) -> Calibrated:
+    """The weights of a calibrated algo_config (gptq, awq; "rtn" is the saver's own)."""
+    body, head = target.quant, target.lm_head_quant
+    if target.algorithm == "gptq":
+        return calibrate(checkpoint, config, sequences, body, head, scratch, progress)
+    # A quantized KV cache stores the values with scales taken from the float model's values
+    # (calibrate_kv_cache, or a scale file): AWQ must leave them, and so wo, unscaled.
+    fold_values = target.kv_cache is None
+    return awq(checkpoint, config, sequences, body, head, scratch, progress, fold_values)
 
 
 def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None) -> np.ndarray:

@@ -85,7 +85,7 @@ def build(
     checkpoint = Checkpoint(folder)
     model, module = build_graph(config, target)
     calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
-    if target.algorithm == "gptq" or calibrated_kv:  # bad data fails here, before any write
+    if target.algorithm != "rtn" or calibrated_kv:  # bad data fails here, before any write
         sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
     scales = scales_from_file(config, target)
     if calibrated_kv:  # one float pass, layer by layer; it writes nothing
@@ -111,11 +111,10 @@ def build(
         tempfile.TemporaryDirectory(dir=staging, prefix=".calibration") as scratch,
     ):
         tokenizer.write(staging)
-        if target.algorithm == "gptq":  # GPTQ's weights, spilled to `scratch` until saved
-            binder.calibrated = calibrate.calibrate(
-                checkpoint, config, sequences, target.quant, target.lm_head_quant,
-                Path(scratch), progress,
-            )  # fmt: skip
+        if target.algorithm != "rtn":  # calibrated weights, spilled to `scratch` until saved
+            binder.calibrated = calibrate.calibrated_weights(
+                checkpoint, config, sequences, target, Path(scratch), progress
+            )
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
         with progress.task("writing weights") as on_tensor:

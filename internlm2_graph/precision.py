@@ -41,8 +41,9 @@ OPTIONS = {
     "(default none); scales from kv_cache_scale_file, else calibrated on calibration_data",
     "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
-    "algo_config": "rtn/gptq: round to nearest, or GPTQ calibrated on text (default rtn)",
-    "calibration_data": "gptq's text: a UTF-8 file or a JSON list of token-id lists "
+    "algo_config": "rtn/gptq/awq: round to nearest, or GPTQ or AWQ calibrated on text "
+    "(default rtn)",
+    "calibration_data": "gptq's and awq's text: a UTF-8 file or a JSON list of token-id lists "
     "(default: docstrings of Python's standard library)",
 }
 # Options that shape quantized weights; a float build has none to shape.
@@ -109,8 +110,9 @@ class QuantSpec:
         }
 
 
-# How quantized weights are rounded: to nearest, or by GPTQ on calibration text (calibrate.py).
-ALGORITHMS = ("rtn", "gptq")
+# How quantized weights are rounded: to nearest, by GPTQ, or to nearest after AWQ's
+# activation-aware scaling; the last two calibrated on text (calibrate.py).
+ALGORITHMS = ("rtn", "gptq", "awq")
 
 
 # What a KV cache value is divided by its scale into: the largest code (signed int8 and int4
@@ -185,7 +187,7 @@ class Target:
     max_length: int | None = None
     filename: str = "model.onnx"
     kv_cache: KVCacheSpec | None = None
-    algorithm: str = "rtn"  # how quantized weights are rounded: "rtn" or "gptq" (calibrate.py)
+    algorithm: str = "rtn"  # how quantized weights are made: one of ALGORITHMS (calibrate.py)
     calibration_data: str | None = None
 
     def linear_spec(self, name: str) -> QuantSpec | None:
@@ -304,7 +306,7 @@ def resolve_target(
         )
     if "calibration_data" in options and algorithm == "rtn" and not calibrated_kv:
         raise InternLM2GraphError(
-            "--extra_options calibration_data only applies with algo_config=gptq or a "
+            "--extra_options calibration_data only applies with algo_config=gptq/awq or a "
             "kv_cache_quant_scheme without kv_cache_scale_file (round to nearest needs no data)"
         )
     return Target(

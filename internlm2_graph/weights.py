@@ -127,6 +127,27 @@ class PermutedRows:
 
 
 @dataclass(frozen=True)
+class CalibratedRows:
+    """A checkpoint tensor, or the float replacement calibration saved for it (AWQ folds its
+    scales into norm weights and wqkv's bias). Looked up when read: calibration runs after
+    binding, just before the save."""
+
+    source: Source
+    name: str
+    calibrated: Callable[[], Calibrated | None]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        calibrated = self.calibrated()
+        if calibrated is None or self.name not in calibrated.floats:
+            return self.source.rows(start, stop)
+        return np.array(calibrated.load_float(self.name)[start:stop])
+
+
+@dataclass(frozen=True)
 class RotaryRows:
     """The rotary cos (index 0) or sin (index 1) table, computed a slice of positions at a time."""
 
@@ -185,7 +206,7 @@ class WeightBinder:
         self.config = config
         self.allow_nonfinite = allow_nonfinite
         self.kv_scales = kv_scales or {}
-        # GPTQ's weights by linear path (calibrate.py); may be set after bind(), before saving.
+        # Calibrated weights (calibrate.py: GPTQ, AWQ); may be set after bind(), before saving.
         self.calibrated = calibrated
 
     def bind(self, root: modules.InternLM2ForCausalLM) -> None:
@@ -212,7 +233,9 @@ class WeightBinder:
                 f"{ref.path}: tensor {name} has shape {list(ref.shape)}, but config.json implies "
                 f"{list(shape)}; the config and the weights are from different models"
             )
-        source = CheckpointRows(ref, self.allow_nonfinite)
+        source = CalibratedRows(
+            CheckpointRows(ref, self.allow_nonfinite), name, lambda: self.calibrated
+        )
         if name.endswith("attention.wqkv.weight") or name.endswith("attention.wqkv.bias"):
             return PermutedRows(source, qkv_order(self.config))
         return source

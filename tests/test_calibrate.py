@@ -229,7 +229,7 @@ def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(
     "precision, options, message",
     [
         ("fp16", ["algo_config=gptq"], "algo_config only apply to --precision int4/int8"),
-        ("int4", ["algo_config=awq2"], "algo_config='awq2': use one of rtn, gptq"),
+        ("int4", ["algo_config=awq2"], "algo_config='awq2': use one of rtn, gptq, awq"),
         ("int4", ["calibration_data=x.txt"], "calibration_data only applies with algo_config="),
         ("int4", ["algo_config=gptq", "calibration_data=/no/such.txt"], "no such file"),
     ],

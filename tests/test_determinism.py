@@ -30,7 +30,8 @@ def test_fp32_in_another_process_is_byte_identical(tiny_checkpoint, tiny_fp32, t
 
 
 @pytest.mark.parametrize(
-    "precision, options", [("int4", []), ("int8", []), ("int4", ["algo_config=gptq"])]
+    "precision, options",
+    [("int4", []), ("int8", []), ("int4", ["algo_config=gptq"]), ("int4", ["algo_config=awq"])],
 )
 def test_quantized_builds_are_byte_identical(tiny_checkpoint, tmp_path, precision, options):
     first, second = tmp_path / "first", tmp_path / "second"
