@@ -67,7 +67,6 @@ MAX_TOKENS = 8192
 KV_TOKENS = 2048
 DAMP = 0.1
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
-SUB_COLUMNS = 16  # ... and the sub-batch inside it whose updates are applied column by column
 THREADS = os.cpu_count() or 1
 TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
 HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
@@ -228,11 +227,6 @@ def gptq(
     weight first and columns are rounded in that order. With `importance` (the Hessian's
     diagonal, in the weight's column order) each block's grid is searched (searched_grid)
     rather than taken from its range.
-
-    Columns are rounded in batches of LAZY_COLUMNS and, inside those, of SUB_COLUMNS: a
-    column's error is applied at once only to the columns of its sub-batch, a sub-batch's
-    errors to the rest of its batch and a batch's to all later columns as matmuls (GPTQ's
-    "lazy batch", at two levels, so the per-column elementwise work is a few rows).
     """
     n, k = weight.shape
     bs, qmax = spec.block_size, (1 << spec.bits) - 1
@@ -261,32 +255,23 @@ def gptq(
         zero_points = np.empty((k_blocks, n), np.float32)
         recips = np.empty_like(scales)
         positions = np.arange(k)
-    # Multiples of bs (at least SUB_COLUMNS, a power of two like bs): in-order blocks start a
-    # sub-batch, when every row of the block has had all earlier errors applied.
-    lazy, sub = max(LAZY_COLUMNS, bs), min(SUB_COLUMNS, bs)
+    lazy = max(LAZY_COLUMNS, bs)  # a multiple of bs: a block never straddles two batches
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         err = np.empty((i2 - i1, n), np.float32)
-        for s1 in range(i1, i2, sub):
-            s2 = min(s1 + sub, i2)
-            for i in range(s1, s2):
-                column = positions[i]
-                b = column // bs
-                if order is None and column % bs == 0:
-                    scales[b], zero_points[b] = grid(wt[i : i + bs], i)
-                    recips[b] = _reciprocal(scales[b])
-                w = wt[i]
-                q = _round(w, recips[b], zero_points[b], qmax)
-                codes[column] = q
-                e = err[i - i1]
-                np.subtract(q, zero_points[b], out=e)
-                e *= scales[b]
-                np.subtract(w, e, out=e)
-                e *= np.float32(1 / factor[i, i])
-                if i + 1 < s2:
-                    wt[i + 1 : s2] -= factor[i, i + 1 : s2, None] * e[None, :]
-            if s2 < i2:
-                wt[s2:i2] -= factor[s1:s2, s2:i2].T @ err[s1 - i1 : s2 - i1]
+        for i in range(i1, i2):
+            column = positions[i]
+            b = column // bs
+            if order is None and column % bs == 0:
+                scales[b], zero_points[b] = grid(wt[i : i + bs], i)
+                recips[b] = _reciprocal(scales[b])
+            w = wt[i]
+            q = _round(w, recips[b], zero_points[b], qmax)
+            codes[column] = q
+            e = (w - (q - zero_points[b]) * scales[b]) / factor[i, i]
+            err[i - i1] = e
+            if i + 1 < i2:
+                wt[i + 1 : i2] -= factor[i, i + 1 : i2, None] * e[None, :]
         if i2 < k:
             wt[i2:] -= factor[i1:i2, i2:].T @ err
     return from_codes(codes.T, scales.T, zero_points.T, spec)
@@ -449,15 +434,19 @@ def fold_scales(weights: _Weights, scales: dict, config: InternLM2Config) -> _We
 
 
 def calibration_tokens(
-    option: str | None, checkpoint_dir: Path, config: InternLM2Config, max_tokens: int = MAX_TOKENS
+    option: str | None,
+    checkpoint_dir: Path,
+    config: InternLM2Config,
+    max_tokens: int | None = None,
 ) -> list[np.ndarray]:
     """The calibration sequences (int64 ids, <s> first) for `calibration_data=option`.
 
     A JSON file holding a list of id lists is used as given (sequences longer than
     SEQUENCE_TOKENS are cut); any other file is UTF-8 text, tokenized with the checkpoint's own
     tokenizer. Without the option: docstrings of this Python's standard library (every install
-    ships them; technical English prose).
+    ships them; technical English prose). At most `max_tokens` (default MAX_TOKENS) in all.
     """
+    max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     if option is None:
         text = default_text()
         ids = _encode(text, checkpoint_dir, "the default calibration text")
