@@ -667,26 +667,44 @@ def calibrate(
     """
     order = ACT_ORDER if order is None else order
     search = SEARCH if search is None else search
-    progress = progress or Progress(quiet=True)
     result = Calibrated(scratch)
+
+    def layer(n, weights, x, lengths, cos, sin):
+        prefix = f"model.layers.{n}"
+        return _quantize_layer(
+            prefix, weights, x, lengths, config, cos, sin, body, result, order, search
+        )
+
+    def lm_head(h):
+        _gptq_head(checkpoint, h, head, result, order, search)
+
+    _streamed(checkpoint, config, sequences, progress, "calibrating (gptq)", layer,
+              lm_head if head is not None else None)  # fmt: skip
+    return result
+
+
+def _streamed(checkpoint, config, sequences, progress, task, layer, head=None) -> np.ndarray:
+    """The calibration sequences through every decoder layer, one layer's weights in memory at
+    a time: `layer(n, weights, x, lengths, cos, sin)` returns layer n's output. With `head`,
+    it is handed the final norm's output (one more progress step) and nothing is returned;
+    without, the last layer's output is."""
+    progress = progress or Progress(quiet=True)
     lengths = [len(s) for s in sequences]
     x = _embed(checkpoint, np.concatenate(sequences))
     cos, sin = rotary_tables(config, max(lengths))
-    steps = config.num_hidden_layers + (head is not None)
-    with progress.task("calibrating (gptq)", unit="layers", each=True) as update:
-        for n in range(config.num_hidden_layers):
-            weights = _read_layer(checkpoint, config, n)
-            x = _quantize_layer(
-                f"model.layers.{n}", weights, x, lengths, config, cos, sin, body, result,
-                order, search,
-            )  # fmt: skip
+    layers = config.num_hidden_layers
+    steps = layers + (head is not None)
+    with progress.task(task, unit="layers", each=True) as update:
+        for n in range(layers):
+            x = layer(n, _read_layer(checkpoint, config, n), x, lengths, cos, sin)
             update(_Named(f"layer {n}"), n, steps)
-        if head is not None:
-            h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
-            del x
-            _gptq_head(checkpoint, h, head, result, order, search)
-            update(_Named("lm_head"), steps - 1, steps)
-    return result
+        if head is None:
+            return x
+        h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
+        del x
+        head(h)
+        update(_Named("lm_head"), steps - 1, steps)
+    return None
 
 
 def _gptq_head(checkpoint, h, head, result, order, search) -> None:
@@ -772,26 +790,18 @@ def awq(
     folded norm weights and wqkv biases are kept as float overrides. The lm_head is rounded as
     AWQ_HEAD says (GPTQ on the quantized model's last hidden states, or left to the saver).
     Without `fold_values`, wo's input is not scaled and the values stay the float model's."""
-    progress = progress or Progress(quiet=True)
     result = Calibrated(scratch)
-    lengths = [len(s) for s in sequences]
-    x = _embed(checkpoint, np.concatenate(sequences))
-    cos, sin = rotary_tables(config, max(lengths))
+
+    def layer(n, weights, x, lengths, cos, sin):
+        prefix, fold = f"model.layers.{n}", fold_values and AWQ_WO
+        return _awq_layer(prefix, weights, x, lengths, config, cos, sin, body, result, fold)
+
+    def lm_head(h):
+        _gptq_head(checkpoint, h, head, result, ACT_ORDER, SEARCH)
+
     gptq_head = head is not None and AWQ_HEAD == "gptq"
-    steps = config.num_hidden_layers + gptq_head
-    with progress.task("calibrating (awq)", unit="layers", each=True) as update:
-        for n in range(config.num_hidden_layers):
-            weights = _read_layer(checkpoint, config, n)
-            x = _awq_layer(
-                f"model.layers.{n}", weights, x, lengths, config, cos, sin, body, result,
-                fold_values and AWQ_WO,
-            )  # fmt: skip
-            update(_Named(f"layer {n}"), n, steps)
-        if gptq_head:
-            h = _rmsnorm(x, checkpoint["model.norm.weight"].read(), config.rms_norm_eps)
-            del x
-            _gptq_head(checkpoint, h, head, result, ACT_ORDER, SEARCH)
-            update(_Named("lm_head"), steps - 1, steps)
+    _streamed(checkpoint, config, sequences, progress, "calibrating (awq)", layer,
+              lm_head if gptq_head else None)  # fmt: skip
     return result
 
 
@@ -954,24 +964,17 @@ def float_forward(
     layer in memory at a time: the last layer's hidden states [tokens, hidden], before the
     final norm. `on_kv(layer, keys, values)` sees each layer's keys (before rotary) and values.
     """
-    progress = progress or Progress(quiet=True)
-    lengths = [len(s) for s in sequences]
-    x = _embed(checkpoint, np.concatenate(sequences))
-    cos, sin = rotary_tables(config, max(lengths))
-    layers = config.num_hidden_layers
-    with progress.task(task, unit="layers", each=True) as update:
-        for n in range(layers):
-            weights = _read_layer(checkpoint, config, n)
 
-            def as_read(inputs, *names, weights=weights):
-                return [weights.linears[name] for name in names]
+    def layer(n, weights, x, lengths, cos, sin):
+        def as_read(inputs, *names):
+            return [weights.linears[name] for name in names]
 
-            def seen(keys, values, n=n):
-                on_kv(n, keys, values)
+        def seen(keys, values):
+            on_kv(n, keys, values)
 
-            x = _layer(weights, x, lengths, config, cos, sin, as_read, on_kv and seen)
-            update(_Named(f"layer {n}"), n, layers)
-    return x
+        return _layer(weights, x, lengths, config, cos, sin, as_read, on_kv and seen)
+
+    return _streamed(checkpoint, config, sequences, progress, task, layer)
 
 
 def _chunked(a: np.ndarray, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
