@@ -1,7 +1,7 @@
 """Calibrated int4 on full-size synthetic checkpoints: KL to the float model, RTN against GPTQ.
 
     python -m benchmarks.calibrated_synthetic --size 1.8b [--workdir DIR] [--methods rtn,gptq]
-        [--eval-tokens 1024] [--window 512] [--settings 32-sym,128-sym]
+        [--eval-tokens 1024] [--window 512] [--settings 32-sym,128-sym] [--ep cuda]
 
 Random weights say nothing about perplexity, but what GPTQ promises holds for any weights: on
 text calibration did not see, the built model's logits should be closer to the float model's
@@ -9,7 +9,9 @@ than round-to-nearest's are. The float reference is the checkpoint's own model i
 numpy, a layer at a time (calibrate.float_forward, the pass that calibrates KV scales), so a 7B
 needs no 31 GB fp32 folder; the int4 folders run in onnxruntime (benchmarks.quality.Decoder),
 built with accuracy_level 0 (the weights are measured, not int8 activations) and the default
-calibration text. Each build runs in its own process: its wall time and peak RSS.
+calibration text. Each build runs in its own process: its wall time and peak RSS. With
+`--ep cuda` the folders are CUDA builds (GPTQ's products then run on the GPU, compute.py) and
+their logits come from the CUDA execution provider.
 Evaluation text: smollm2.eval_text() (prose), tokenized with the checkpoint's tokenizer.model;
 KL(float || int4) per position, and top-1 agreement.
 """
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default="32-sym")
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--machine", default=common.default_machine_name())
     args = parser.parse_args(argv)
 
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             options = {**SETTINGS[setting], "accuracy_level": "0", "algo_config": method}
             out = args.workdir / f"calibrated-{args.size}-{method}-{setting}"
-            stats = measured_build(checkpoint, out, "int4", options, finish=None)
+            if args.ep != "cpu":
+                out = out.with_name(f"{out.name}-{args.ep}")
+            stats = measured_build(checkpoint, out, "int4", options, finish=None, ep=args.ep)
             scored = out / f"kl-{len(ids)}-{args.window}.json"
             if not scored.is_file():
                 scored.write_text(json.dumps(compare(out, parts, reference)))
@@ -148,7 +153,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     markdown = (
         f"# Calibrated int4 on a synthetic InternLM2-{args.size}\n\n"
         f"{info.get('cpu', '')}, {info.get('cpu_count', '')} cores; "
-        f"`python -m benchmarks.calibrated_synthetic --size {args.size}`; "
+        f"`python -m benchmarks.calibrated_synthetic --size {args.size} --ep {args.ep}`; "
         f"{rows[0]['tokens'] if rows else 0} positions of smollm2.eval_text() in windows of "
         f"{args.window}; float reference in numpy (calibrate.float_forward).\n\n{table}\n"
     )

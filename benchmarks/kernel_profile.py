@@ -29,6 +29,9 @@ from benchmarks import common, runtime
 
 # First match wins; names are CUDA kernel symbols (demangled) from onnxruntime and its libraries.
 KINDS = (
+    # A quantized KV cache is dequantized to fp16 before attention reads it (onnxruntime 1.31):
+    # int8/fp8 in DequantizeKVPairKernel, int4 in the generic DequantizeKernel.
+    ("kv dequantize", r"DequantizeKV|cuda::DequantizeKernel<"),
     ("matmul nbits", r"nbits|4bits|8bits|fpA_intB|dequantize"),
     ("attention", r"flash|attention|attn|mha|gqa|softmax|rotary|kv_cache|concat.*kv|unpack"),
     ("norm", r"layernorm|layer_norm|rmsnorm|skip"),

@@ -10,6 +10,8 @@
 #   bash benchmarks/long_context_gpu.sh kv-7b-time      # starts the GPTQ build; long_context.py
 #   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length; waits for GPTQ
 #   bash benchmarks/long_context_gpu.sh gptq-7b-decode  # GPTQ's build time, decode beside RTN
+# Where a decode step's time goes with each KV layout (CUPTI kernel trace, 1.8B int4):
+#   bash benchmarks/long_context_gpu.sh kv-trace
 # Scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -136,6 +138,24 @@ for length in (1024, 131072):
     del generator
 PY
     ;;
+kv-trace)
+    [ -f $W/1.8b/config.json ] || python3 -m internlm2_graph.synthetic $W/1.8b --size 1.8b
+    traced=""
+    for s in $SCHEMES; do
+        kv=""
+        if [ $s != fp16 ]; then
+            scales 24 /tmp/kv18-$s.json $(qmax $s)
+            kv="kv_cache_quant_scheme=$s kv_cache_scale_file=/tmp/kv18-$s.json"
+        fi
+        python3 -m internlm2_graph -i $W/1.8b -o $W/trace-$s -p int4 -e cuda -q --overwrite \
+            --extra_options max_length=32768 $kv
+        traced="$traced $s=$W/trace-$s"
+    done
+    for p in 1024 30000; do
+        python3 -m benchmarks.kernel_profile $traced --prompt $p --gen 32 --top 12 \
+            --machine h200-1.8b-int4-kv-$p
+    done
+    ;;
 kv-7b-build)
     df -h /tmp | tail -1
     [ -f $CK/config.json ] || python3 -m internlm2_graph.synthetic $CK --size 7b --set \
@@ -195,4 +215,5 @@ gptq-7b-decode)
 esac
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/results/*h200-*kv* benchmarks/results/*h200-7b-int4* "$OUT"/ 2>/dev/null || true
+    cp benchmarks/results/kernels-h200-1.8b-int4-kv-* "$OUT"/ 2>/dev/null || true
 fi

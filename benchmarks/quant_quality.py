@@ -73,7 +73,7 @@ import json, sys
 from internlm2_graph import build, calibrate
 for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, for ablations
     setattr(calibrate, key, value)
-summary = build(sys.argv[1], sys.argv[2], sys.argv[3], "cpu", json.loads(sys.argv[4]),
+summary = build(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6], json.loads(sys.argv[4]),
                 overwrite=True)
 # VmHWM, not getrusage: a child's ru_maxrss can start at its parent's (the evaluating process).
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -88,13 +88,29 @@ def measured_build(
     options: dict,
     tweaks: dict | None = None,
     finish: Callable[[Path, Path], None] | None = smollm2.install_tokenizer,
+    ep: str = "cpu",
 ) -> dict:
     """Build in a child process; its own wall time and peak RSS. Reuses a finished folder.
-    `finish(out, checkpoint)` runs on a new folder (by default: SmolLM2's real tokenizer)."""
+    `finish(out, checkpoint)` runs on a new folder (by default: SmolLM2's real tokenizer).
+    The build's progress goes to OUT.log as it runs."""
     done = out / "build.json"
     if done.is_file():
         return json.loads(done.read_text())
-    result = subprocess.run(
+    log = out.with_name(out.name + ".log")
+    with log.open("w") as stderr:
+        result = _build_child(checkpoint, out, precision, options, tweaks, ep, stderr)
+    if result.returncode:
+        raise SystemExit(f"build {out.name} failed:\n{log.read_text()[-3000:]}")
+    line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
+    stats = json.loads(line.split(" ", 1)[1])
+    if finish is not None:
+        finish(out, checkpoint)
+    done.write_text(json.dumps(stats))
+    return stats
+
+
+def _build_child(checkpoint, out, precision, options, tweaks, ep, stderr):
+    return subprocess.run(
         [
             sys.executable,
             "-c",
@@ -104,19 +120,13 @@ def measured_build(
             precision,
             json.dumps(options),
             json.dumps(tweaks or {}),
+            ep,
         ],  # fmt: skip
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         cwd=common.REPO,
     )
-    if result.returncode:
-        raise SystemExit(f"build {out.name} failed:\n{result.stderr[-3000:]}")
-    line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
-    stats = json.loads(line.split(" ", 1)[1])
-    if finish is not None:
-        finish(out, checkpoint)
-    done.write_text(json.dumps(stats))
-    return stats
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from internlm2_graph.checkpoint import Checkpoint
+from internlm2_graph.compute import NUMPY, TOKEN_CHUNK, Numpy, OnnxRuntime, for_execution_provider
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.kv_scales import attention_path, scales_from_thresholds, thresholds
@@ -67,8 +68,7 @@ MAX_TOKENS = 8192
 KV_TOKENS = 2048
 DAMP = 0.1
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns whose updates are applied as one matmul
-THREADS = os.cpu_count() or 1
-TOKEN_CHUNK = 2048  # tokens per matmul in the layer forwards (bounds the FFN's temporaries)
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 HEAD_ROWS = 16384  # lm_head rows quantized at a time (the Hessian factor is shared)
 # GPTQ's variants, measured on SmolLM2-135M (benchmarks/quant_quality.py): act_order (static
 # blocks) is clearly better there; the grid search is a smaller gain at more cost.
@@ -83,7 +83,10 @@ SHRINK = np.float32(1) - np.float32(0.04) * np.arange(1, 11, dtype=np.float32)
 
 
 def hessian_factor(
-    hessian: np.ndarray, damp: float | None = None, order: np.ndarray | None = None
+    hessian: np.ndarray,
+    damp: float | None = None,
+    order: np.ndarray | None = None,
+    device: Numpy | OnnxRuntime = NUMPY,
 ) -> np.ndarray:
     """The upper-triangular U with ``U^T U = inverse(H + damp * mean(diag H) * I)``.
 
@@ -91,7 +94,7 @@ def hessian_factor(
     with one Cholesky and one triangular inverse: for the reversal P, ``P chol(P H P) P = R`` is
     upper triangular with ``H = R R^T``, so ``U = R^-1``. `order` permutes columns first
     (act_order). Inputs that never fire (zero diagonal) get a unit diagonal: their columns are
-    then rounded to nearest with nothing to compensate.
+    then rounded to nearest with nothing to compensate. `device` runs the products.
     """
     # One float32 copy, already permuted and reversed (a 7B w2 Hessian is 0.8 GB).
     flipped = np.arange(len(hessian))[::-1] if order is None else np.asarray(order)[::-1]
@@ -101,7 +104,7 @@ def hessian_factor(
     damp = DAMP if damp is None else damp
     h[np.diag_indices_from(h)] = diag + damp * float(np.mean(diag))
     try:
-        inverse = _cholesky_inverse(h)
+        inverse = _cholesky_inverse(h, device)
     except np.linalg.LinAlgError:
         raise InternLM2GraphError(
             "GPTQ: the calibration Hessian is not positive definite even after dampening; "
@@ -110,7 +113,7 @@ def hessian_factor(
     return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
-def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
+def _cholesky_inverse(h: np.ndarray, device: Numpy | OnnxRuntime = NUMPY) -> np.ndarray:
     """inverse(L) for the lower Cholesky factor L of h, recursively by 2x2 blocks, so that
     nearly all the work is matmuls (numpy's Cholesky and inverse are several times slower):
     with L = [[A, 0], [B, C]], B = H21 A^-T and C = chol(H22 - B B^T), and
@@ -119,13 +122,13 @@ def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
     if n <= 512:
         return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
     m = n // 2
-    a_inv = _cholesky_inverse(h[:m, :m])
-    b = h[m:, :m] @ a_inv.T
-    c_inv = _cholesky_inverse(h[m:, m:] - b @ b.T)
+    a_inv = _cholesky_inverse(h[:m, :m], device)
+    b = device.matmul(h[m:, :m], a_inv, transpose_b=True)
+    c_inv = _cholesky_inverse(h[m:, m:] - device.matmul(b, b, transpose_b=True), device)
     out = np.zeros_like(h)
     out[:m, :m] = a_inv
     out[m:, m:] = c_inv
-    out[m:, :m] = -(c_inv @ (b @ a_inv))
+    out[m:, :m] = -device.matmul(c_inv, device.matmul(b, a_inv))
     return out
 
 
@@ -217,6 +220,7 @@ def gptq(
     spec: QuantSpec,
     order: np.ndarray | None = None,
     importance: np.ndarray | None = None,
+    device: Numpy | OnnxRuntime = NUMPY,
 ) -> QuantizedWeight:
     """GPTQ of an HF-layout [N=out, K=in] weight on MatMulNBits' block grid.
 
@@ -226,7 +230,8 @@ def gptq(
     `order` (act_order: a permutation of the K columns), scales are fixed from the original
     weight first and columns are rounded in that order. With `importance` (the Hessian's
     diagonal, in the weight's column order) each block's grid is searched (searched_grid)
-    rather than taken from its range.
+    rather than taken from its range. On an onnxruntime `device`, act_order's column loop
+    runs there (compute.OnnxRuntime.gptq_columns: the same rounding, another float order).
     """
     n, k = weight.shape
     bs, qmax = spec.block_size, (1 << spec.bits) - 1
@@ -255,7 +260,13 @@ def gptq(
         zero_points = np.empty((k_blocks, n), np.float32)
         recips = np.empty_like(scales)
         positions = np.arange(k)
+
     lazy = max(LAZY_COLUMNS, bs)  # a multiple of bs: a block never straddles two batches
+    if order is not None and isinstance(device, OnnxRuntime):
+        # Static grids: the whole column loop can run on the device, batch by batch.
+        codes[positions] = device.gptq_columns(wt, factor, scales, zero_points, recips,
+                                               positions // bs, qmax, lazy)  # fmt: skip
+        return from_codes(codes.T, scales.T, zero_points.T, spec)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         err = np.empty((i2 - i1, n), np.float32)
@@ -316,7 +327,7 @@ def search_rows(inputs: np.ndarray) -> np.ndarray:
     if k <= AWQ_ROWS:
         # R = L^T for the Cholesky factor L; a millionth of the mean diagonal keeps a Gram
         # matrix with dead channels positive definite and moves errors by about as much.
-        gram = _gram(inputs).astype(np.float64)
+        gram = NUMPY.gram(inputs).astype(np.float64)
         gram[np.diag_indices(k)] += 1e-6 * max(float(np.mean(np.diagonal(gram))), 1e-30)
         return np.linalg.cholesky(gram).T.astype(np.float32)
     return np.asarray(inputs[np.linspace(0, tokens - 1, AWQ_ROWS).round().astype(int)], np.float32)
@@ -659,11 +670,13 @@ def calibrate(
     progress: Progress | None = None,
     order: bool | None = None,
     search: bool | None = None,
+    device: Numpy | OnnxRuntime = NUMPY,
 ) -> Calibrated:
     """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
 
     `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
-    `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH.
+    `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH. `device`
+    runs the products (compute.py).
     """
     order = ACT_ORDER if order is None else order
     search = SEARCH if search is None else search
@@ -672,11 +685,11 @@ def calibrate(
     def layer(n, weights, x, lengths, cos, sin):
         prefix = f"model.layers.{n}"
         return _quantize_layer(
-            prefix, weights, x, lengths, config, cos, sin, body, result, order, search
+            prefix, weights, x, lengths, config, cos, sin, body, result, order, search, device
         )
 
     def lm_head(h):
-        _gptq_head(checkpoint, h, head, result, order, search)
+        _gptq_head(checkpoint, h, head, result, order, search, device)
 
     _streamed(checkpoint, config, sequences, progress, "calibrating (gptq)", layer,
               lm_head if head is not None else None)  # fmt: skip
@@ -707,12 +720,12 @@ def _streamed(checkpoint, config, sequences, progress, task, layer, head=None) -
     return None
 
 
-def _gptq_head(checkpoint, h, head, result, order, search) -> None:
+def _gptq_head(checkpoint, h, head, result, order, search, device=NUMPY) -> None:
     """GPTQ the lm_head on its input h (the final norm's output), HEAD_ROWS rows at a time."""
-    factor, perm, importance = _prepare(h, order, search)
+    factor, perm, importance = _prepare(h, order, search, device)
     ref = checkpoint["output.weight"]
     parts = [
-        gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance)
+        gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance, device)
         for start in range(0, ref.shape[0], HEAD_ROWS)
     ]
     result.save_rows("output", parts)
@@ -751,29 +764,31 @@ def _read_layer(checkpoint: Checkpoint, config: InternLM2Config, n: int) -> _Wei
     )
 
 
-def _prepare(inputs: np.ndarray, order: bool, search: bool):
+def _prepare(inputs: np.ndarray, order: bool, search: bool, device=NUMPY):
     """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K]."""
-    gram = _gram(inputs)
+    gram = device.gram(inputs)
     perm = act_order(gram) if order else None
     importance = np.diagonal(gram).copy() if search else None
-    return hessian_factor(gram, order=perm), perm, importance
+    return hessian_factor(gram, order=perm, device=device), perm, importance
 
 
-def _quantize_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, order, search):
+def _quantize_layer(
+    prefix, weights, x, lengths, config, cos, sin, spec, result, order, search, device
+):
     """GPTQ the layer's linears in the order they run; returns the quantized layer's output."""
 
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
-        factor, perm, importance = _prepare(inputs, order, search)
+        factor, perm, importance = _prepare(inputs, order, search, device)
         out = []
         for each in names:
-            q = gptq(weights.linears[each], factor, spec, perm, importance)
+            q = gptq(weights.linears[each], factor, spec, perm, importance, device)
             result.save(f"{prefix}.{each}", q)
             out.append(dequantize(q))
             weights.linears[each] = None  # free the float weight
         return out
 
-    return _layer(weights, x, lengths, config, cos, sin, quantized)
+    return _layer(weights, x, lengths, config, cos, sin, quantized, device=device)
 
 
 def awq(
@@ -876,24 +891,28 @@ def calibrated_weights(
     """The weights of a calibrated algo_config (gptq, awq; "rtn" is the saver's own)."""
     body, head = target.quant, target.lm_head_quant
     if target.algorithm == "gptq":
-        return calibrate(checkpoint, config, sequences, body, head, scratch, progress)
+        device = for_execution_provider(target.execution_provider)
+        return calibrate(
+            checkpoint, config, sequences, body, head, scratch, progress, device=device
+        )
     # A quantized KV cache stores the values with scales taken from the float model's values
     # (calibrate_kv_cache, or a scale file): AWQ must leave them, and so wo, unscaled.
     fold_values = target.kv_cache is None
     return awq(checkpoint, config, sequences, body, head, scratch, progress, fold_values)
 
 
-def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None) -> np.ndarray:
+def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None, device=NUMPY) -> np.ndarray:
     """One decoder layer on the calibration hidden states x [tokens, hidden]; returns its output.
 
     `take(inputs, *names)` gives the weights of the linears `names`, which all read `inputs`
     (GPTQ quantizes them there; a float pass hands them back as they are). `on_kv(keys,
     values)` sees the layer's keys, before rotary, and values: [tokens, kv_heads, head_dim].
+    `device` runs the linears, `device.token_chunk` tokens at a time.
     """
     eps = config.rms_norm_eps
 
     def linear(a: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
-        y = _chunked(a, lambda c: c @ w.T)
+        y = _chunked(a, lambda c: device.linear(c, w), device.token_chunk)
         bias = weights.biases.get(name)
         return y if bias is None else y + bias
 
@@ -912,10 +931,10 @@ def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None) -> np.ndarra
     h = _rmsnorm(x, weights.ffn_norm, eps)
     w1, w3 = take(h, "feed_forward.w1", "feed_forward.w3")
     act = np.empty((len(h), w1.shape[0]), np.float32)
-    for start in range(0, len(h), TOKEN_CHUNK):
-        c = h[start : start + TOKEN_CHUNK]
-        gate = c @ w1.T
-        act[start : start + len(c)] = gate / (1 + np.exp(-gate)) * (c @ w3.T)
+    for start in range(0, len(h), device.token_chunk):
+        c = h[start : start + device.token_chunk]
+        gate = device.linear(c, w1)
+        act[start : start + len(c)] = gate / (1 + np.exp(-gate)) * device.linear(c, w3)
     del h, w1, w3
     (w2,) = take(act, "feed_forward.w2")
     x += linear(act, w2, "feed_forward.w2")
@@ -977,17 +996,10 @@ def float_forward(
     return _streamed(checkpoint, config, sequences, progress, task, layer)
 
 
-def _chunked(a: np.ndarray, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    return np.concatenate([f(a[s : s + TOKEN_CHUNK]) for s in range(0, len(a), TOKEN_CHUNK)])
-
-
-def _gram(a: np.ndarray) -> np.ndarray:
-    """X^T X summed over tokens, float32 (a few thousand tokens: rounding far below damp)."""
-    total = np.zeros((a.shape[1], a.shape[1]), np.float32)
-    for start in range(0, len(a), TOKEN_CHUNK):
-        c = a[start : start + TOKEN_CHUNK]
-        total += c.T @ c
-    return total
+def _chunked(
+    a: np.ndarray, f: Callable[[np.ndarray], np.ndarray], chunk: int = TOKEN_CHUNK
+) -> np.ndarray:
+    return np.concatenate([f(a[s : s + chunk]) for s in range(0, len(a), chunk)])
 
 
 def _rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""Where calibration's float32 products run: numpy, or onnxruntime on a GPU.
+
+A calibrated 7B build multiplies ~15 TFLOP per decoder layer (the layer forward on the
+calibration tokens, Gram matrices, their inverses, GPTQ's lazy updates). numpy's BLAS does that
+on the CPU; `OnnxRuntime` sends the same products to an execution provider as one-node graphs
+(``Gemm``), so a build that targets CUDA on a machine with a GPU needs no torch for it. The
+element-wise work (rounding, grids, attention's softmax) stays in numpy either way.
+
+Both give the same math in another float order, so a calibrated build on the GPU is not
+byte-identical to one on the CPU; NUMPY is what every build used before, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+# Tokens per product in the numpy layer forward: bounds the FFN's temporaries on the CPU.
+TOKEN_CHUNK = 2048
+
+
+class Numpy:
+    """numpy's own products; GPTQ's lazy updates applied right-looking, in place."""
+
+    name = "numpy"
+    token_chunk = TOKEN_CHUNK
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """x @ w.T (an HF-layout weight [out, in])."""
+        return x @ w.T
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
+        return a @ b.T if transpose_b else a @ b
+
+    def gram(self, x: np.ndarray) -> np.ndarray:
+        """X^T X summed over tokens, float32 (a few thousand tokens: rounding far below damp)."""
+        total = np.zeros((x.shape[1], x.shape[1]), np.float32)
+        for start in range(0, len(x), TOKEN_CHUNK):
+            c = x[start : start + TOKEN_CHUNK]
+            total += c.T @ c
+        return total
+
+
+class OnnxRuntime:
+    """The products on an onnxruntime execution provider ("CUDAExecutionProvider" on the GPU
+    machine; "CPUExecutionProvider" runs the same code in tests). Operands travel per call;
+    GPTQ's errors and Hessian factor stay on the device for a whole weight (LeftLooking)."""
+
+    name = "onnxruntime"
+    token_chunk = 1 << 30  # one product per linear: the GPU has the memory
+
+    def __init__(self, provider: str = "CUDAExecutionProvider") -> None:
+        import onnxruntime
+
+        self.ort = onnxruntime
+        self.provider = provider
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        # Full float32 products: TF32 would round the Hessians' inputs to 10 bits.
+        self.options = [{"use_tf32": "0"}] if self.device == "cuda" else None
+
+    @functools.cached_property
+    def _sessions(self) -> dict:
+        return {}
+
+    def _session(self, name: str, model: onnx.ModelProto):
+        if name not in self._sessions:
+            options = self.ort.SessionOptions()
+            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.log_severity_level = 3
+            self._sessions[name] = self.ort.InferenceSession(
+                model.SerializeToString(), options, [self.provider], self.options
+            )
+        return self._sessions[name]
+
+    def _gemm(self, trans_a: int, trans_b: int, same: bool = False):
+        name = f"gemm{trans_a}{trans_b}{'s' if same else ''}"
+        inputs = ["a", "a" if same else "b"]
+        node = helper.make_node("Gemm", inputs, ["y"], transA=trans_a, transB=trans_b)
+        return self._session(name, _model([node], ["a"] if same else ["a", "b"], ["y"]))
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return self._gemm(0, 1).run(None, {"a": _f32(x), "b": _f32(w)})[0]
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
+        return self._gemm(0, int(transpose_b)).run(None, {"a": _f32(a), "b": _f32(b)})[0]
+
+    def gram(self, x: np.ndarray) -> np.ndarray:
+        return self._gemm(1, 0, same=True).run(None, {"a": _f32(x)})[0]
+
+    def upload(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(_f32(array), self.device, 0)
+
+    def gptq_columns(self, wt, factor, scales, zero_points, recips, blocks, qmax, lazy):
+        """GPTQ's column loop with static grids, on the device: codes [K, N] (uint8) of the
+        permuted transposed weight `wt` [K, N], whose row i reads grid row `blocks[i]` of
+        scales, zero_points, recips [K / block, N]. Each lazy batch is one run of one graph
+        (gptq_batch); the rows still to round stay on the device between runs."""
+        k, n = wt.shape
+        rest, f = self.upload(wt), self.upload(factor)
+        grids = [self.upload(a) for a in (scales, zero_points, recips)]
+        codes = np.empty((k, n), np.uint8)
+        for i1 in range(0, k, lazy):
+            i2 = min(i1 + lazy, k)
+            last = i2 == k
+            session = self._session(*gptq_batch(i2 - i1, qmax, last))
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("rest", rest)
+            for name, value in zip(("scales", "zero_points", "recips"), grids):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_cpu_input("blocks", np.asarray(blocks[i1:i2], np.int64))
+            binding.bind_cpu_input("upper", np.triu(factor[i1:i2, i1:i2], 1))
+            binding.bind_cpu_input("diagonal", np.diagonal(factor)[i1:i2].copy())
+            binding.bind_output("codes", "cpu")
+            if not last:
+                binding.bind_ortvalue_input("factor", f)
+                binding.bind_cpu_input("starts", np.array([i1, i2], np.int64))
+                binding.bind_cpu_input("ends", np.array([i2, k], np.int64))
+                binding.bind_output("rest_after", self.device)
+            session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            codes[i1:i2] = outputs[0].numpy()
+            if not last:
+                rest = outputs[1]
+        return codes
+
+
+@functools.cache
+def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto]:
+    """One lazy batch of GPTQ as a graph: round its `length` columns (rows of `rest`, the
+    weight still to round, transposed and permuted) one after another, each column's error fed
+    into the batch's later columns through `upper` (the factor's block, strictly upper), and
+    unless `last`, the batch's errors into every later column at once (right-looking: a Gemm).
+
+    Every step is calibrate.gptq's numpy loop, op for op: clamp(w * recip + zp + 0.5) cut to
+    an integer, error (w - (q - zp) * scale) / diagonal, row update w -= upper * e.
+    """
+    nodes, inits = [], []
+
+    def const(name, value, dtype=np.float32):
+        inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(kind, inputs, out, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    const("zero", 0.0), const("half", 0.5), const("qmax", float(qmax))
+    const("first", [0], np.int64), const("length", [length], np.int64)
+    const("axis0", [0], np.int64), const("end", [np.iinfo(np.int64).max], np.int64)
+    const("ones", [1] * length, np.int64)  # Split's sizes: opset 17, as every provider has it
+    w = op("Slice", ["rest", "first", "length", "axis0"], "batch")
+    per_column = {}
+    for name in ("scales", "zero_points", "recips"):
+        op("Gather", [name, "blocks"], f"{name}_b", axis=0)
+        outs = [f"{name}_{j}" for j in range(length)]
+        nodes.append(helper.make_node("Split", [f"{name}_b", "ones"], outs, axis=0))
+        per_column[name] = outs
+    columns_of_upper = [f"u_{j}" for j in range(length)]
+    op("Transpose", ["upper"], "upper_t", perm=[1, 0])
+    nodes.append(helper.make_node("Split", ["upper_t", "ones"], columns_of_upper, axis=1))
+    diagonals = [f"d_{j}" for j in range(length)]
+    nodes.append(helper.make_node("Split", ["diagonal", "ones"], diagonals, axis=0))
+    codes, errors = [], []
+    for j in range(length):
+        s, z, r = (per_column[name][j] for name in ("scales", "zero_points", "recips"))
+        row = op("Gather", [w, const(f"j{j}", [j], np.int64)], f"w_{j}", axis=0)  # [1, N]
+        y = op("Add", [op("Add", [op("Mul", [row, r], f"wr_{j}"), z], f"wz_{j}"), "half"],
+               f"y_{j}")  # fmt: skip
+        q = op("Floor", [op("Clip", [y, "zero", "qmax"], f"c_{j}")], f"q_{j}")
+        restored = op("Mul", [op("Sub", [q, z], f"qz_{j}"), s], f"rs_{j}")
+        e = op("Div", [op("Sub", [row, restored], f"dw_{j}"), diagonals[j]], f"e_{j}")
+        codes.append(q)
+        errors.append(e)
+        if j + 1 < length:  # rows <= j meet zeros of `upper`: they are done
+            w = op("Sub", [w, op("Mul", [columns_of_upper[j], e], f"ue_{j}")], f"batch_{j}")
+    op("Cast", [op("Concat", codes, "q", axis=0)], "codes", to=TensorProto.UINT8)
+    inputs = ["rest", "scales", "zero_points", "recips", ("blocks", TensorProto.INT64), "upper",
+              "diagonal"]  # fmt: skip
+    outputs = [("codes", TensorProto.UINT8)]
+    if not last:
+        op("Concat", errors, "errors", axis=0)
+        op("Slice", ["rest", "length", "end", "axis0"], "after")
+        op("Slice", ["factor", "starts", "ends"], "spread")  # factor[i1:i2, i2:]
+        op("Gemm", ["spread", "errors", "after"], "rest_after", transA=1, alpha=-1.0, beta=1.0)
+        inputs += ["factor", ("starts", TensorProto.INT64), ("ends", TensorProto.INT64)]
+        outputs.append("rest_after")
+    name = f"gptq_batch_{length}_{qmax}_{'last' if last else 'more'}"
+    return name, _model(nodes, inputs, outputs, inits)
+
+
+NUMPY = Numpy()
+
+
+def for_execution_provider(execution_provider: str) -> Numpy | OnnxRuntime:
+    """OnnxRuntime on the GPU for a CUDA build where onnxruntime has CUDA, else NUMPY."""
+    if execution_provider != "cuda":
+        return NUMPY
+    try:
+        import onnxruntime
+    except ImportError:
+        return NUMPY
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return NUMPY
+    return OnnxRuntime("CUDAExecutionProvider")
+
+
+def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    def value(spec):
+        name, dtype = spec if isinstance(spec, tuple) else (spec, TensorProto.FLOAT)
+        return helper.make_tensor_value_info(name, dtype, None)
+
+    graph = helper.make_graph(nodes, "products", [value(i) for i in inputs],
+                              [value(o) for o in outputs], list(initializers))  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)

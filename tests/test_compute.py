@@ -1,0 +1,105 @@
+"""compute.py: calibration's products on onnxruntime give numpy's results (in another float
+order), and GPTQ's column loop run there as one graph per lazy batch is calibrate.gptq's.
+
+onnxruntime's CPU execution provider runs here the very code the GPU machine runs with CUDA;
+only the provider name differs.
+"""
+
+import numpy as np
+import pytest
+from test_calibrate import SPECS, correlated_inputs
+
+from internlm2_graph import calibrate as cal
+from internlm2_graph import compute
+from internlm2_graph.checkpoint import Checkpoint
+from internlm2_graph.config import InternLM2Config
+from internlm2_graph.precision import QuantSpec
+from internlm2_graph.quantize import dequantize, quantize
+
+ORT = compute.OnnxRuntime("CPUExecutionProvider")
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def test_the_products_are_numpys():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 70)).astype(np.float32)
+    w = rng.standard_normal((50, 70)).astype(np.float32)
+    a = rng.standard_normal((70, 40)).astype(np.float32)
+    assert relative(ORT.linear(x, w), x @ w.T) < 1e-5
+    assert relative(ORT.matmul(x, a), x @ a) < 1e-5
+    assert relative(ORT.matmul(x, w, transpose_b=True), x @ w.T) < 1e-5
+    assert relative(ORT.gram(x), compute.NUMPY.gram(x)) < 1e-5
+
+
+def test_the_hessian_factor_is_numpys():
+    x = correlated_inputs(0, 1500, 700)  # 700: the recursion splits unevenly, on the device
+    hessian = compute.NUMPY.gram(x)
+    want = cal.hessian_factor(hessian)
+    got = cal.hessian_factor(ORT.gram(x), device=ORT)
+    assert np.array_equal(got, np.triu(got))
+    assert relative(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_one_batch_on_the_device_is_numpys_byte_for_byte(spec):
+    # Within a lazy batch the graph does numpy's float operations in numpy's order.
+    x = correlated_inputs(5, 1024, 128)
+    weight = np.random.default_rng(6).standard_normal((80, 128)).astype(np.float32)
+    hessian = compute.NUMPY.gram(x)
+    order = cal.act_order(hessian)
+    factor = cal.hessian_factor(hessian, order=order)
+    importance = np.diagonal(hessian).copy()
+    want = cal.gptq(weight, factor, spec, order, importance)
+    got = cal.gptq(weight, factor, spec, order, importance, device=ORT)
+    assert np.array_equal(got.packed, want.packed)
+    assert np.array_equal(got.scales, want.scales)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_gptq_on_the_device_is_gptq(spec):
+    # 640 columns: five lazy batches, four right-looking updates in another float order.
+    x = correlated_inputs(2, 2048, 640)
+    weight = np.random.default_rng(3).standard_normal((96, 640)).astype(np.float32)
+    hessian = compute.NUMPY.gram(x)
+    order = cal.act_order(hessian)
+    factor = cal.hessian_factor(hessian, order=order)
+    on_host = dequantize(cal.gptq(weight, factor, spec, order))
+    on_device = dequantize(cal.gptq(weight, factor, spec, order, device=ORT))
+    # Static grids: the same scales; a value on a rounding tie may go the other way, and its
+    # error then feeds forward.
+    assert np.mean(on_host == on_device) > 0.98
+
+    def output_error(restored):
+        return np.linalg.norm(x @ (restored - weight).T)
+
+    rtn = output_error(dequantize(quantize(weight, spec)))
+    assert output_error(on_device) == pytest.approx(output_error(on_host), rel=0.02)
+    assert output_error(on_device) <= 0.9 * rtn
+
+
+def test_a_model_calibrated_on_the_device_is_the_numpy_one(tiny_checkpoint, tmp_path):
+    config = InternLM2Config.from_dir(tiny_checkpoint)
+    sequences = cal.calibration_tokens(None, tiny_checkpoint, config, max_tokens=512)
+    spec = QuantSpec(bits=4, block_size=32, symmetric=True)
+    results = {}
+    for device in (compute.NUMPY, ORT):
+        (tmp_path / device.name).mkdir()
+        results[device.name] = cal.calibrate(
+            Checkpoint(tiny_checkpoint), config, sequences, spec, spec,
+            tmp_path / device.name, device=device,
+        )  # fmt: skip
+    mine, theirs = results["onnxruntime"], results["numpy"]
+    assert mine.paths == theirs.paths and "output" in mine
+    for path in mine.paths:
+        k = config.hidden_size if "w2" not in path else config.intermediate_size
+        a, b = (dequantize(r.load(path, k, spec)) for r in (mine, theirs))
+        assert np.mean(np.isclose(a, b, rtol=1e-4, atol=0)) > 0.95, path
+
+
+def test_a_cpu_build_calibrates_in_numpy():
+    assert compute.for_execution_provider("cpu") is compute.NUMPY
+    # This machine's onnxruntime has no CUDA: a CUDA build calibrates in numpy too.
+    assert compute.for_execution_provider("cuda") is compute.NUMPY
