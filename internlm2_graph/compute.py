@@ -195,16 +195,25 @@ NUMPY = Numpy()
 
 
 def for_execution_provider(execution_provider: str) -> Numpy | OnnxRuntime:
-    """OnnxRuntime on the GPU for a CUDA build where onnxruntime has CUDA, else NUMPY."""
+    """OnnxRuntime on the GPU for a CUDA build where onnxruntime runs CUDA, else NUMPY (a CUDA
+    wheel on a machine without a usable GPU falls back, as a build for another machine may)."""
     if execution_provider != "cuda":
         return NUMPY
     try:
         import onnxruntime
-    except ImportError:
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return NUMPY
+        device = OnnxRuntime("CUDAExecutionProvider")
+        probe = np.ones((2, 2), np.float32)
+        session = device._gemm(0, 0)
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            return NUMPY
+        device.upload(probe)
+        assert np.array_equal(device.matmul(probe, probe), probe @ probe)
+    except Exception:  # no onnxruntime, no CUDA provider, no GPU: numpy does it all
         return NUMPY
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return NUMPY
-    return OnnxRuntime("CUDAExecutionProvider")
+    return device
 
 
 def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
