@@ -20,7 +20,9 @@ weights are in memory at a time. Inside a layer the linears are quantized in the
 already went through the quantized linears before it ("true sequential"), and the quantized
 layer's output feeds the next layer, so each quantized layer corrects the errors of those
 before it. Results are spilled to a scratch folder, one .npz per linear, and read back when the
-saver asks for that weight.
+saver asks for that weight. The products (layer forwards, Gram matrices, inverses) and, with
+act_order, GPTQ's column loop run where compute.py says: numpy, or onnxruntime's CUDA provider
+for a CUDA build on a machine that has one.
 
 AWQ (Lin et al. 2023, arXiv:2306.00978) keeps round-to-nearest but first moves each input
 channel's importance into the weights: a linear's columns are multiplied by ``s`` and its input

@@ -3,8 +3,9 @@
 A calibrated 7B build multiplies ~15 TFLOP per decoder layer (the layer forward on the
 calibration tokens, Gram matrices, their inverses, GPTQ's lazy updates). numpy's BLAS does that
 on the CPU; `OnnxRuntime` sends the same products to an execution provider as one-node graphs
-(``Gemm``), so a build that targets CUDA on a machine with a GPU needs no torch for it. The
-element-wise work (rounding, grids, attention's softmax) stays in numpy either way.
+(``Gemm``), and runs GPTQ's column loop there as one graph per lazy batch, so a build that
+targets CUDA on a machine with a GPU needs no torch for it. The grid search, attention's
+softmax and the Cholesky factors of small blocks stay in numpy either way.
 
 Both give the same math in another float order, so a calibrated build on the GPU is not
 byte-identical to one on the CPU; NUMPY is what every build used before, unchanged.
@@ -23,7 +24,7 @@ TOKEN_CHUNK = 2048
 
 
 class Numpy:
-    """numpy's own products; GPTQ's lazy updates applied right-looking, in place."""
+    """numpy's own products (GPTQ's column loop is calibrate.gptq's own)."""
 
     name = "numpy"
     token_chunk = TOKEN_CHUNK
@@ -46,8 +47,8 @@ class Numpy:
 
 class OnnxRuntime:
     """The products on an onnxruntime execution provider ("CUDAExecutionProvider" on the GPU
-    machine; "CPUExecutionProvider" runs the same code in tests). Operands travel per call;
-    GPTQ's errors and Hessian factor stay on the device for a whole weight (LeftLooking)."""
+    machine; "CPUExecutionProvider" runs the same code in tests). Operands travel per call,
+    except in gptq_columns, where a weight's rows, grids and Hessian factor stay on the device."""
 
     name = "onnxruntime"
     token_chunk = 1 << 30  # one product per linear: the GPU has the memory
