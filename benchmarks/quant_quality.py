@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--heads", default="int4", help="lm_head precisions: int4,int8,float")
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--calibration-tokens", type=int, default=16384)  # calibrate.MAX_TOKENS
     parser.add_argument("--machine", default=common.default_machine_name())
     parser.add_argument(
         "--tweak",
