@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--heads", default="int4", help="lm_head precisions: int4,int8,float")
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--calibration-tokens", type=int, default=None,
+                        help="default: each method's own (calibrate.token_budget)")  # fmt: skip
     parser.add_argument("--machine", default=common.default_machine_name())
     parser.add_argument(
         "--tweak",
@@ -151,13 +152,21 @@ def main(argv: list[str] | None = None) -> None:
         "prose": smollm2.encode(checkpoint, smollm2.eval_text(), args.eval_tokens),
         "code": smollm2.encode(checkpoint, smollm2.code_text(), args.eval_tokens),
     }
-    calibration, dropped = calibration_ids(
-        checkpoint, list(texts.values()), args.calibration_tokens
-    )
-    data = args.workdir / "calibration-ids.json"
-    data.write_text(json.dumps(calibration))
-    print(f"calibration: {sum(map(len, calibration))} tokens in {len(calibration)} sequences "
-          f"({dropped} overlapping the evaluation text dropped)", flush=True)  # fmt: skip
+    from internlm2_graph.calibrate import token_budget
+
+    used = {}  # budget -> (file, tokens, sequences dropped for overlapping the evaluation)
+
+    def calibration_file(method: str) -> Path:
+        """calibration-ids.json (8192 tokens, as before) or calibration-ids-N.json."""
+        budget = args.calibration_tokens or token_budget(method)
+        if budget not in used:
+            name = "calibration-ids.json" if budget == 8192 else f"calibration-ids-{budget}.json"
+            calibration, dropped = calibration_ids(checkpoint, list(texts.values()), budget)
+            (args.workdir / name).write_text(json.dumps(calibration))
+            used[budget] = (args.workdir / name, sum(map(len, calibration)), dropped)
+            print(f"calibration: {used[budget][1]} tokens ({dropped} sequences overlapping the "
+                  "evaluation text dropped)", flush=True)  # fmt: skip
+        return used[budget][0]
 
     builds = args.workdir / "quant-quality"
     fp32 = builds / "fp32"
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 if head != "int4":
                     options["lm_head_precision"] = head
                 if method != "rtn":
-                    options["calibration_data"] = str(data)
+                    options["calibration_data"] = str(calibration_file(method))
                 tweaks = json.loads(args.tweak) if args.tweak and method != "rtn" else {}
                 name = f"{method}-{setting}-head-{head}"
                 if tweaks:
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         nll = sum(np.log(row[t]["perplexity"]) * row[t]["tokens"] for t in texts)
         kl = sum(row[t]["kl"] * row[t]["tokens"] for t in texts)
         row["prose+code"] = {"perplexity": float(np.exp(nll / count)), "kl": kl / count}
-    report(rows, [*texts, "prose+code"], args, dropped, calibration)
+    report(rows, [*texts, "prose+code"], args, used)
 
 
 def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:
@@ -237,7 +246,7 @@ def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:
     return (row[text]["perplexity"] - fp32) / (rtn[text]["perplexity"] - fp32)
 
 
-def report(rows, texts, args, dropped, calibration) -> None:
+def report(rows, texts, args, used) -> None:
     header = ["method", "block, symmetry", "lm_head", "bits/weight"]
     for text in texts:
         header += [f"{text} ppl", f"{text} KL", f"{text} gap / RTN gap"]
@@ -261,8 +270,11 @@ def report(rows, texts, args, dropped, calibration) -> None:
             "",
             f"Evaluation: {args.eval_tokens} tokens each of prose (`smollm2.eval_text`) and code "
             "(`smollm2.code_text`), windows of 1024, KL(fp32 || int4) per token. Calibration "
-            f"(gptq, awq): {sum(map(len, calibration))} tokens of `calibrate.default_text()` "
-            f"({dropped} sequences overlapping the evaluation text dropped). accuracy_level=0. "
+            f"(gptq, awq; gptaq takes twice as many): "
+            + ", ".join(f"{tokens} tokens" for _, tokens, _ in used.values())
+            + " of `calibrate.default_text()` ("
+            + ", ".join(f"{dropped}" for _, _, dropped in used.values())
+            + " sequences overlapping the evaluation text dropped). accuracy_level=0. "
             "`gap / RTN gap`: (ppl - fp32 ppl) / (RTN's ppl - fp32 ppl) at the same setting.",
             "",
             common.markdown_table(header, table),

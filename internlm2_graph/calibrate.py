@@ -14,6 +14,15 @@ built with GPTQ decodes exactly as fast as an RTN one. With ``act_order`` the co
 processed by decreasing Hessian diagonal but every block's scale is fixed up front ("static
 groups"), so the stored layout stays the plain grid.
 
+Float target (algo_config=gptaq). Layers quantized in turn see inputs already perturbed by the
+layers before, and plain GPTQ then matches the float WEIGHT on those inputs, passing the earlier
+errors on. GPTAQ runs a float copy of the hidden states beside the quantized ones and aims each
+linear at the float MODEL's output on the float input (asymmetric calibration): the weight
+is first mapped to the least-squares (ridge) fit of that output on the quantized input, then
+rounded by plain GPTQ, which is then exactly the minimiser of the error against the float output
+(float_target_map). Cost: one more float forward per layer, a K x K solve per input, and
+GPTAQ_TOKENS of calibration text rather than MAX_TOKENS.
+
 Streaming (`calibrate`). Calibration hidden states ``[tokens, hidden]`` plus one decoder layer's
 weights are in memory at a time. Inside a layer the linears are quantized in the order they run
 (wqkv; wo; w1 and w3, which share their input; w2), each Hessian taken from activations that
@@ -59,8 +68,11 @@ from internlm2_graph.rope import rotary_tables
 
 # Calibration text is cut into sequences of this many tokens (<s> first), at most this many
 # tokens in all: the layer forwards cost ~2 * parameters * tokens, the main cost of a build.
+# GPTAQ takes twice as many: its maps have K^2 unknowns per linear; on SmolLM2 the doubling
+# lowered its KL to fp32 by 5-12% (plain GPTQ got worse on prose with 16384, see the README).
 SEQUENCE_TOKENS = 512
 MAX_TOKENS = 8192
+GPTAQ_TOKENS = 16384
 # Fraction of the mean Hessian diagonal added to it. GPTQ's paper uses 0.01; on SmolLM2 0.1
 # generalises better from calibration text to other text (prose perplexity gap to fp32 at
 # block 128: 37% of RTN's, against 54% with 0.01; code unchanged).
@@ -79,6 +91,12 @@ SEARCH = True
 # Shrink factors searched_grid tries for a block's range (1 - 0.04 k): clipping the largest
 # weights of a block a little often lowers the error of all the others.
 SHRINK = np.float32(1) - np.float32(0.04) * np.arange(1, 11, dtype=np.float32)
+
+
+# GPTAQ's ridge (float_target_map), times the mean Hessian diagonal. Measured on SmolLM2-135M
+# (benchmarks/quant_quality.py): 1 gave the lowest prose KL of 0.1, 0.5, 1 and 2; lower ones fit
+# the calibration text's own quantization errors too closely.
+FLOAT_TARGET_DAMP = 1.0
 
 
 # --- GPTQ, pure numpy -----------------------------------------------------------------------
@@ -290,6 +308,32 @@ def gptq(
     return from_codes(codes.T, scales.T, zero_points.T, spec)
 
 
+def float_target_map(
+    float_inputs: np.ndarray,
+    inputs: np.ndarray,
+    gram: np.ndarray,
+    device: Numpy | OnnxRuntime = NUMPY,
+) -> np.ndarray:
+    """M [K, K] such that GPTQ of ``W M^T`` on `inputs` X~ (the quantized model's) minimises
+    the error against the FLOAT model's output X W^T on its own inputs `float_inputs` X.
+
+    GPTQ on X~ alone makes each linear match what the float weight would give on the already
+    perturbed input, so earlier layers' errors pass through. Asymmetric calibration (GPTAQ, Li
+    et al. 2025) aims at X W^T instead; since the least-squares residual
+    of ``X W^T ~ X~ W*^T`` is orthogonal to X~'s columns, ``|X W^T - X~ Q^T|^2 = |X W^T -
+    X~ W*^T|^2 + |X~ (W* - Q)^T|^2`` for any Q, so plain GPTQ of W* minimises it. W* is solved
+    with GPTQ's dampening as a pull towards W (ridge): ``W* (H~ + l I) = W (X^T X~ + l I)``,
+    l = FLOAT_TARGET_DAMP * mean(diag H~); with X = X~, W* = W.
+    """
+    k = inputs.shape[1]
+    cross = device.gram(inputs, float_inputs)  # X~^T X
+    ridge = FLOAT_TARGET_DAMP * max(float(np.mean(np.diagonal(gram))), 1e-30)
+    system = np.array(gram, np.float32)  # a copy: gram is GPTQ's Hessian too
+    system[np.diag_indices(k)] += ridge
+    cross[np.diag_indices(k)] += ridge
+    return np.linalg.solve(system, cross)  # W*^T = M W^T
+
+
 def act_order(hessian: np.ndarray) -> np.ndarray:
     """Columns by decreasing Hessian diagonal (stable): GPTQ's act_order."""
     return np.argsort(-np.diagonal(hessian), kind="stable")
@@ -446,6 +490,11 @@ def fold_scales(weights: _Weights, scales: dict, config: InternLM2Config) -> _We
 # --- calibration data -----------------------------------------------------------------------
 
 
+def token_budget(algorithm: str) -> int:
+    """How many calibration tokens `algorithm` takes by default (module constants, read now)."""
+    return GPTAQ_TOKENS if algorithm == "gptaq" else MAX_TOKENS
+
+
 def calibration_tokens(
     option: str | None,
     checkpoint_dir: Path,
@@ -574,9 +623,11 @@ def _sequence_tokens(config: InternLM2Config) -> int:
 @functools.lru_cache(maxsize=1)
 def default_text(per_module: int = 3000) -> str:
     """Prose and code that every Python install ships: for each module of the standard library
-    (in name order), its docstring and then its source from the first class or function on,
-    about `per_module` characters in all. English technical prose and Python code, from some
-    two hundred modules; the same Python version gives the same text, hence the same build.
+    (in name order), its docstrings (the module's, then its classes' and functions') up to half
+    of `per_module` characters, then its source from the first class or function on, about
+    `per_module` characters in all. English technical prose and Python code, about half each
+    (module docstrings alone made it a fifth prose, and prose was where int4 lost most), from
+    some two hundred modules; the same Python version gives the same text, hence the same build.
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts: list[str] = []
@@ -586,7 +637,7 @@ def default_text(per_module: int = 3000) -> str:
             tree = ast.parse(source)
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        doc = ast.get_docstring(tree) or ""
+        doc = _docstrings(tree)
         first = next((n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))), None)
         code = "" if first is None else "\n".join(source.splitlines()[first.lineno - 1 :])
         text = (doc[: per_module // 2] + "\n\n" + code)[:per_module].strip()
@@ -598,6 +649,13 @@ def default_text(per_module: int = 3000) -> str:
             "calibrate on; pass calibration_data=PATH (text like your prompts)"
         )
     return "\n\n".join(parts)
+
+
+def _docstrings(tree: ast.Module) -> str:
+    """The module's docstring, then those of its classes and functions (ast.walk's order)."""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
+    return "\n\n".join(d for d in docs if d)
 
 
 # --- the layer-by-layer driver --------------------------------------------------------------
@@ -673,25 +731,55 @@ def calibrate(
     order: bool | None = None,
     search: bool | None = None,
     device: Numpy | OnnxRuntime = NUMPY,
+    float_target: bool = False,
 ) -> Calibrated:
     """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
 
     `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
     `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH. `device`
-    runs the products (compute.py).
+    runs the products (compute.py). `float_target`: GPTAQ, each linear aimed at the float
+    model's output (float_target_map).
     """
     order = ACT_ORDER if order is None else order
     search = SEARCH if search is None else search
     result = Calibrated(scratch)
 
+    floats = {}  # float_target: the float model's hidden states, a second stream beside x
+
     def layer(n, weights, x, lengths, cos, sin):
         prefix = f"model.layers.{n}"
+        targets = None
+        if float_target:
+            targets = {}
+
+            def record(inputs, *names):
+                targets[names] = inputs
+                return [weights.linears[name] for name in names]
+
+            floats["x"] = _layer(weights, floats.get("x", x), lengths, config, cos, sin, record,
+                                 device=device)  # fmt: skip
         return _quantize_layer(
-            prefix, weights, x, lengths, config, cos, sin, body, result, order, search, device
+            prefix,
+            weights,
+            x,
+            lengths,
+            config,
+            cos,
+            sin,
+            body,
+            result,
+            order,
+            search,
+            device,
+            targets,
         )
 
     def lm_head(h):
-        _gptq_head(checkpoint, h, head, result, order, search, device)
+        float_h = None
+        if float_target:
+            norm = checkpoint["model.norm.weight"].read()
+            float_h = _rmsnorm(floats.pop("x"), norm, config.rms_norm_eps)
+        _gptq_head(checkpoint, h, head, result, order, search, device, float_h)
 
     _streamed(checkpoint, config, sequences, progress, "calibrating (gptq)", layer,
               lm_head if head is not None else None)  # fmt: skip
@@ -722,12 +810,19 @@ def _streamed(checkpoint, config, sequences, progress, task, layer, head=None) -
     return None
 
 
-def _gptq_head(checkpoint, h, head, result, order, search, device=NUMPY) -> None:
-    """GPTQ the lm_head on its input h (the final norm's output), HEAD_ROWS rows at a time."""
-    factor, perm, importance = _prepare(h, order, search, device)
+def _gptq_head(checkpoint, h, head, result, order, search, device=NUMPY, float_h=None) -> None:
+    """GPTQ the lm_head on its input h (the final norm's output), HEAD_ROWS rows at a time;
+    towards the float model's logits on its own final norm output `float_h`, if given."""
+    factor, perm, importance, gram = _prepare(h, order, search, device)
+    target = None if float_h is None else float_target_map(float_h, h, gram, device)
     ref = checkpoint["output.weight"]
+
+    def rows(start):
+        w = ref.read_rows(start, start + HEAD_ROWS)
+        return w if target is None else w @ target.T
+
     parts = [
-        gptq(ref.read_rows(start, start + HEAD_ROWS), factor, head, perm, importance, device)
+        gptq(rows(start), factor, head, perm, importance, device)
         for start in range(0, ref.shape[0], HEAD_ROWS)
     ]
     result.save_rows("output", parts)
@@ -767,24 +862,32 @@ def _read_layer(checkpoint: Checkpoint, config: InternLM2Config, n: int) -> _Wei
 
 
 def _prepare(inputs: np.ndarray, order: bool, search: bool, device=NUMPY):
-    """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K]."""
+    """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K],
+    and the Hessian itself (float_target_map)."""
     gram = device.gram(inputs)
     perm = act_order(gram) if order else None
     importance = np.diagonal(gram).copy() if search else None
-    return hessian_factor(gram, order=perm, device=device), perm, importance
+    return hessian_factor(gram, order=perm, device=device), perm, importance, gram
 
 
 def _quantize_layer(
-    prefix, weights, x, lengths, config, cos, sin, spec, result, order, search, device
-):
-    """GPTQ the layer's linears in the order they run; returns the quantized layer's output."""
+    prefix, weights, x, lengths, config, cos, sin, spec, result, order, search, device,
+    targets=None,
+):  # fmt: skip
+    """GPTQ the layer's linears in the order they run; returns the quantized layer's output.
+    `targets` maps each group of names to its input in the float model (float_target_map)."""
 
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
-        factor, perm, importance = _prepare(inputs, order, search, device)
+        factor, perm, importance, gram = _prepare(inputs, order, search, device)
+        target = None
+        if targets is not None:
+            target = float_target_map(targets.pop(names), inputs, gram, device)
         out = []
         for each in names:
-            q = gptq(weights.linears[each], factor, spec, perm, importance, device)
+            w = weights.linears[each]
+            w = w if target is None else device.matmul(w, target, transpose_b=True)
+            q = gptq(w, factor, spec, perm, importance, device)
             result.save(f"{prefix}.{each}", q)
             out.append(dequantize(q))
             weights.linears[each] = None  # free the float weight
@@ -851,7 +954,7 @@ def _awq_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, fold
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """Round `names` (clipped first), save them, return their dequantized weights."""
         if AWQ_ROUNDING == "gptq":
-            factor, perm, importance = _prepare(inputs, ACT_ORDER, SEARCH)
+            factor, perm, importance, _ = _prepare(inputs, ACT_ORDER, SEARCH)
         out = []
         for name in names:
             weight = folded.linears[name]
@@ -892,11 +995,10 @@ def calibrated_weights(
 ) -> Calibrated:
     """The weights of a calibrated algo_config (gptq, awq; "rtn" is the saver's own)."""
     body, head = target.quant, target.lm_head_quant
-    if target.algorithm == "gptq":
+    if target.algorithm in ("gptq", "gptaq"):
         device = for_execution_provider(target.execution_provider)
-        return calibrate(
-            checkpoint, config, sequences, body, head, scratch, progress, device=device
-        )
+        return calibrate(checkpoint, config, sequences, body, head, scratch, progress,
+                         device=device, float_target=target.algorithm == "gptaq")  # fmt: skip
     # A quantized KV cache stores the values with scales taken from the float model's values
     # (calibrate_kv_cache, or a scale file): AWQ must leave them, and so wo, unscaled.
     fold_values = target.kv_cache is None

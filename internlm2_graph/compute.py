@@ -36,12 +36,13 @@ class Numpy:
     def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
         return a @ b.T if transpose_b else a @ b
 
-    def gram(self, x: np.ndarray) -> np.ndarray:
-        """X^T X summed over tokens, float32 (a few thousand tokens: rounding far below damp)."""
-        total = np.zeros((x.shape[1], x.shape[1]), np.float32)
+    def gram(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """X^T X (or X^T Y) summed over tokens, float32 (a few thousand tokens: rounding far
+        below damp)."""
+        total = np.zeros((x.shape[1], (x if y is None else y).shape[1]), np.float32)
         for start in range(0, len(x), TOKEN_CHUNK):
             c = x[start : start + TOKEN_CHUNK]
-            total += c.T @ c
+            total += c.T @ (c if y is None else y[start : start + TOKEN_CHUNK])
         return total
 
 
@@ -88,8 +89,10 @@ class OnnxRuntime:
     def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
         return self._gemm(0, int(transpose_b)).run(None, {"a": _f32(a), "b": _f32(b)})[0]
 
-    def gram(self, x: np.ndarray) -> np.ndarray:
-        return self._gemm(1, 0, same=True).run(None, {"a": _f32(x)})[0]
+    def gram(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        if y is None:
+            return self._gemm(1, 0, same=True).run(None, {"a": _f32(x)})[0]
+        return self._gemm(1, 0).run(None, {"a": _f32(x), "b": _f32(y)})[0]
 
     def upload(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(_f32(array), self.device, 0)

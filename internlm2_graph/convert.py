@@ -86,7 +86,8 @@ def build(
     model, module = build_graph(config, target)
     calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
     if target.algorithm != "rtn" or calibrated_kv:  # bad data fails here, before any write
-        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config)
+        budget = calibrate.token_budget(target.algorithm)
+        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config, budget)
     scales = scales_from_file(config, target)
     if calibrated_kv:  # one float pass, layer by layer; it writes nothing
         kv_tokens = calibrate.first_tokens(sequences, calibrate.KV_TOKENS)

@@ -41,9 +41,9 @@ OPTIONS = {
     "(default none); scales from kv_cache_scale_file, else calibrated on calibration_data",
     "kv_cache_scale_file": "JSON of KV cache scales, as the builder's kv_cache_calibration writes",
     "filename": "name of the ONNX file (default model.onnx)",
-    "algo_config": "rtn/gptq/awq: round to nearest, or GPTQ or AWQ calibrated on text "
-    "(default rtn)",
-    "calibration_data": "gptq's and awq's text: a UTF-8 file or a JSON list of token-id lists "
+    "algo_config": "rtn/gptq/gptaq/awq: round to nearest, or GPTQ (gptaq: aimed at the float "
+    "model's outputs, ~3x the time) or AWQ calibrated on text (default rtn)",
+    "calibration_data": "calibration text: a UTF-8 file or a JSON list of token-id lists "
     "(default: docstrings of Python's standard library)",
 }
 # Options that shape quantized weights; a float build has none to shape.
@@ -110,9 +110,10 @@ class QuantSpec:
         }
 
 
-# How quantized weights are rounded: to nearest, by GPTQ, or to nearest after AWQ's
-# activation-aware scaling; the last two calibrated on text (calibrate.py).
-ALGORITHMS = ("rtn", "gptq", "awq")
+# How quantized weights are rounded: to nearest; by GPTQ, aimed at each linear's float weight
+# (gptq) or at the float model's outputs (gptaq); or to nearest after AWQ's activation-aware
+# scaling. All but rtn are calibrated on text (calibrate.py).
+ALGORITHMS = ("rtn", "gptq", "gptaq", "awq")
 
 
 # What a KV cache value is divided by its scale into: the largest code (signed int8 and int4
@@ -306,7 +307,7 @@ def resolve_target(
         )
     if "calibration_data" in options and algorithm == "rtn" and not calibrated_kv:
         raise InternLM2GraphError(
-            "--extra_options calibration_data only applies with algo_config=gptq/awq or a "
+            "--extra_options calibration_data only applies with algo_config=gptq/gptaq/awq or a "
             "kv_cache_quant_scheme without kv_cache_scale_file (round to nearest needs no data)"
         )
     return Target(

@@ -5,6 +5,7 @@ calibration inputs, and, for whole builds, the KL divergence of the built folder
 the fp32 reference on text that calibration did not see.
 """
 
+import ast
 import json
 
 import numpy as np
@@ -13,12 +14,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from internlm2_graph import InternLM2GraphError, build
+from internlm2_graph import InternLM2GraphError, build, calibrate
 from internlm2_graph.calibrate import (
+    _docstrings,
     act_order,
     block_grid,
     calibration_tokens,
     default_text,
+    float_target_map,
     gptq,
     hessian_factor,
     searched_grid,
@@ -127,6 +130,46 @@ def test_the_searched_grid_never_rounds_worse_than_the_range_grid(spec):
     assert ((zp == np.round(zp)) & (zp >= 0) & (zp <= qmax)).all()  # a storable zero point
 
 
+def test_float_target_map_is_the_identity_when_the_inputs_agree():
+    x = correlated_inputs(5, 1024, 96)
+    got = float_target_map(x, x, x.T @ x)
+    np.testing.assert_allclose(got, np.eye(96), atol=1e-4)
+
+
+def test_without_ridge_gptq_of_the_float_target_minimises_the_error_to_the_float_output(
+    monkeypatch,
+):
+    # |X W^T - X~ Q^T|^2 = |X W^T - X~ W*^T|^2 + |X~ (W* - Q)^T|^2 for every Q: the error to
+    # the float output is GPTQ's own objective on W* plus a constant.
+    monkeypatch.setattr(calibrate, "FLOAT_TARGET_DAMP", 1e-9)
+    x = correlated_inputs(6, 2048, 64).astype(np.float64)
+    drift = np.eye(64) + 0.1 * np.random.default_rng(7).standard_normal((64, 64))
+    xq = x @ drift + 0.05 * correlated_inputs(8, 2048, 64)  # earlier layers' error
+    w = np.random.default_rng(9).standard_normal((12, 64))
+    w_star = w @ float_target_map(x, xq, xq.T @ xq).T
+    for q in (w, np.round(w * 4) / 4, np.zeros_like(w)):
+        whole = np.sum((x @ w.T - xq @ q.T) ** 2)
+        parts = np.sum((x @ w.T - xq @ w_star.T) ** 2) + np.sum((xq @ (w_star - q).T) ** 2)
+        assert abs(whole - parts) <= 1e-6 * whole
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=str)
+def test_gptq_of_the_float_target_is_closer_to_the_float_output(spec):
+    x = correlated_inputs(10, 2048, 256)
+    rng = np.random.default_rng(11)
+    xq = (x @ (np.eye(256) + 0.05 * rng.standard_normal((256, 256)))).astype(np.float32)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    gram = xq.T @ xq
+    order = act_order(gram)
+    factor = hessian_factor(gram, order=order)
+
+    def error(target):
+        q = dequantize(gptq(target, factor, spec, order))
+        return np.linalg.norm(x @ w.T - xq @ q.T)
+
+    assert error(w @ float_target_map(x, xq, gram).T) < 0.9 * error(w)
+
+
 # --- calibration data ------------------------------------------------------------------------
 
 
@@ -140,6 +183,12 @@ def test_default_calibration_text_is_prose_from_this_python(tiny_checkpoint):
     assert sequences[-1].tolist() == everything[-1].tolist()  # spread over the whole text
     assert all(s[0] == config.bos_token_id for s in sequences)
     assert all(len(s) <= config.max_position_embeddings for s in sequences)
+
+
+def test_default_calibration_prose_takes_every_docstring_in_order():
+    tree = ast.parse('"""Module."""\nclass A:\n    """Class."""\n    def f(self):\n'
+                     '        """Method."""\ndef g():\n    pass\n')  # fmt: skip
+    assert _docstrings(tree) == "Module.\n\nClass.\n\nMethod."
 
 
 def test_calibration_data_as_token_id_lists(tiny_checkpoint, tmp_path):
@@ -191,15 +240,17 @@ def split_text(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options, algorithm",
     [
-        ["block_size=32"],
-        ["block_size=16", "is_symmetric=false"],
-        ["block_size=64", "lm_head_precision=int8"],
+        (["block_size=32"], "gptq"),
+        (["block_size=16", "is_symmetric=false"], "gptq"),
+        (["block_size=64", "lm_head_precision=int8"], "gptq"),
+        (["block_size=32"], "gptaq"),
+        (["block_size=64", "lm_head_precision=int8"], "gptaq"),
     ],
 )
 def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(
-    tiny_checkpoint, split_text, tmp_path, options
+    tiny_checkpoint, split_text, tmp_path, options, algorithm
 ):
     calibration, held_out = split_text
     base = ["accuracy_level=0", *options]
@@ -209,7 +260,7 @@ def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(
         tmp_path / "gptq",
         "int4",
         "cpu",
-        [*base, "algo_config=gptq", f"calibration_data={calibration}"],
+        [*base, f"algo_config={algorithm}", f"calibration_data={calibration}"],
     )
     reference = Reference(tiny_checkpoint)
     fp32 = [reference.forward(ids)[0] for ids in held_out]
@@ -229,7 +280,7 @@ def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(
     "precision, options, message",
     [
         ("fp16", ["algo_config=gptq"], "algo_config only apply to --precision int4/int8"),
-        ("int4", ["algo_config=awq2"], "algo_config='awq2': use one of rtn, gptq, awq"),
+        ("int4", ["algo_config=awq2"], "algo_config='awq2': use one of rtn, gptq, gptaq, awq"),
         ("int4", ["calibration_data=x.txt"], "calibration_data only applies with algo_config="),
         ("int4", ["algo_config=gptq", "calibration_data=/no/such.txt"], "no such file"),
     ],
