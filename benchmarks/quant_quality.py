@@ -98,7 +98,9 @@ def measured_build(
         return json.loads(done.read_text())
     log = out.with_name(out.name + ".log")
     with log.open("w") as stderr:
-        result = _build_child(checkpoint, out, precision, options, tweaks, ep, stderr)
+        args = [str(checkpoint), str(out), precision, json.dumps(options), json.dumps(tweaks or {})]
+        result = subprocess.run([sys.executable, "-c", BUILD, *args, ep], stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, cwd=common.REPO)  # fmt: skip
     if result.returncode:
         raise SystemExit(f"build {out.name} failed:\n{log.read_text()[-3000:]}")
     line = next(x for x in result.stdout.splitlines() if x.startswith("SUMMARY "))
@@ -107,26 +109,6 @@ def measured_build(
         finish(out, checkpoint)
     done.write_text(json.dumps(stats))
     return stats
-
-
-def _build_child(checkpoint, out, precision, options, tweaks, ep, stderr):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            BUILD,
-            str(checkpoint),
-            str(out),
-            precision,
-            json.dumps(options),
-            json.dumps(tweaks or {}),
-            ep,
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        cwd=common.REPO,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,10 +62,7 @@ class OnnxRuntime:
         self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         # Full float32 products: TF32 would round the Hessians' inputs to 10 bits.
         self.options = [{"use_tf32": "0"}] if self.device == "cuda" else None
-
-    @functools.cached_property
-    def _sessions(self) -> dict:
-        return {}
+        self._sessions = {}
 
     def _session(self, name: str, model: onnx.ModelProto):
         if name not in self._sessions:

@@ -43,14 +43,19 @@ def test_the_hessian_factor_is_numpys():
     assert relative(got, want) < 1e-3
 
 
+def act_order_problem(seed: int, tokens: int, k: int, n: int):
+    """Inputs [tokens, k], a weight [n, k] (seed + 1), their Hessian, act_order and factor."""
+    x = correlated_inputs(seed, tokens, k)
+    weight = np.random.default_rng(seed + 1).standard_normal((n, k)).astype(np.float32)
+    hessian = compute.NUMPY.gram(x)
+    order = cal.act_order(hessian)
+    return x, weight, hessian, order, cal.hessian_factor(hessian, order=order)
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_one_batch_on_the_device_is_numpys_byte_for_byte(spec):
     # Within a lazy batch the graph does numpy's float operations in numpy's order.
-    x = correlated_inputs(5, 1024, 128)
-    weight = np.random.default_rng(6).standard_normal((80, 128)).astype(np.float32)
-    hessian = compute.NUMPY.gram(x)
-    order = cal.act_order(hessian)
-    factor = cal.hessian_factor(hessian, order=order)
+    x, weight, hessian, order, factor = act_order_problem(5, 1024, 128, 80)
     importance = np.diagonal(hessian).copy()
     want = cal.gptq(weight, factor, spec, order, importance)
     got = cal.gptq(weight, factor, spec, order, importance, device=ORT)
@@ -61,11 +66,7 @@ def test_one_batch_on_the_device_is_numpys_byte_for_byte(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_gptq_on_the_device_is_gptq(spec):
     # 640 columns: five lazy batches, four right-looking updates in another float order.
-    x = correlated_inputs(2, 2048, 640)
-    weight = np.random.default_rng(3).standard_normal((96, 640)).astype(np.float32)
-    hessian = compute.NUMPY.gram(x)
-    order = cal.act_order(hessian)
-    factor = cal.hessian_factor(hessian, order=order)
+    x, weight, _, order, factor = act_order_problem(2, 2048, 640, 96)
     on_host = dequantize(cal.gptq(weight, factor, spec, order))
     on_device = dequantize(cal.gptq(weight, factor, spec, order, device=ORT))
     # Static grids: the same scales; a value on a rounding tie may go the other way, and its
