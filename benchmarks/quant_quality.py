@@ -71,10 +71,11 @@ def calibration_ids(checkpoint: Path, held_out: list[np.ndarray], tokens: int) -
 BUILD = """
 import json, sys
 from internlm2_graph import build, calibrate
+from internlm2_graph.progress import Progress
 for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, for ablations
     setattr(calibrate, key, value)
 summary = build(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6], json.loads(sys.argv[4]),
-                overwrite=True)
+                overwrite=True, progress=Progress())  # to OUT.log: a line per layer, with ETA
 # VmHWM, not getrusage: a child's ru_maxrss can start at its parent's (the evaluating process).
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": int(hwm.split()[1]) * 1024}))
@@ -97,6 +98,7 @@ def measured_build(
     if done.is_file():
         return json.loads(done.read_text())
     log = out.with_name(out.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as stderr:
         args = [str(checkpoint), str(out), precision, json.dumps(options), json.dumps(tweaks or {})]
         result = subprocess.run([sys.executable, "-c", BUILD, *args, ep], stdout=subprocess.PIPE,

@@ -20,8 +20,9 @@ errors on. GPTAQ runs a float copy of the hidden states beside the quantized one
 linear at the float MODEL's output on the float input (asymmetric calibration): the weight
 is first mapped to the least-squares (ridge) fit of that output on the quantized input, then
 rounded by plain GPTQ, which is then exactly the minimiser of the error against the float output
-(float_target_map). Cost: one more float forward per layer, a K x K solve per input, and
-GPTAQ_TOKENS of calibration text rather than MAX_TOKENS.
+(float_target_map). Cost: one more float forward per layer, one more K x K Cholesky inverse per
+input, and GPTAQ_TOKENS of calibration text rather than MAX_TOKENS. Only the float model's input
+to each group is kept, or its output where that is smaller (w2: float_target_weight).
 
 Streaming (`calibrate`). Calibration hidden states ``[tokens, hidden]`` plus one decoder layer's
 weights are in memory at a time. Inside a layer the linears are quantized in the order they run
@@ -29,9 +30,9 @@ weights are in memory at a time. Inside a layer the linears are quantized in the
 already went through the quantized linears before it ("true sequential"), and the quantized
 layer's output feeds the next layer, so each quantized layer corrects the errors of those
 before it. Results are spilled to a scratch folder, one .npz per linear, and read back when the
-saver asks for that weight. The products (layer forwards, Gram matrices, inverses) and, with
-act_order, GPTQ's column loop run where compute.py says: numpy, or onnxruntime's CUDA provider
-for a CUDA build on a machine that has one.
+saver asks for that weight. The products (layer forwards, attention, Gram matrices, inverses)
+and, with act_order, the grid search and GPTQ's column loop run where compute.py says: numpy, or
+onnxruntime's CUDA provider for a CUDA build on a machine that has one.
 
 AWQ (Lin et al. 2023, arXiv:2306.00978) keeps round-to-nearest but first moves each input
 channel's importance into the weights: a linear's columns are multiplied by ``s`` and its input
@@ -107,6 +108,7 @@ def hessian_factor(
     damp: float | None = None,
     order: np.ndarray | None = None,
     device: Numpy | OnnxRuntime = NUMPY,
+    consume: bool = False,
 ) -> np.ndarray:
     """The upper-triangular U with ``U^T U = inverse(H + damp * mean(diag H) * I)``.
 
@@ -114,11 +116,15 @@ def hessian_factor(
     with one Cholesky and one triangular inverse: for the reversal P, ``P chol(P H P) P = R`` is
     upper triangular with ``H = R R^T``, so ``U = R^-1``. `order` permutes columns first
     (act_order). Inputs that never fire (zero diagonal) get a unit diagonal: their columns are
-    then rounded to nearest with nothing to compensate. `device` runs the products.
+    then rounded to nearest with nothing to compensate. `device` runs the products. With
+    `consume`, `hessian` (float32, C order) is the caller's to lose: it is permuted and
+    overwritten in place rather than copied (a 7B w2 Hessian is 0.8 GB, at the build's peak).
     """
-    # One float32 copy, already permuted and reversed (a 7B w2 Hessian is 0.8 GB).
     flipped = np.arange(len(hessian))[::-1] if order is None else np.asarray(order)[::-1]
-    h = np.asarray(hessian, dtype=np.float32)[np.ix_(flipped, flipped)]
+    if consume:
+        h = _permute_in_place(hessian, flipped)
+    else:  # one float32 copy, already permuted and reversed
+        h = np.asarray(hessian, dtype=np.float32)[np.ix_(flipped, flipped)]
     diag = np.diagonal(h).copy()
     diag[diag <= 0] = 1.0
     damp = DAMP if damp is None else damp
@@ -130,25 +136,54 @@ def hessian_factor(
             "GPTQ: the calibration Hessian is not positive definite even after dampening; "
             "the calibration data is degenerate, give more varied calibration_data"
         ) from None
-    return np.ascontiguousarray(inverse[::-1, ::-1])
+    del h
+    return _reverse_in_place(inverse)
+
+
+def _permute_in_place(a: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """a[order][:, order], overwriting the square `a`: rows by following the permutation's
+    cycles (one row in hand), then columns a slab of rows at a time."""
+    done = np.zeros(len(a), bool)
+    for start in range(len(a)):
+        if done[start] or order[start] == start:
+            continue
+        held, i = a[start].copy(), start
+        while order[i] != start:
+            a[i], done[i], i = a[order[i]], True, order[i]
+        a[i], done[i] = held, True
+    for row in range(0, len(a), 512):
+        a[row : row + 512] = a[row : row + 512][:, order]
+    return a
+
+
+def _reverse_in_place(a: np.ndarray) -> np.ndarray:
+    """a[::-1, ::-1] of the square `a`, in its own memory (C order)."""
+    n = len(a)
+    for i in range(n // 2):
+        held = a[i, ::-1].copy()
+        a[i] = a[n - 1 - i, ::-1]
+        a[n - 1 - i] = held
+    if n % 2:
+        a[n // 2] = a[n // 2, ::-1].copy()
+    return a
 
 
 def _cholesky_inverse(h: np.ndarray, device: Numpy | OnnxRuntime = NUMPY) -> np.ndarray:
     """inverse(L) for the lower Cholesky factor L of h, recursively by 2x2 blocks, so that
     nearly all the work is matmuls (numpy's Cholesky and inverse are several times slower):
     with L = [[A, 0], [B, C]], B = H21 A^-T and C = chol(H22 - B B^T), and
-    L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+    L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. Each block goes into the result as soon as it is
+    known, so a level holds little more than the result itself."""
     n = h.shape[0]
     if n <= 512:
         return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
     m = n // 2
-    a_inv = _cholesky_inverse(h[:m, :m], device)
-    b = device.matmul(h[m:, :m], a_inv, transpose_b=True)
-    c_inv = _cholesky_inverse(h[m:, m:] - device.matmul(b, b, transpose_b=True), device)
     out = np.zeros_like(h)
-    out[:m, :m] = a_inv
-    out[m:, m:] = c_inv
-    out[m:, :m] = -device.matmul(c_inv, device.matmul(b, a_inv))
+    out[:m, :m] = _cholesky_inverse(h[:m, :m], device)
+    a_inv = out[:m, :m]
+    b = device.matmul(h[m:, :m], a_inv, transpose_b=True)
+    out[m:, m:] = _cholesky_inverse(h[m:, m:] - device.matmul(b, b, transpose_b=True), device)
+    out[m:, :m] = -device.matmul(out[m:, m:], device.matmul(b, a_inv))
     return out
 
 
@@ -211,6 +246,17 @@ def searched_grid(
     return best_scale, best_zp
 
 
+def search_candidates(spec: QuantSpec) -> tuple:
+    """searched_grid's candidates as factors (compute.searched_grid_graph), in its order."""
+    mid = 1 << (spec.bits - 1)
+    if spec.symmetric:
+        pairs = ((np.float32(-r / mid), np.float32(r / (mid - 1))) for r in SHRINK)
+        return (np.float32(-1.0 / mid), *(f for pair in pairs for f in pair))
+    one = np.float32(1)
+    triples = (((r, r), (r, one), (one, r)) for r in SHRINK)
+    return ((one, one), *(ab for triple in triples for ab in triple))
+
+
 def _grid_error(block, scale, zp, importance, qmax) -> np.ndarray:
     restored = (_round(block, _reciprocal(scale), zp, qmax) - zp) * scale
     restored -= block
@@ -258,13 +304,18 @@ def gptq(
     k_blocks = -(-k // bs)
     wt = np.array(weight.T, dtype=np.float32, order="C")  # [K, N]: a column is a row here
     codes = np.empty((k, n), np.uint8)
+    on_device = isinstance(device, OnnxRuntime)
 
     def grid(block: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
         if importance is None:
             return block_grid(block, spec)
         return searched_grid(block, spec, importance[first : first + len(block)])
 
-    if order is not None:
+    if order is not None and importance is not None and k % bs == 0 and on_device:
+        # Static searched blocks on the device: every block's candidates in one graph.
+        scales, zero_points = device.searched_grids(wt, importance, bs, qmax, spec.symmetric,
+                                                    search_candidates(spec))  # fmt: skip
+    elif order is not None:
         # Static blocks: every grid up front, in threads (elementwise numpy releases the GIL).
         with ThreadPoolExecutor(THREADS) as pool:
             grids = list(
@@ -272,6 +323,7 @@ def gptq(
             )
         scales = np.stack([g[0] for g in grids])
         zero_points = np.stack([g[1] for g in grids])
+    if order is not None:
         recips = _reciprocal(scales)
         wt = wt[order]
         positions = np.asarray(order)
@@ -282,7 +334,7 @@ def gptq(
         positions = np.arange(k)
 
     lazy = max(LAZY_COLUMNS, bs)  # a multiple of bs: a block never straddles two batches
-    if order is not None and isinstance(device, OnnxRuntime):
+    if order is not None and on_device:
         # Static grids: the whole column loop can run on the device, batch by batch.
         codes[positions] = device.gptq_columns(wt, factor, scales, zero_points, recips,
                                                positions // bs, qmax, lazy)  # fmt: skip
@@ -322,16 +374,43 @@ def float_target_map(
     et al. 2025) aims at X W^T instead; since the least-squares residual
     of ``X W^T ~ X~ W*^T`` is orthogonal to X~'s columns, ``|X W^T - X~ Q^T|^2 = |X W^T -
     X~ W*^T|^2 + |X~ (W* - Q)^T|^2`` for any Q, so plain GPTQ of W* minimises it. W* is solved
-    with GPTQ's dampening as a pull towards W (ridge): ``W* (H~ + l I) = W (X^T X~ + l I)``,
-    l = FLOAT_TARGET_DAMP * mean(diag H~); with X = X~, W* = W.
+    with GPTQ's dampening as a pull towards W (ridge): ``(H~ + l I) W*^T = X~^T X W^T + l W^T``,
+    l = FLOAT_TARGET_DAMP * mean(diag H~); with X = X~, W* = W. `gram` is H~ = X~^T X~.
     """
-    k = inputs.shape[1]
+    solve, ridge = _ridge_solver(gram, device)
     cross = device.gram(inputs, float_inputs)  # X~^T X
-    ridge = FLOAT_TARGET_DAMP * max(float(np.mean(np.diagonal(gram))), 1e-30)
-    system = np.array(gram, np.float32)  # a copy: gram is GPTQ's Hessian too
-    system[np.diag_indices(k)] += ridge
-    cross[np.diag_indices(k)] += ridge
-    return np.linalg.solve(system, cross)  # W*^T = M W^T
+    cross[np.diag_indices_from(cross)] += ridge
+    return solve(cross)  # W*^T = M W^T
+
+
+def float_target_weight(
+    weight: np.ndarray,
+    float_outputs: np.ndarray,
+    inputs: np.ndarray,
+    gram: np.ndarray,
+    device: Numpy | OnnxRuntime = NUMPY,
+) -> np.ndarray:
+    """W* of float_target_map from the float model's outputs X W^T [tokens, N] rather than its
+    inputs: N right-hand sides instead of K, and a smaller recording when N < K (w2)."""
+    solve, ridge = _ridge_solver(gram, device)
+    rhs = device.gram(inputs, float_outputs)
+    rhs += ridge * weight.T
+    del weight  # the caller's last reference may be this one
+    return solve(rhs).T
+
+
+def _ridge_solver(gram: np.ndarray, device: Numpy | OnnxRuntime):
+    """``rhs -> (H~ + l I)^-1 rhs`` and l, through the Cholesky inverse L^-1 of the system
+    (``(H~ + l I)^-1 = L^-T L^-1``): all matmuls, on `device`. `gram` is borrowed: its
+    diagonal is raised for the factorisation and put back as it was."""
+    diagonal = np.diagonal(gram).copy()
+    ridge = FLOAT_TARGET_DAMP * max(float(np.mean(diagonal)), 1e-30)
+    gram[np.diag_indices_from(gram)] += ridge
+    try:
+        inverse = _cholesky_inverse(gram, device)
+    finally:
+        gram[np.diag_indices_from(gram)] = diagonal
+    return lambda rhs: device.matmul(inverse, device.matmul(inverse, rhs), transpose_a=True), ridge
 
 
 def act_order(hessian: np.ndarray) -> np.ndarray:
@@ -753,11 +832,20 @@ def calibrate(
             targets = {}
 
             def record(inputs, *names):
+                # What float_target_* needs of each group, the smaller of X and X W^T: w2's
+                # output (N < K) is caught by `output` as the float pass computes it.
+                ws = [weights.linears[name] for name in names]
                 targets[names] = inputs
-                return [weights.linears[name] for name in names]
+                if len(ws) == 1 and len(ws[0]) < inputs.shape[1]:
+                    targets[names] = None
+                return ws
+
+            def output(name, y):
+                if targets.get((name,), ()) is None:
+                    targets[(name,)] = FloatOutputs(y)
 
             floats["x"] = _layer(weights, floats.get("x", x), lengths, config, cos, sin, record,
-                                 device=device)  # fmt: skip
+                                 device=device, on_output=output)  # fmt: skip
         return _quantize_layer(
             prefix,
             weights,
@@ -781,7 +869,8 @@ def calibrate(
             float_h = _rmsnorm(floats.pop("x"), norm, config.rms_norm_eps)
         _gptq_head(checkpoint, h, head, result, order, search, device, float_h)
 
-    _streamed(checkpoint, config, sequences, progress, "calibrating (gptq)", layer,
+    task = "calibrating (gptaq)" if float_target else "calibrating (gptq)"
+    _streamed(checkpoint, config, sequences, progress, task, layer,
               lm_head if head is not None else None)  # fmt: skip
     return result
 
@@ -813,13 +902,15 @@ def _streamed(checkpoint, config, sequences, progress, task, layer, head=None) -
 def _gptq_head(checkpoint, h, head, result, order, search, device=NUMPY, float_h=None) -> None:
     """GPTQ the lm_head on its input h (the final norm's output), HEAD_ROWS rows at a time;
     towards the float model's logits on its own final norm output `float_h`, if given."""
-    factor, perm, importance, gram = _prepare(h, order, search, device)
+    gram = device.gram(h)
     target = None if float_h is None else float_target_map(float_h, h, gram, device)
+    factor, perm, importance = _prepare(gram, order, search, device)
+    del gram
     ref = checkpoint["output.weight"]
 
     def rows(start):
         w = ref.read_rows(start, start + HEAD_ROWS)
-        return w if target is None else w @ target.T
+        return w if target is None else device.matmul(w, target, transpose_b=True)
 
     parts = [
         gptq(rows(start), factor, head, perm, importance, device)
@@ -861,13 +952,20 @@ def _read_layer(checkpoint: Checkpoint, config: InternLM2Config, n: int) -> _Wei
     )
 
 
-def _prepare(inputs: np.ndarray, order: bool, search: bool, device=NUMPY):
-    """GPTQ's factor, column order and grid importance for a weight fed `inputs` [tokens, K],
-    and the Hessian itself (float_target_map)."""
-    gram = device.gram(inputs)
+def _prepare(gram: np.ndarray, order: bool, search: bool, device=NUMPY):
+    """GPTQ's factor, column order and grid importance for a weight whose input has the Gram
+    matrix (Hessian) `gram`, which is used up (overwritten: hessian_factor's `consume`)."""
     perm = act_order(gram) if order else None
     importance = np.diagonal(gram).copy() if search else None
-    return hessian_factor(gram, order=perm, device=device), perm, importance, gram
+    return hessian_factor(gram, order=perm, device=device, consume=True), perm, importance
+
+
+@dataclass
+class FloatOutputs:
+    """The float model's output of a linear, recorded instead of its input when that is
+    smaller (float_target_weight)."""
+
+    output: np.ndarray
 
 
 def _quantize_layer(
@@ -875,22 +973,32 @@ def _quantize_layer(
     targets=None,
 ):  # fmt: skip
     """GPTQ the layer's linears in the order they run; returns the quantized layer's output.
-    `targets` maps each group of names to its input in the float model (float_target_map)."""
+    `targets` maps each group of names to the float model's input to it, or FloatOutputs
+    (float_target_map)."""
 
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
-        factor, perm, importance, gram = _prepare(inputs, order, search, device)
-        target = None
-        if targets is not None:
-            target = float_target_map(targets.pop(names), inputs, gram, device)
-        out = []
+        gram = device.gram(inputs)
+        ws = [weights.linears[each] for each in names]
         for each in names:
-            w = weights.linears[each]
-            w = w if target is None else device.matmul(w, target, transpose_b=True)
-            q = gptq(w, factor, spec, perm, importance, device)
+            weights.linears[each] = None  # ws holds the float weights now
+        if targets is not None:  # before GPTQ's own factor: one K x K inverse at a time
+            aim = targets.pop(names)
+            if isinstance(aim, FloatOutputs):
+                ws = [float_target_weight(ws.pop(), aim.output, inputs, gram, device)]
+            else:
+                target = float_target_map(aim, inputs, gram, device)
+                ws = [device.matmul(w, target, transpose_b=True) for w in ws]
+                del target
+            del aim
+        factor, perm, importance = _prepare(gram, order, search, device)
+        del gram
+        out = []
+        for i, each in enumerate(names):
+            q = gptq(ws[i], factor, spec, perm, importance, device)
+            ws[i] = None
             result.save(f"{prefix}.{each}", q)
             out.append(dequantize(q))
-            weights.linears[each] = None  # free the float weight
         return out
 
     return _layer(weights, x, lengths, config, cos, sin, quantized, device=device)
@@ -954,7 +1062,7 @@ def _awq_layer(prefix, weights, x, lengths, config, cos, sin, spec, result, fold
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """Round `names` (clipped first), save them, return their dequantized weights."""
         if AWQ_ROUNDING == "gptq":
-            factor, perm, importance, _ = _prepare(inputs, ACT_ORDER, SEARCH)
+            factor, perm, importance = _prepare(NUMPY.gram(inputs), ACT_ORDER, SEARCH)
         out = []
         for name in names:
             weight = folded.linears[name]
@@ -1005,18 +1113,22 @@ def calibrated_weights(
     return awq(checkpoint, config, sequences, body, head, scratch, progress, fold_values)
 
 
-def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None, device=NUMPY) -> np.ndarray:
+def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None, device=NUMPY,
+           on_output=None) -> np.ndarray:  # fmt: skip
     """One decoder layer on the calibration hidden states x [tokens, hidden]; returns its output.
 
     `take(inputs, *names)` gives the weights of the linears `names`, which all read `inputs`
     (GPTQ quantizes them there; a float pass hands them back as they are). `on_kv(keys,
     values)` sees the layer's keys, before rotary, and values: [tokens, kv_heads, head_dim].
-    `device` runs the linears, `device.token_chunk` tokens at a time.
+    `on_output(name, y)` sees the outputs of wqkv, wo and w2, before bias. `device` runs the
+    linears, `device.token_chunk` tokens at a time.
     """
     eps = config.rms_norm_eps
 
     def linear(a: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
         y = _chunked(a, lambda c: device.linear(c, w), device.token_chunk)
+        if on_output is not None:
+            on_output(name, y)
         bias = weights.biases.get(name)
         return y if bias is None else y + bias
 
@@ -1027,7 +1139,7 @@ def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None, device=NUMPY
         g = config.group
         grouped = qkv.reshape(len(qkv), config.num_key_value_heads, g + 2, config.head_dim)
         on_kv(grouped[:, :, g], grouped[:, :, g + 1])
-    attended = _attention(qkv, lengths, config, cos, sin)
+    attended = _attention(qkv, lengths, config, cos, sin, device)
     del h, wqkv, qkv
     (wo,) = take(attended, "attention.wo")
     x = x + linear(attended, wo, "attention.wo")
@@ -1037,8 +1149,7 @@ def _layer(weights, x, lengths, config, cos, sin, take, on_kv=None, device=NUMPY
     act = np.empty((len(h), w1.shape[0]), np.float32)
     for start in range(0, len(h), device.token_chunk):
         c = h[start : start + device.token_chunk]
-        gate = device.linear(c, w1)
-        act[start : start + len(c)] = gate / (1 + np.exp(-gate)) * device.linear(c, w3)
+        _swiglu(device.linear(c, w1), device.linear(c, w3), act[start : start + len(c)])
     del h, w1, w3
     (w2,) = take(act, "feed_forward.w2")
     x += linear(act, w2, "feed_forward.w2")
@@ -1106,8 +1217,31 @@ def _chunked(
     return np.concatenate([f(a[s : s + chunk]) for s in range(0, len(a), chunk)])
 
 
+def _swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
+    def rows(i: int, j: int) -> np.ndarray:
+        return gate[i:j] / (1 + np.exp(-gate[i:j])) * up[i:j]
+
+    _in_threads(rows, out)
+
+
 def _rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * weight
+    def rows(a: np.ndarray) -> np.ndarray:
+        return (a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + eps)) * weight
+
+    return _in_threads(lambda i, j: rows(x[i:j]), np.empty(x.shape, np.result_type(x, weight)))
+
+
+def _in_threads(f: Callable, out: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """out[i:j] = f(i, j) for slices of `rows` rows, in THREADS threads: a row-wise elementwise
+    step over all calibration tokens is seconds of one core otherwise, while the products run
+    on many (numpy's elementwise ops release the GIL; the bytes are one call's)."""
+
+    def one(start: int) -> None:
+        out[start : start + rows] = f(start, min(start + rows, len(out)))
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(one, range(0, len(out), rows)))
+    return out
 
 
 def _sequences(lengths: list[int]) -> Iterator[tuple[int, int]]:
@@ -1117,26 +1251,25 @@ def _sequences(lengths: list[int]) -> Iterator[tuple[int, int]]:
         start += length
 
 
-def _attention(qkv, lengths, config: InternLM2Config, cos, sin) -> np.ndarray:
-    """Causal GQA with rotate-half RoPE on grouped wqkv outputs, one sequence at a time."""
+def _attention(qkv, lengths, config: InternLM2Config, cos, sin, device=NUMPY) -> np.ndarray:
+    """Causal GQA with rotate-half RoPE on grouped wqkv outputs, one sequence at a time (the
+    rotary here, the rest on `device`)."""
     kv, g, d = config.num_key_value_heads, config.group, config.head_dim
     out = np.empty((len(qkv), config.num_attention_heads * d), np.float32)
-    for start, stop in _sequences(lengths):
+
+    def one(span: tuple[int, int]) -> None:
+        start, stop = span
         length = stop - start
         grouped = qkv[start:stop].reshape(length, kv, g + 2, d).transpose(1, 2, 0, 3)
         c = np.concatenate([cos[:length], cos[:length]], axis=-1)
         s = np.concatenate([sin[:length], sin[:length]], axis=-1)
         q = _rotate(grouped[:, :g], c, s)  # [kv, g, L, d]
         k = _rotate(grouped[:, g], c, s)  # [kv, L, d]
-        v = grouped[:, g + 1]
-        scores = q @ k[:, None].transpose(0, 1, 3, 2)  # [kv, g, L, L]
-        scores *= np.float32(d**-0.5)
-        scores += np.triu(np.full((length, length), -np.inf, np.float32), 1)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        attended = scores @ v[:, None]  # [kv, g, L, d]
+        attended = device.attention(q, k, grouped[:, g + 1])  # [kv, g, L, d]
         out[start:stop] = attended.transpose(2, 0, 1, 3).reshape(length, -1)
+
+    with ThreadPoolExecutor(device.attention_threads) as pool:
+        list(pool.map(one, _sequences(lengths)))
     return out
 
 

@@ -3,9 +3,11 @@
 A calibrated 7B build multiplies ~15 TFLOP per decoder layer (the layer forward on the
 calibration tokens, Gram matrices, their inverses, GPTQ's lazy updates). numpy's BLAS does that
 on the CPU; `OnnxRuntime` sends the same products to an execution provider as one-node graphs
-(``Gemm``), and runs GPTQ's column loop there as one graph per lazy batch, so a build that
-targets CUDA on a machine with a GPU needs no torch for it. The grid search, attention's
-softmax and the Cholesky factors of small blocks stay in numpy either way.
+(``Gemm``), and runs there what would otherwise keep one host core busy while the GPU waits:
+attention's scores and softmax, the grid search of every block of a weight (one graph), and
+GPTQ's column loop (one graph per lazy batch). So a build that targets CUDA on a machine with a
+GPU needs no torch for it. The rotary, the norms, SwiGLU's gate (in threads) and the Cholesky
+factors of small blocks stay in numpy either way.
 
 Both give the same math in another float order, so a calibrated build on the GPU is not
 byte-identical to one on the CPU; NUMPY is what every build used before, unchanged.
@@ -28,13 +30,27 @@ class Numpy:
 
     name = "numpy"
     token_chunk = TOKEN_CHUNK
+    # Sequences whose attention runs at once: one, since numpy's BLAS already takes every core.
+    attention_threads = 1
 
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """x @ w.T (an HF-layout weight [out, in])."""
         return x @ w.T
 
-    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
-        return a @ b.T if transpose_b else a @ b
+    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b=False, transpose_a=False):
+        return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Causal attention of one sequence: q [kv, g, L, d], k and v [kv, L, d] (after
+        rotary) -> [kv, g, L, d]."""
+        length, d = k.shape[1:]
+        scores = q @ k[:, None].transpose(0, 1, 3, 2)  # [kv, g, L, L]
+        scores *= np.float32(d**-0.5)
+        scores += _causal_mask(length)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return scores @ v[:, None]
 
     def gram(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """X^T X (or X^T Y) summed over tokens, float32 (a few thousand tokens: rounding far
@@ -53,6 +69,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
     token_chunk = 1 << 30  # one product per linear: the GPU has the memory
+    attention_threads = 8  # the rotary on the host, beside the device's runs
 
     def __init__(self, provider: str = "CUDAExecutionProvider") -> None:
         import onnxruntime
@@ -83,13 +100,32 @@ class OnnxRuntime:
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return self._gemm(0, 1).run(None, {"a": _f32(x), "b": _f32(w)})[0]
 
-    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool = False) -> np.ndarray:
-        return self._gemm(0, int(transpose_b)).run(None, {"a": _f32(a), "b": _f32(b)})[0]
+    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b=False, transpose_a=False):
+        gemm = self._gemm(int(transpose_a), int(transpose_b))
+        return gemm.run(None, {"a": _f32(a), "b": _f32(b)})[0]
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        length, d = k.shape[1:]
+        session = self._session("attention", _attention_graph())
+        feeds = {"q": _f32(q), "k": _f32(k), "v": _f32(v), "mask": _causal_mask(length),
+                 "scale": np.array([d**-0.5], np.float32)}  # fmt: skip
+        return session.run(None, feeds)[0]
 
     def gram(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         if y is None:
             return self._gemm(1, 0, same=True).run(None, {"a": _f32(x)})[0]
         return self._gemm(1, 0).run(None, {"a": _f32(x), "b": _f32(y)})[0]
+
+    def searched_grids(self, wt, importance, block_size, qmax, symmetric, candidates):
+        """calibrate.searched_grid of every block of `wt` [K, N] (transposed weight, K a
+        multiple of block_size) at once: scales and zero points [K / block_size, N]. The
+        candidate grids are numpy's to the bit (`candidates`: searched_grid_graph); their
+        errors are summed in another order, so near ties may pick another candidate."""
+        blocks = len(wt) // block_size
+        session = self._session(*searched_grid_graph(block_size, qmax, symmetric, candidates))
+        feeds = {"w": _f32(wt), "importance": _f32(importance),
+                 "shape": np.array([blocks, block_size, wt.shape[1]], np.int64)}  # fmt: skip
+        return tuple(session.run(None, feeds))
 
     def upload(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(_f32(array), self.device, 0)
@@ -190,6 +226,97 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
         outputs.append("rest_after")
     name = f"gptq_batch_{length}_{qmax}_{'last' if last else 'more'}"
     return name, _model(nodes, inputs, outputs, inits)
+
+
+@functools.cache
+def searched_grid_graph(
+    block_size: int, qmax: int, symmetric: bool, candidates: tuple
+) -> tuple[str, onnx.ModelProto]:
+    """calibrate.searched_grid as a graph over all blocks [B, block_size, N] of a weight.
+
+    `candidates` are numpy's float32 factors in searched_grid's order, the first being
+    block_grid's: symmetric, the factor of the block's extreme (scale = ext * f, zero point
+    the middle code); asymmetric, (a, b) with scale = (hi * b - lo * a) / qmax on the range
+    widened to include 0 and zero point clip(floor(-(lo * a) / scale + 0.5)). The first
+    candidate with the least importance-weighted rounding error wins (ArgMin's first index:
+    numpy's strict "better" update from block_grid on)."""
+    nodes, inits = [], []
+
+    def const(value, dtype=np.float32):
+        name = f"c{len(inits)}"
+        inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(kind, inputs, **attrs):
+        out = f"t{len(nodes)}"
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    zero, half, top = const(0.0), const(0.5), const(float(qmax))
+    blocks = op("Reshape", ["w", "shape"])  # [B, bs, N]
+    importance = op("Reshape", ["importance", const([-1, block_size, 1], np.int64)])
+    hi = op("ReduceMax", [blocks], axes=[1], keepdims=0)  # [B, N]
+    lo = op("ReduceMin", [blocks], axes=[1], keepdims=0)
+    if symmetric:
+        ext = op("Where", [op("Greater", [op("Abs", [hi]), op("Abs", [lo])]), hi, lo])
+        middle = op("Expand", [const(float((qmax + 1) // 2)), op("Shape", [hi])])
+        grids = [(op("Mul", [ext, const(f)]), middle) for f in candidates]
+    else:
+        lo, hi = op("Min", [lo, zero]), op("Max", [hi, zero])
+        grids = []
+        for a, b in candidates:
+            low = op("Mul", [lo, const(a)])
+            scale = op("Div", [op("Sub", [op("Mul", [hi, const(b)]), low]), top])
+            zp = op("Where", [op("Equal", [scale, zero]), zero, op("Div", [op("Neg", [low]),
+                                                                        scale])])  # fmt: skip
+            zp = op("Clip", [op("Floor", [op("Add", [zp, half])]), zero, top])
+            grids.append((scale, zp))
+    axis0, axis1 = const([0], np.int64), const([1], np.int64)
+    errors, scales, zero_points = [], [], []
+    for scale, zp in grids:
+        recip = op("Reciprocal", [scale])
+        bad = op("Or", [op("IsInf", [recip]), op("IsNaN", [recip])])
+        recip = op("Where", [bad, zero, recip])
+        s, z, r = (op("Unsqueeze", [t, axis1]) for t in (scale, zp, recip))  # [B, 1, N]
+        y = op("Add", [op("Add", [op("Mul", [blocks, r]), z]), half])
+        q = op("Floor", [op("Clip", [y, zero, top])])
+        restored = op("Sub", [op("Mul", [op("Sub", [q, z]), s]), blocks])
+        squared = op("Mul", [restored, restored])
+        error = op("ReduceSum", [op("Mul", [squared, importance]), axis1], keepdims=0)
+        errors.append(op("Unsqueeze", [error, axis0]))
+        scales.append(op("Unsqueeze", [scale, axis0]))
+        zero_points.append(op("Unsqueeze", [zp, axis0]))
+    best = op("ArgMin", [op("Concat", errors, axis=0)], axis=0, keepdims=1)  # [1, B, N]
+    for name, stacked in (("scales", scales), ("zero_points", zero_points)):
+        chosen = op("GatherElements", [op("Concat", stacked, axis=0), best], axis=0)
+        nodes.append(helper.make_node("Squeeze", [chosen, axis0], [name]))
+    inputs = ["w", "importance", ("shape", TensorProto.INT64)]
+    name = f"searched_grid_{block_size}_{qmax}_{symmetric}_{hash(candidates)}"
+    return name, _model(nodes, inputs, ["scales", "zero_points"], inits)
+
+
+@functools.cache
+def _attention_graph() -> onnx.ModelProto:
+    """Numpy.attention as a graph: softmax(q k^T * scale + mask) v, heads grouped by KV head."""
+    axis1 = helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("Unsqueeze", ["k", "axis1"], ["k1"]),
+        helper.make_node("Transpose", ["k1"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["weights"], axis=-1),
+        helper.make_node("Unsqueeze", ["v", "axis1"], ["v1"]),
+        helper.make_node("MatMul", ["weights", "v1"], ["attended"]),
+    ]
+    return _model(nodes, ["q", "k", "v", "mask", "scale"], ["attended"], [axis1])
+
+
+@functools.cache
+def _causal_mask(length: int) -> np.ndarray:
+    mask = np.triu(np.full((length, length), -np.inf, np.float32), 1)
+    mask.flags.writeable = False
+    return mask
 
 
 NUMPY = Numpy()

@@ -22,6 +22,7 @@ from internlm2_graph.calibrate import (
     calibration_tokens,
     default_text,
     float_target_map,
+    float_target_weight,
     gptq,
     hessian_factor,
     searched_grid,
@@ -81,6 +82,15 @@ def test_hessian_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse():
     inverse = np.linalg.inv(dampened)
     assert np.array_equal(factor, np.triu(factor))
     assert np.max(np.abs(factor.T @ factor - inverse)) <= 1e-5 * np.max(np.abs(inverse))
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["in order", "act_order"])
+def test_a_consumed_hessian_gives_the_same_factor_byte_for_byte(ordered):
+    # consume: permuted and reversed in place rather than copied (the build's peak memory).
+    hessian = calibrate.NUMPY.gram(correlated_inputs(2, 1500, 701))  # odd: a middle row
+    order = act_order(hessian) if ordered else None
+    want = hessian_factor(hessian, order=order)
+    assert np.array_equal(hessian_factor(hessian.copy(), order=order, consume=True), want)
 
 
 def test_a_dead_input_does_not_break_the_factor():
@@ -151,6 +161,31 @@ def test_without_ridge_gptq_of_the_float_target_minimises_the_error_to_the_float
         whole = np.sum((x @ w.T - xq @ q.T) ** 2)
         parts = np.sum((x @ w.T - xq @ w_star.T) ** 2) + np.sum((xq @ (w_star - q).T) ** 2)
         assert abs(whole - parts) <= 1e-6 * whole
+
+
+def test_the_float_target_hands_the_gram_matrix_back_as_it_was():
+    x = correlated_inputs(3, 2048, 600)  # 600: its Cholesky inverse recurses
+    xq = x + 0.05 * correlated_inputs(4, 2048, 600)
+    gram = calibrate.NUMPY.gram(xq)
+    before = gram.copy()
+    float_target_map(x, xq, gram)
+    float_target_weight(np.ones((8, 600), np.float32), x[:, :8], xq, gram)
+    assert np.array_equal(gram, before)  # GPTQ's own factor is taken from it next
+
+
+def test_the_float_target_from_outputs_is_the_float_target_from_inputs():
+    # w2's route (N < K): the float model's outputs X W^T and N right-hand sides.
+    x = correlated_inputs(12, 2048, 96).astype(np.float64)
+    rng = np.random.default_rng(13)
+    drift = np.eye(96) + 0.05 * rng.standard_normal((96, 96))
+    xq = x @ drift + 0.02 * rng.standard_normal(x.shape)
+    w = rng.standard_normal((24, 96))
+    gram = xq.T @ xq
+    from_inputs = w @ float_target_map(x, xq, gram).T
+    from_outputs = float_target_weight(w, x @ w.T, xq, gram)
+    # Numpy.gram sums in float32: equal to float32's precision.
+    assert np.abs(from_outputs - from_inputs).max() <= 1e-5 * np.abs(from_inputs).max()
+    assert np.abs(from_inputs - w).max() > 1e-2  # the inputs differ: a real map
 
 
 @pytest.mark.parametrize("spec", SPECS[:3], ids=str)

@@ -1,0 +1,147 @@
+"""Where a calibrated build's time goes: a few full-size decoder layers, profiled.
+
+    python -m benchmarks.calibrate_profile [--size 7b] [--layers 2] [--algorithm gptaq]
+        [--ep cuda] [--workdir DIR]
+
+A synthetic checkpoint of the size's shapes with `--layers` decoder layers (streaming holds one
+layer at a time, so a layer costs what it costs in the whole model) is calibrated as the build
+does it (calibrate.calibrated_weights: its device, its token budget, the default text), under
+timers. Prints the wall time of each layer and of the lm_head, then the wall time spent inside
+each of the main steps (inclusive: gptq contains its column loop and packing; the main thread
+only, so work in threads counts as the main thread waiting for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+from benchmarks import smollm2  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--algorithm", default="gptaq", choices=("gptq", "gptaq"))
+    parser.add_argument("--ep", default="cuda", choices=("cpu", "cuda"))
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR)
+    args = parser.parse_args(argv)
+
+    from internlm2_graph import calibrate
+    from internlm2_graph.checkpoint import Checkpoint
+    from internlm2_graph.config import InternLM2Config
+    from internlm2_graph.precision import resolve_target
+    from internlm2_graph.progress import Progress
+    from internlm2_graph.synthetic import make_config, write_checkpoint
+
+    folder = args.workdir / f"synthetic-{args.size}-{args.layers}-layers"
+    if not (folder / "config.json").is_file():
+        write_checkpoint(folder, make_config(args.size, num_hidden_layers=args.layers))
+    config = InternLM2Config.from_dir(folder)
+    options = {"algo_config": args.algorithm, "block_size": str(args.block)}
+    target = resolve_target("int4", args.ep, options)
+    budget = calibrate.token_budget(args.algorithm)
+    sequences = calibrate.calibration_tokens(None, folder, config, max_tokens=budget)
+    device = calibrate.for_execution_provider(args.ep)
+    print(f"{args.size} x {args.layers} layers, {args.algorithm}, {sum(map(len, sequences))} "
+          f"tokens, products on {device.name}")  # fmt: skip
+
+    marks = [time.perf_counter()]
+
+    class Timed(Progress):
+        """Prints each step's wall time as the build's progress reports it."""
+
+        @contextlib.contextmanager
+        def task(self, *_, **__):
+            def update(item, index, total):
+                marks.append(time.perf_counter())
+                print(f"  {item.name}: {marks[-1] - marks[-2]:.1f} s", flush=True)
+
+            yield update
+
+    totals = instrument()
+    with tempfile.TemporaryDirectory() as scratch:
+        calibrate.calibrated_weights(Checkpoint(folder), config, sequences, target,
+                                     Path(scratch), Timed())  # fmt: skip
+    print(f"total {time.perf_counter() - marks[0]:.1f} s")
+    for label, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {label:<28} {seconds:7.1f} s  {calls:5d} calls")
+
+
+STEPS = {
+    "internlm2_graph.calibrate": (
+        "gptq",
+        "hessian_factor",
+        "float_target_map",
+        "float_target_weight",
+        "_cholesky_inverse",
+        "_attention",
+        "_rmsnorm",
+        "_swiglu",
+        "dequantize",
+        "_read_layer",
+        "searched_grid",
+    ),
+    "internlm2_graph.quantize": ("from_codes",),
+}
+METHODS = {
+    "internlm2_graph.compute.OnnxRuntime": (
+        "linear",
+        "gram",
+        "matmul",
+        "gptq_columns",
+        "attention",
+    ),
+    "internlm2_graph.compute.Numpy": ("linear", "gram", "matmul", "attention"),
+    "internlm2_graph.calibrate.Calibrated": ("save",),
+}
+
+
+def instrument() -> dict:
+    """Wrap the main steps with wall-time counters (outermost call per step, main thread)."""
+    import importlib
+
+    totals, depth = {}, {}
+    main_thread = threading.main_thread()
+
+    def wrap(label, f):
+        @functools.wraps(f)
+        def timed(*args, **kwargs):
+            if threading.current_thread() is not main_thread or depth.get(label):
+                return f(*args, **kwargs)
+            depth[label] = 1
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                depth[label] = 0
+                seconds, calls = totals.get(label, (0.0, 0))
+                totals[label] = (seconds + time.perf_counter() - start, calls + 1)
+
+        return timed
+
+    for module_name, names in STEPS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, wrap(name, getattr(module, name)))
+    calibrate = importlib.import_module("internlm2_graph.calibrate")
+    calibrate.from_codes = wrap("from_codes", calibrate.from_codes)  # imported by name there
+    for path, names in METHODS.items():
+        module_name, cls_name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        for name in names:
+            setattr(cls, name, wrap(f"{cls_name}.{name}", getattr(cls, name)))
+    return totals
+
+
+if __name__ == "__main__":
+    main()
