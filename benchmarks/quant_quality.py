@@ -49,8 +49,11 @@ def bits_per_weight(bits: int, block: int, symmetric: bool) -> float:
     return bits + (32 + (0 if symmetric else bits)) / block
 
 
-def calibration_ids(checkpoint: Path, held_out: list[np.ndarray], tokens: int) -> list:
-    """The default calibration text as SmolLM2 ids, without sequences that overlap evaluation."""
+def calibration_ids(
+    checkpoint: Path, held_out: list[np.ndarray], tokens: int, subset: int = 0
+) -> list:
+    """The default calibration text as SmolLM2 ids, without sequences that overlap evaluation:
+    evenly spaced sequences, shifted by `subset` places (another sample of the same text)."""
     from internlm2_graph import calibrate
     from internlm2_graph.config import InternLM2Config
 
@@ -65,6 +68,7 @@ def calibration_ids(checkpoint: Path, held_out: list[np.ndarray], tokens: int) -
     ]
     keep = max(1, tokens // len(clean[0]))
     picks = np.linspace(0, len(clean) - 1, min(keep, len(clean))).round().astype(int)
+    picks = (picks + subset) % len(clean)
     return [clean[i].tolist() for i in picks], len(sequences) - len(clean)
 
 
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         help="GPTQ/AWQ variant for an ablation, calibrate.py constants as JSON, e.g. "
         "'{\"DAMP\": 0.1}' (rows and builds get the JSON as a suffix)",
     )
+    parser.add_argument("--calibration-subset", type=int, default=0,
+                        help="another sample of the default text: its sequences shifted by N "
+                        "places (how much the result depends on the sample)")  # fmt: skip
     args = parser.parse_args(argv)
 
     checkpoint = smollm2.smollm2_checkpoint(args.workdir)
@@ -139,13 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     from internlm2_graph.calibrate import token_budget
 
     used = {}  # budget -> (file, tokens, sequences dropped for overlapping the evaluation)
+    subset = args.calibration_subset
 
     def calibration_file(method: str) -> Path:
         """calibration-ids.json (8192 tokens, as before) or calibration-ids-N.json."""
         budget = args.calibration_tokens or token_budget(method)
         if budget not in used:
             name = "calibration-ids.json" if budget == 8192 else f"calibration-ids-{budget}.json"
-            calibration, dropped = calibration_ids(checkpoint, list(texts.values()), budget)
+            if subset:
+                name = name.replace(".json", f"-subset{subset}.json")
+            calibration, dropped = calibration_ids(checkpoint, list(texts.values()), budget, subset)
             (args.workdir / name).write_text(json.dumps(calibration))
             used[budget] = (args.workdir / name, sum(map(len, calibration)), dropped)
             print(f"calibration: {used[budget][1]} tokens ({dropped} sequences overlapping the "
@@ -176,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                     options["calibration_data"] = str(calibration_file(method))
                 tweaks = json.loads(args.tweak) if args.tweak and method != "rtn" else {}
                 name = f"{method}-{setting}-head-{head}"
+                if subset and method != "rtn":
+                    name += f"-subset{subset}"
                 if tweaks:
                     name += "-" + "-".join(f"{k}={v}" for k, v in sorted(tweaks.items()))
                 start = time.perf_counter()

@@ -835,9 +835,8 @@ def calibrate(
                 # What float_target_* needs of each group, the smaller of X and X W^T: w2's
                 # output (N < K) is caught by `output` as the float pass computes it.
                 ws = [weights.linears[name] for name in names]
-                targets[names] = inputs
-                if len(ws) == 1 and len(ws[0]) < inputs.shape[1]:
-                    targets[names] = None
+                by_output = len(ws) == 1 and len(ws[0]) < inputs.shape[1]
+                targets[names] = None if by_output else inputs  # None: `output` fills it in
                 return ws
 
             def output(name, y):
