@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 from benchmarks import smollm2  # noqa: E402
+from benchmarks.calibrated_synthetic import synthetic_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,11 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     from internlm2_graph.config import InternLM2Config
     from internlm2_graph.precision import resolve_target
     from internlm2_graph.progress import Progress
-    from internlm2_graph.synthetic import make_config, write_checkpoint
 
-    folder = args.workdir / f"synthetic-{args.size}-{args.layers}-layers"
-    if not (folder / "config.json").is_file():
-        write_checkpoint(folder, make_config(args.size, num_hidden_layers=args.layers))
+    folder = synthetic_checkpoint(args.workdir, args.size, args.layers)
     config = InternLM2Config.from_dir(folder)
     options = {"algo_config": args.algorithm, "block_size": str(args.block)}
     target = resolve_target("int4", args.ep, options)

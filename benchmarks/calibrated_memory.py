@@ -25,27 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 from benchmarks import common, smollm2  # noqa: E402
+from benchmarks.calibrated_synthetic import synthetic_checkpoint  # noqa: E402
 
 GB = 1e9
 STEP = re.compile(r"calibrating \(\w+\): (\d+)/(\d+) layers")
-
-
-def checkpoint(workdir: Path, size: str, layers: int) -> Path:
-    from internlm2_graph.synthetic import make_config, write_checkpoint
-
-    folder = workdir / f"synthetic-{size}-{layers}-layers"
-    if not (folder / "config.json").is_file():
-        write_checkpoint(folder, make_config(size, num_hidden_layers=layers))
-    return folder
-
-
-def vm_rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            line = next(x for x in status if x.startswith("VmRSS"))
-    except (OSError, StopIteration):
-        return 0
-    return int(line.split()[1]) * 1024
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machine", default=common.default_machine_name())
     args = parser.parse_args(argv)
 
-    source = checkpoint(args.workdir, args.size, args.layers)
+    source = synthetic_checkpoint(args.workdir, args.size, args.layers)
     out = args.workdir / f"calibrated-memory-{args.size}-{args.algorithm}"
     options = [f"algo_config={args.algorithm}", f"block_size={args.block}", "accuracy_level=0"]
     command = [sys.executable, "-m", "internlm2_graph", "-i", str(source), "-o", str(out),
@@ -70,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def sample() -> None:
         while child.poll() is None:
-            peaks[phase[0]] = max(peaks.get(phase[0], 0), vm_rss(child.pid))
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), common.tree_rss(child.pid))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -31,12 +31,19 @@ from benchmarks.quality import ROWS, Decoder, log_softmax, windows  # noqa: E402
 from benchmarks.quant_quality import SETTINGS, bits_per_weight, measured_build  # noqa: E402
 
 
-def synthetic_checkpoint(workdir: Path, size: str) -> Path:
+def synthetic_checkpoint(workdir: Path, size: str, layers: int | None = None) -> Path:
+    """The size's synthetic checkpoint in `workdir`, written if missing; with `layers`, one
+    of its shapes but that many decoder layers (calibration streams a layer at a time, so a
+    layer costs the same in it as in the whole model)."""
     from internlm2_graph.synthetic import make_config, write_checkpoint
 
-    folder = workdir / f"synthetic-{size}"
+    if layers is None:
+        folder, config = workdir / f"synthetic-{size}", make_config(size)
+    else:
+        folder = workdir / f"synthetic-{size}-{layers}-layers"
+        config = make_config(size, num_hidden_layers=layers)
     if not (folder / "config.json").is_file():
-        write_checkpoint(folder, make_config(size))
+        write_checkpoint(folder, config)
     return folder
 
 

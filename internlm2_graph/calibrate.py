@@ -311,19 +311,19 @@ def gptq(
             return block_grid(block, spec)
         return searched_grid(block, spec, importance[first : first + len(block)])
 
-    if order is not None and importance is not None and k % bs == 0 and on_device:
-        # Static searched blocks on the device: every block's candidates in one graph.
-        scales, zero_points = device.searched_grids(wt, importance, bs, qmax, spec.symmetric,
-                                                    search_candidates(spec))  # fmt: skip
-    elif order is not None:
-        # Static blocks: every grid up front, in threads (elementwise numpy releases the GIL).
-        with ThreadPoolExecutor(THREADS) as pool:
-            grids = list(
-                pool.map(lambda b: grid(wt[b * bs : (b + 1) * bs], b * bs), range(k_blocks))
-            )
-        scales = np.stack([g[0] for g in grids])
-        zero_points = np.stack([g[1] for g in grids])
     if order is not None:
+        # Static blocks: every grid up front, searched on the device in one graph, or in
+        # threads (elementwise numpy releases the GIL).
+        if importance is not None and k % bs == 0 and on_device:
+            scales, zero_points = device.searched_grids(wt, importance, bs, qmax, spec.symmetric,
+                                                        search_candidates(spec))  # fmt: skip
+        else:
+            with ThreadPoolExecutor(THREADS) as pool:
+                grids = list(
+                    pool.map(lambda b: grid(wt[b * bs : (b + 1) * bs], b * bs), range(k_blocks))
+                )
+            scales = np.stack([g[0] for g in grids])
+            zero_points = np.stack([g[1] for g in grids])
         recips = _reciprocal(scales)
         wt = wt[order]
         positions = np.asarray(order)
@@ -829,18 +829,20 @@ def calibrate(
         prefix = f"model.layers.{n}"
         targets = None
         if float_target:
-            targets = {}
+            targets, by_output = {}, set()
 
             def record(inputs, *names):
                 # What float_target_* needs of each group, the smaller of X and X W^T: w2's
                 # output (N < K) is caught by `output` as the float pass computes it.
                 ws = [weights.linears[name] for name in names]
-                by_output = len(ws) == 1 and len(ws[0]) < inputs.shape[1]
-                targets[names] = None if by_output else inputs  # None: `output` fills it in
+                if len(ws) == 1 and len(ws[0]) < inputs.shape[1]:
+                    by_output.add(names[0])
+                else:
+                    targets[names] = inputs
                 return ws
 
             def output(name, y):
-                if targets.get((name,), ()) is None:
+                if name in by_output:
                     targets[(name,)] = FloatOutputs(y)
 
             floats["x"] = _layer(weights, floats.get("x", x), lengths, config, cos, sin, record,
@@ -1224,10 +1226,11 @@ def _swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
 
 
 def _rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    def rows(a: np.ndarray) -> np.ndarray:
+    def rows(i: int, j: int) -> np.ndarray:
+        a = x[i:j]
         return (a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + eps)) * weight
 
-    return _in_threads(lambda i, j: rows(x[i:j]), np.empty(x.shape, np.result_type(x, weight)))
+    return _in_threads(rows, np.empty(x.shape, np.result_type(x, weight)))
 
 
 def _in_threads(f: Callable, out: np.ndarray, rows: int = 1024) -> np.ndarray:

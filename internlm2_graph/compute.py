@@ -164,6 +164,27 @@ class OnnxRuntime:
         return codes
 
 
+class _Graph:
+    """The nodes and initializers of a graph being written: named where a name is given,
+    otherwise numbered."""
+
+    def __init__(self) -> None:
+        self.nodes, self.inits = [], []
+
+    def const(self, value, dtype=np.float32, name: str | None = None) -> str:
+        name = name or f"c{len(self.inits)}"
+        self.inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(self, kind: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    def model(self, inputs, outputs) -> onnx.ModelProto:
+        return _model(self.nodes, inputs, outputs, self.inits)
+
+
 @functools.cache
 def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto]:
     """One lazy batch of GPTQ as a graph: round its `length` columns (rows of `rest`, the
@@ -174,20 +195,12 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
     Every step is calibrate.gptq's numpy loop, op for op: clamp(w * recip + zp + 0.5) cut to
     an integer, error (w - (q - zp) * scale) / diagonal, row update w -= upper * e.
     """
-    nodes, inits = [], []
-
-    def const(name, value, dtype=np.float32):
-        inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
-        return name
-
-    def op(kind, inputs, out, **attrs):
-        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
-        return out
-
-    const("zero", 0.0), const("half", 0.5), const("qmax", float(qmax))
-    const("first", [0], np.int64), const("length", [length], np.int64)
-    const("axis0", [0], np.int64), const("end", [np.iinfo(np.int64).max], np.int64)
-    const("ones", [1] * length, np.int64)  # Split's sizes: opset 17, as every provider has it
+    graph = _Graph()
+    const, op, nodes = graph.const, graph.op, graph.nodes
+    const(0.0, name="zero"), const(0.5, name="half"), const(float(qmax), name="qmax")
+    const([0], np.int64, "first"), const([length], np.int64, "length")
+    const([0], np.int64, "axis0"), const([np.iinfo(np.int64).max], np.int64, "end")
+    const([1] * length, np.int64, "ones")  # Split's sizes: opset 17, as every provider has it
     w = op("Slice", ["rest", "first", "length", "axis0"], "batch")
     per_column = {}
     for name in ("scales", "zero_points", "recips"):
@@ -203,7 +216,7 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
     codes, errors = [], []
     for j in range(length):
         s, z, r = (per_column[name][j] for name in ("scales", "zero_points", "recips"))
-        row = op("Gather", [w, const(f"j{j}", [j], np.int64)], f"w_{j}", axis=0)  # [1, N]
+        row = op("Gather", [w, const([j], np.int64, f"j{j}")], f"w_{j}", axis=0)  # [1, N]
         y = op("Add", [op("Add", [op("Mul", [row, r], f"wr_{j}"), z], f"wz_{j}"), "half"],
                f"y_{j}")  # fmt: skip
         q = op("Floor", [op("Clip", [y, "zero", "qmax"], f"c_{j}")], f"q_{j}")
@@ -225,7 +238,7 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
         inputs += ["factor", ("starts", TensorProto.INT64), ("ends", TensorProto.INT64)]
         outputs.append("rest_after")
     name = f"gptq_batch_{length}_{qmax}_{'last' if last else 'more'}"
-    return name, _model(nodes, inputs, outputs, inits)
+    return name, graph.model(inputs, outputs)
 
 
 @functools.cache
@@ -240,18 +253,8 @@ def searched_grid_graph(
     widened to include 0 and zero point clip(floor(-(lo * a) / scale + 0.5)). The first
     candidate with the least importance-weighted rounding error wins (ArgMin's first index:
     numpy's strict "better" update from block_grid on)."""
-    nodes, inits = [], []
-
-    def const(value, dtype=np.float32):
-        name = f"c{len(inits)}"
-        inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
-        return name
-
-    def op(kind, inputs, **attrs):
-        out = f"t{len(nodes)}"
-        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
-        return out
-
+    graph = _Graph()
+    const, op = graph.const, graph.op
     zero, half, top = const(0.0), const(0.5), const(float(qmax))
     blocks = op("Reshape", ["w", "shape"])  # [B, bs, N]
     importance = op("Reshape", ["importance", const([-1, block_size, 1], np.int64)])
@@ -289,10 +292,10 @@ def searched_grid_graph(
     best = op("ArgMin", [op("Concat", errors, axis=0)], axis=0, keepdims=1)  # [1, B, N]
     for name, stacked in (("scales", scales), ("zero_points", zero_points)):
         chosen = op("GatherElements", [op("Concat", stacked, axis=0), best], axis=0)
-        nodes.append(helper.make_node("Squeeze", [chosen, axis0], [name]))
+        op("Squeeze", [chosen, axis0], name)
     inputs = ["w", "importance", ("shape", TensorProto.INT64)]
     name = f"searched_grid_{block_size}_{qmax}_{symmetric}_{hash(candidates)}"
-    return name, _model(nodes, inputs, ["scales", "zero_points"], inits)
+    return name, graph.model(inputs, ["scales", "zero_points"])
 
 
 @functools.cache
