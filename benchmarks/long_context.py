@@ -42,7 +42,10 @@ params.set_search_options(max_length=int(sys.argv[2]), do_sample=False)
 generator = og.Generator(model, params)
 generator.append_tokens(np.arange(3, 19, dtype=np.int32))
 generator.generate_next_token()
-print("LOADED")
+import shutil, subprocess
+query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+smi = shutil.which(query[0]) and subprocess.run(query, capture_output=True, text=True)
+print("LOADED", smi.stdout.strip() if smi else "")
 """
 
 
@@ -130,23 +133,37 @@ def timing(folders: dict[str, Path], args) -> dict:
     return medians
 
 
-def loads(folder: Path, length: int) -> bool:
+def try_length(folder: Path, length: int) -> tuple[bool, str]:
+    """(loaded, what happened): the GPU memory in use (MiB) once a step decoded, or the error's
+    last line; a fresh process each time."""
     result = subprocess.run(
         [sys.executable, "-c", TRY, str(folder), str(length)], capture_output=True, text=True
     )
-    return "LOADED" in result.stdout
+    for line in result.stdout.splitlines():
+        if line.startswith("LOADED"):
+            return True, line.removeprefix("LOADED").strip()
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    return False, (errors[-1] if errors else f"exit {result.returncode}")[:300]
 
 
 def capacity(folder: Path, low: int, step: int) -> dict:
-    """Largest multiple of `step` (or the folder's context_length) whose generator loads."""
+    """Largest multiple of `step` (or the folder's context_length) whose generator loads, with
+    the GPU memory it took and why the next step did not load."""
     top = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
-    if loads(folder, top):
-        return {"max_length": top, "limit": "context_length of the build"}
+    loaded, said = try_length(folder, top)
+    if loaded:
+        return {"max_length": top, "limit": "context_length of the build", "gpu_mib": said}
     lo, hi = low // step, top // step  # lo loads (the timing ran there), hi does not
+    used, error = try_length(folder, lo * step)[1], said
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if loads(folder, mid * step) else (lo, mid)
-    return {"max_length": lo * step, "limit": f"{hi * step} does not load"}
+        loaded, said = try_length(folder, mid * step)
+        if loaded:
+            lo, used = mid, said
+        else:
+            hi, error = mid, said
+    return {"max_length": lo * step, "limit": f"{hi * step} does not load", "gpu_mib": used,
+            "error": error}  # fmt: skip
 
 
 def report(medians: dict, caps: dict, args) -> None:
@@ -162,9 +179,13 @@ def report(medians: dict, caps: dict, args) -> None:
                 rows.append([scheme, f"{kind} tok/s @ {c}", common.fmt(a), common.fmt(b),
                              common.fmt(common.ratio(a, b), ".3f", "x")])  # fmt: skip
     table = common.markdown_table(["KV cache", "measure", "ours", "builder", "ours/builder"], rows)
-    cap_rows = [[name, str(c["max_length"]), c["limit"]] for name, c in caps.items()]
+    cap_rows = [
+        [name, str(c["max_length"]), c.get("gpu_mib", ""), c["limit"], c.get("error", "")]
+        for name, c in caps.items()
+    ]
     cap_table = common.markdown_table(
-        ["folder", "largest max_length that loads", "bound"], cap_rows
+        ["folder", "largest max_length that loads", "GPU MiB in use there", "bound", "error"],
+        cap_rows,
     )
     info = common.machine_info()
     markdown = (

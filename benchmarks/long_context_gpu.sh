@@ -10,8 +10,10 @@
 #   bash benchmarks/long_context_gpu.sh kv-7b-time      # starts the GPTQ build; long_context.py
 #   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length; waits for GPTQ
 #   bash benchmarks/long_context_gpu.sh gptq-7b-decode  # GPTQ's build time, decode beside RTN
-# Where a decode step's time goes with each KV layout (CUPTI kernel trace, 1.8B int4):
+# Where a decode step's time goes with each KV layout (CUPTI kernel trace, 1.8B int4; 7B int4,
+# whose GQA group of 4 takes other kernels, with the GPU memory a quantized cache really takes):
 #   bash benchmarks/long_context_gpu.sh kv-trace
+#   bash benchmarks/long_context_gpu.sh kv-7b-trace
 # Scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -156,6 +158,35 @@ kv-trace)
             --machine h200-1.8b-int4-kv-$p
     done
     ;;
+kv-7b-trace)
+    S7=$W/synthetic-7b  # calibrated_gpu.sh's checkpoint; the 1M rotary settings on links to it
+    [ -f $S7/config.json ] || python3 -m internlm2_graph.synthetic $S7 --size 7b
+    mkdir -p $CK-links
+    for f in $S7/*; do [ "${f##*/}" = config.json ] || ln -sf "$f" $CK-links/; done
+python3 - "$S7/config.json" "$CK-links/config.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config.update(max_position_embeddings=262144, rope_theta=50000000,
+              rope_scaling={"type": "dynamic", "factor": 2.5})
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
+    traced=""
+    for s in fp16 int8_per_channel fp8_per_channel; do
+        [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s)
+        timed "ours $s" python3 -m internlm2_graph -i $CK-links -o $W/trace7-$s -p int4 -e cuda \
+            -q --overwrite --extra_options max_length=$OURS_MAX $(kv_options $s)
+        traced="$traced $s=$W/trace7-$s"
+    done
+    python3 -m benchmarks.kernel_profile $traced --prompt 32768 --gen 32 --top 12 \
+        --machine h200-7b-int4-kv-32768
+    # The GPU memory each cache takes at the last length that loads, and why the next fails.
+    for probe in fp16:1048576 fp16:1114112 int8_per_channel:1179648 int8_per_channel:1245184 \
+        fp8_per_channel:1245184; do
+        python3 -c "import sys; from pathlib import Path; from benchmarks.long_context import \
+try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.argv[2])))" \
+            ${probe%%:*} ${probe##*:} $W/trace7-${probe%%:*}
+    done
+    ;;
 kv-7b-build)
     df -h /tmp | tail -1
     [ -f $CK/config.json ] || python3 -m internlm2_graph.synthetic $CK --size 7b --set \
@@ -209,11 +240,11 @@ gptq-7b-decode)
         --prompts 1024,8192 --gen 128 --repeat 3 --machine h200-7b-int4-gptq --bandwidth 4800
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/results/*h200-*kv* benchmarks/results/*h200-7b-int4* "$OUT"/ 2>/dev/null || true
-    cp benchmarks/results/kernels-h200-1.8b-int4-kv-* "$OUT"/ 2>/dev/null || true
+    cp benchmarks/results/kernels-h200-*-int4-kv-* "$OUT"/ 2>/dev/null || true
 fi
