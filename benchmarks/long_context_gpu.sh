@@ -68,6 +68,11 @@ folders() {  # folders: TOOL:SCHEME=FOLDER for each 7B build that exists
     done
 }
 CK=$W/7b-1m  # 7B shapes, InternLM2.5-7B-Chat-1M's rotary settings
+checkpoint_1m() {  # writes $CK once
+    [ -f $CK/config.json ] || python3 -m internlm2_graph.synthetic $CK --size 7b --set \
+        max_position_embeddings=262144 'rope_scaling={"type": "dynamic", "factor": 2.5}' \
+        rope_theta=50000000
+}
 OURS_MAX=4194304  # ours: max_length past max_position_embeddings x factor (dynamic NTK)
 
 case "${1:-}" in
@@ -107,8 +112,7 @@ PY
         --machine h200-1.8b-int4-kv8 --bandwidth 4800
     ;;
 one-million)  # InternLM2.5-7B-Chat-1M's rotary settings on 7B shapes, int8 KV for 1M tokens
-    python3 -m internlm2_graph.synthetic $W/7b-1m --size 7b --set max_position_embeddings=262144 \
-        'rope_scaling={"type": "dynamic", "factor": 2.5}' rope_theta=50000000
+    checkpoint_1m
     scales 32 /tmp/kv8.json
     python3 -m internlm2_graph -i $W/7b-1m -o $W/7b-1m-int4-kv8 -p int4 -e cuda -q --overwrite \
         --extra_options max_length=1048576 kv_cache_quant_scheme=int8_per_channel \
@@ -159,21 +163,11 @@ kv-trace)
     done
     ;;
 kv-7b-trace)
-    S7=$W/synthetic-7b  # calibrated_gpu.sh's checkpoint; the 1M rotary settings on links to it
-    [ -f $S7/config.json ] || python3 -m internlm2_graph.synthetic $S7 --size 7b
-    mkdir -p $CK-links
-    for f in $S7/*; do [ "${f##*/}" = config.json ] || ln -sf "$f" $CK-links/; done
-python3 - "$S7/config.json" "$CK-links/config.json" <<'PY'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config.update(max_position_embeddings=262144, rope_theta=50000000,
-              rope_scaling={"type": "dynamic", "factor": 2.5})
-json.dump(config, open(sys.argv[2], "w"), indent=2)
-PY
+    checkpoint_1m
     traced=""
     for s in fp16 int8_per_channel fp8_per_channel; do
         [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s)
-        timed "ours $s" python3 -m internlm2_graph -i $CK-links -o $W/trace7-$s -p int4 -e cuda \
+        timed "ours $s" python3 -m internlm2_graph -i $CK -o $W/trace7-$s -p int4 -e cuda \
             -q --overwrite --extra_options max_length=$OURS_MAX $(kv_options $s)
         traced="$traced $s=$W/trace7-$s"
     done
@@ -189,9 +183,7 @@ try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.a
     ;;
 kv-7b-build)
     df -h /tmp | tail -1
-    [ -f $CK/config.json ] || python3 -m internlm2_graph.synthetic $CK --size 7b --set \
-        max_position_embeddings=262144 'rope_scaling={"type": "dynamic", "factor": 2.5}' \
-        rope_theta=50000000
+    checkpoint_1m
     python3 -c "from benchmarks.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
     for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
     lane() {  # the builder, one scheme after another
