@@ -10,8 +10,11 @@ Timing (one process; the folders of a scheme loaded together, in alternating ord
 - a second fresh generator takes the second context as its prompt (prefill tok/s), decodes,
   and then grows to each later context by appending the missing tokens (og's continued
   prompt), decoding --gen tokens at each: decode tok/s at 128k without a second 128k prefill.
-One short warm-up per folder first; medians of --repeat. Names are TOOL:SCHEME; rows put each
-scheme's tools side by side, with ours/builder ratios.
+One warm-up pass per folder first, over the first two contexts: it captures the CUDA graph and
+grows the session's memory arena to a 32k prefill, which would otherwise land in the first timed
+run of whichever folder goes first. Medians of --repeat, and each point's spread (max - min over
+the median) per tool: a ratio inside the spread is not a difference. Names are TOOL:SCHEME; rows
+put each scheme's tools side by side, with ours/builder ratios.
 
 --capacity: the largest max_length a folder loads at, in steps of --step tokens: a generator of
 that max_length is created (the KV cache is allocated whole) and decodes after a 16-token
@@ -110,8 +113,8 @@ def timing(folders: dict[str, Path], args) -> dict:
         group = {n: f for n, f in folders.items() if n.split(":")[-1] == scheme}
         models = {name: load(folder, args.ep) for name, folder in group.items()}
         runs: dict[str, list[dict]] = {name: [] for name in group}
-        for model in models.values():  # warm-up: kernels, CUDA graph capture
-            one_pass(model, [1024], 8, np.random.default_rng(1), vocab)
+        for model in models.values():
+            one_pass(model, contexts[:2], 8, np.random.default_rng(1), vocab)
         for rep in range(args.repeat):
             names = list(models) if rep % 2 == 0 else list(models)[::-1]
             for name in names:
@@ -128,9 +131,19 @@ def timing(folders: dict[str, Path], args) -> dict:
                 kind: {c: common.median([r[kind][c] for r in rs]) for c in rs[0][kind]}
                 for kind in ("prefill", "decode")
             }
+            medians[name]["spread"] = {
+                f"{kind}@{c}": spread([r[kind][c] for r in rs])
+                for kind in ("prefill", "decode")
+                for c in rs[0][kind]
+            }
         del models
         gc.collect()
     return medians
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far one folder's runs of a point disagree."""
+    return (max(values) - min(values)) / common.median(values)
 
 
 def try_length(folder: Path, length: int) -> tuple[bool, str]:
@@ -176,9 +189,15 @@ def report(medians: dict, caps: dict, args) -> None:
             for c in points:
                 a = ours and ours[kind].get(c)
                 b = theirs and theirs[kind].get(c)
-                rows.append([scheme, f"{kind} tok/s @ {c}", common.fmt(a), common.fmt(b),
-                             common.fmt(common.ratio(a, b), ".3f", "x")])  # fmt: skip
-    table = common.markdown_table(["KV cache", "measure", "ours", "builder", "ours/builder"], rows)
+                spreads = [
+                    common.fmt(m and m.get("spread", {}).get(f"{kind}@{c}"), ".1%")
+                    for m in (ours, theirs)
+                ]
+                ratio = common.fmt(common.ratio(a, b), ".3f", "x")
+                rows.append([scheme, f"{kind} tok/s @ {c}", common.fmt(a), common.fmt(b), ratio,
+                             " / ".join(spreads)])  # fmt: skip
+    header = ["KV cache", "measure", "ours", "builder", "ours/builder", "spread ours / builder"]
+    table = common.markdown_table(header, rows)
     cap_rows = [
         [name, str(c["max_length"]), c.get("gpu_mib", ""), c["limit"], c.get("error", "")]
         for name, c in caps.items()

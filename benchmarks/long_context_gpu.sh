@@ -4,16 +4,20 @@
 #   bash benchmarks/long_context_gpu.sh kv-speed     # 7B int4: fp16 vs int8_per_channel KV, 1k-32k
 #   bash benchmarks/long_context_gpu.sh kv-builder   # 1.8B int4, int8 KV: ours beside the builder's
 #   bash benchmarks/long_context_gpu.sh one-million  # a 7B-1M-shaped model, max_length 1048576
-# 7B int4, ours beside the builder, KV fp16/int8/fp8/int4 (one machine, these in order; the
-# GPTQ build runs in the background, on cores of its own, while the timings run):
-#   bash benchmarks/long_context_gpu.sh kv-7b-build     # checkpoint, Llama copy, 4 + 4 builds
-#   bash benchmarks/long_context_gpu.sh kv-7b-time      # starts the GPTQ build; long_context.py
-#   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length; waits for GPTQ
-#   bash benchmarks/long_context_gpu.sh gptq-7b-decode  # GPTQ's build time, decode beside RTN
-# Where a decode step's time goes with each KV layout (CUPTI kernel trace, 1.8B int4; 7B int4,
-# whose GQA group of 4 takes other kernels, with the GPU memory a quantized cache really takes):
+# 7B int4, ours beside the builder, KV fp16/int8/fp8/int4 (SCHEMES="..." picks; one machine,
+# these in order):
+#   bash benchmarks/long_context_gpu.sh kv-7b-build     # checkpoint, Llama copy, ours + builder
+#   bash benchmarks/long_context_gpu.sh kv-7b-trace     # CUPTI trace at 32k; memory probes
+#   bash benchmarks/long_context_gpu.sh kv-7b-time      # long_context.py, REPEAT alternating runs
+#   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length
+#   bash benchmarks/long_context_gpu.sh kv-7b-all       # all but capacity, the trace overlapping
+#                                                       # the builder's builds (CPU work)
+# GPTQ's 7B build in the background (CPU work, cores of its own), then its decode beside RTN's:
+#   bash benchmarks/long_context_gpu.sh gptq-7b-build   # returns at once; gptq-7b-decode waits
+#   bash benchmarks/long_context_gpu.sh gptq-7b-decode
+# Where a decode step's time goes with each KV layout (CUPTI kernel trace, 1.8B int4; the 7B's
+# GQA group of 4 takes other kernels, see kv-7b-trace):
 #   bash benchmarks/long_context_gpu.sh kv-trace
-#   bash benchmarks/long_context_gpu.sh kv-7b-trace
 # Scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +34,7 @@ json.dump({"scales": {"k_scales": s, "v_scales": s}}, open(sys.argv[2], "w"))
 PY
 }
 
-SCHEMES="fp16 int8_per_channel fp8_per_channel int4_per_channel"
+SCHEMES=${SCHEMES:-fp16 int8_per_channel fp8_per_channel int4_per_channel}
 qmax() { case $1 in int8*) echo 127 ;; fp8*) echo 448 ;; int4*) echo 7 ;; esac; }
 kv_options() {  # kv_options SCHEME: the --extra_options of a quantized KV cache
     [ "$1" = fp16 ] || echo "kv_cache_quant_scheme=$1 kv_cache_scale_file=/tmp/kv-$1.json"
@@ -74,6 +78,53 @@ checkpoint_1m() {  # writes $CK once
         rope_theta=50000000
 }
 OURS_MAX=4194304  # ours: max_length past max_position_embeddings x factor (dynamic NTK)
+
+builder_lanes() {  # the builder's 7B builds, two lanes at once (each one scheme after another)
+    python3 -c "from benchmarks.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
+    lane() {
+        for s in "$@"; do
+            timed "builder $s" env HF_HUB_OFFLINE=1 $CPU_CORES python3 -m \
+                onnxruntime_genai.models.builder -i $CK-llama -o $W/builder-$s -p int4 -e cuda \
+                -c $W/cache-$s $( [ $s = fp16 ] || echo --extra_options $(kv_options $s) ) \
+                > $W/builder-$s.log 2>&1 && builder_best $W/builder-$s || echo "builder $s FAILED"
+            tail -1 $W/builder-$s.log
+            rm -rf $W/cache-$s
+            dedupe $W/builder-fp16/model.onnx.data $W/builder-*/model.onnx.data
+        done
+    }
+    local half=$(( ($(echo $SCHEMES | wc -w) + 1) / 2 ))
+    lane $(echo $SCHEMES | cut -d' ' -f1-$half) &
+    lane $(echo $SCHEMES | cut -d' ' -f$((half + 1))- -s) &
+    wait
+    rm -rf $CK-llama
+}
+build_ours() {  # ours, one scheme after another (the weights are the same: hard links)
+    for s in $SCHEMES; do
+        timed "ours $s" python3 -m internlm2_graph -i $CK -o $W/ours-$s -p int4 -e cuda -q \
+            --overwrite --extra_options max_length=$OURS_MAX $(kv_options $s) || echo "ours $s FAILED"
+        dedupe $W/ours-fp16/model.onnx.data $W/ours-*/model.onnx.data
+    done
+}
+trace_7b() {  # CUPTI kernel trace of our 7B folders at 32k (int4 KV left out: not XQA's)
+    local traced="" s
+    for s in $SCHEMES; do [ $s = int4_per_channel ] || traced="$traced $s=$W/ours-$s"; done
+    $GPU_CORES python3 -m benchmarks.kernel_profile $traced --prompt 32768 --gen 32 --top 12 \
+        --machine h200-7b-int4-kv-32768
+}
+probes_7b() {  # the GPU memory each cache takes at the last length that loads, why the next fails
+    local probe
+    for probe in fp16:1048576 fp16:1114112 int8_per_channel:1179648 int8_per_channel:1245184 \
+        fp8_per_channel:1179648 fp8_per_channel:1245184; do
+        [ -d $W/ours-${probe%%:*} ] || continue
+        python3 -c "import sys; from pathlib import Path; from benchmarks.long_context import \
+try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.argv[2])))" \
+            ${probe%%:*} ${probe##*:} $W/ours-${probe%%:*}
+    done
+}
+time_7b() {
+    $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
+        --gen 64 --repeat ${REPEAT:-4} --machine h200-7b-int4-r${REPEAT:-4}
+}
 
 case "${1:-}" in
 kv-speed)
@@ -162,71 +213,48 @@ kv-trace)
             --machine h200-1.8b-int4-kv-$p
     done
     ;;
-kv-7b-trace)
-    checkpoint_1m
-    traced=""
-    for s in fp16 int8_per_channel fp8_per_channel; do
-        [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s)
-        timed "ours $s" python3 -m internlm2_graph -i $CK -o $W/trace7-$s -p int4 -e cuda \
-            -q --overwrite --extra_options max_length=$OURS_MAX $(kv_options $s)
-        traced="$traced $s=$W/trace7-$s"
-    done
-    python3 -m benchmarks.kernel_profile $traced --prompt 32768 --gen 32 --top 12 \
-        --machine h200-7b-int4-kv-32768
-    # The GPU memory each cache takes at the last length that loads, and why the next fails.
-    for probe in fp16:1048576 fp16:1114112 int8_per_channel:1179648 int8_per_channel:1245184 \
-        fp8_per_channel:1245184; do
-        python3 -c "import sys; from pathlib import Path; from benchmarks.long_context import \
-try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.argv[2])))" \
-            ${probe%%:*} ${probe##*:} $W/trace7-${probe%%:*}
-    done
-    ;;
 kv-7b-build)
     df -h /tmp | tail -1
     checkpoint_1m
-    python3 -c "from benchmarks.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
     for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
-    lane() {  # the builder, one scheme after another
-        for s in "$@"; do
-            timed "builder $s" env HF_HUB_OFFLINE=1 python3 -m \
-                onnxruntime_genai.models.builder -i $CK-llama -o $W/builder-$s -p int4 -e cuda \
-                -c $W/cache-$s $( [ $s = fp16 ] || echo --extra_options $(kv_options $s) ) \
-                > $W/builder-$s.log 2>&1 && builder_best $W/builder-$s || echo "builder $s FAILED"
-            tail -1 $W/builder-$s.log
-            rm -rf $W/cache-$s
-        done
-    }
-    lane fp16 int8_per_channel & lane fp8_per_channel int4_per_channel &
-    for s in $SCHEMES; do
-        timed "ours $s" python3 -m internlm2_graph -i $CK \
-            -o $W/ours-$s -p int4 -e cuda -q --overwrite --extra_options max_length=$OURS_MAX \
-            $(kv_options $s) || echo "ours $s FAILED"
-    done
-    dedupe $W/ours-fp16/model.onnx.data $W/ours-*/model.onnx.data
+    builder_lanes &
+    build_ours
     wait
-    rm -rf $CK-llama
-    dedupe $W/builder-fp16/model.onnx.data $W/builder-*/model.onnx.data
     du -sh $W/* | sort -h | tail; df -h /tmp | tail -1
     ;;
+kv-7b-trace)
+    trace_7b
+    probes_7b
+    ;;
 kv-7b-time)
-    # GPTQ (CPU work) on cores 4-15 while the timings (GPU work) run on 0-3; it outlives this
-    # call (setsid) and the next call waits for it.
+    time_7b
+    ;;
+kv-7b-all)  # the builder builds on CPU cores while our folders are built, then traced
+    df -h /tmp | tail -1
+    checkpoint_1m
+    for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
+    builder_lanes &
+    build_ours
+    trace_7b
+    wait  # nothing else on the GPU while its memory is probed and the timings run
+    probes_7b
+    time_7b
+    df -h /tmp | tail -1
+    ;;
+kv-7b-capacity)
+    $GPU_CORES python3 -m benchmarks.long_context --capacity $(folders) --contexts 131072 \
+        --step 65536 --machine h200-7b-int4-capacity
+    ;;
+gptq-7b-build)
+    # It outlives this call (setsid); gptq-7b-decode waits for it.
     setsid nohup bash -c "t0=\$(date +%s); $CPU_CORES python3 -m internlm2_graph -i $CK \
         -o $W/ours-gptq -p int4 -e cuda --overwrite --extra_options max_length=$OURS_MAX \
         algo_config=gptq; echo \"gptq build: rc \$?, \$((\$(date +%s) - t0)) s\"" \
         > $W/gptq.log 2>&1 < /dev/null &
     echo $! > $W/gptq.pid
-    $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
-        --gen 64 --repeat 2 --machine h200-7b-int4
-    tr '\r' '\n' < $W/gptq.log | tail -2
-    ;;
-kv-7b-capacity)
-    $GPU_CORES python3 -m benchmarks.long_context --capacity $(folders) --contexts 131072 \
-        --step 65536 --machine h200-7b-int4-capacity
-    while kill -0 "$(cat $W/gptq.pid)" 2> /dev/null; do sleep 5; done
-    tr '\r' '\n' < $W/gptq.log | tail -4
     ;;
 gptq-7b-decode)
+    while kill -0 "$(cat $W/gptq.pid)" 2> /dev/null; do sleep 5; done
     tr '\r' '\n' < $W/gptq.log | grep -E "layer|gptq build" | tail -40
     python3 -m benchmarks.runtime rtn=$W/ours-fp16 gptq=$W/ours-gptq --ep cuda \
         --prompts 1024,8192 --gen 128 --repeat 3 --machine h200-7b-int4-gptq --bandwidth 4800
