@@ -7,6 +7,8 @@
 Timing (one process; the folders of a scheme loaded together, in alternating order per repeat):
 - a fresh generator takes the first context as its prompt (prefill tok/s), then decodes --gen
   tokens (decode tok/s at that context);
+- with --buffer N, another fresh generator, of max_length N, takes the first context and
+  decodes (what a step costs when the buffers are sized for a long conversation);
 - a second fresh generator takes the second context as its prompt (prefill tok/s), decodes,
   and then grows to each later context by appending the missing tokens (og's continued
   prompt), decoding --gen tokens at each: decode tok/s at 128k without a second 128k prefill.
@@ -81,14 +83,20 @@ def append(gen, ids: np.ndarray) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
-def one_pass(model, contexts: list[int], steps: int, rng, vocab: int) -> dict:
-    """{"prefill": {ctx: tok/s}, "decode": {ctx: tok/s}} (module docstring)."""
+def one_pass(model, contexts: list[int], steps: int, rng, vocab: int, buffer: int = 0) -> dict:
+    """{"prefill": {ctx: tok/s}, "decode": {ctx: tok/s}, "buffered": {ctx: tok/s}} (module
+    docstring)."""
     ids = rng.integers(3, vocab - 16, contexts[-1] + 4 * steps).astype(np.int32)
-    out = {"prefill": {}, "decode": {}}
+    out = {"prefill": {}, "decode": {}, "buffered": {}}
     first = generator(model, contexts[0] + steps + 1)
     out["prefill"][contexts[0]] = append(first, ids[: contexts[0]])
     out["decode"][contexts[0]] = decode(first, steps)
     del first
+    if buffer:
+        roomy = generator(model, buffer)
+        append(roomy, ids[: contexts[0]])
+        out["buffered"][contexts[0]] = decode(roomy, steps)
+        del roomy
     if len(contexts) > 1:
         walk = generator(model, contexts[-1] + steps + 1)
         out["prefill"][contexts[1]] = append(walk, ids[: contexts[1]])
@@ -119,21 +127,23 @@ def timing(folders: dict[str, Path], args) -> dict:
             names = list(models) if rep % 2 == 0 else list(models)[::-1]
             for name in names:
                 result = one_pass(models[name], contexts, args.gen, np.random.default_rng(rep),
-                                  vocab)  # fmt: skip
+                                  vocab, args.buffer)  # fmt: skip
                 runs[name].append(result)
                 print(f"  {name:24s} run {rep + 1}: "
                       + ", ".join(f"prefill@{c} {v:.0f}" for c, v in result["prefill"].items())
                       + "; "
-                      + ", ".join(f"decode@{c} {v:.1f}" for c, v in result["decode"].items()),
+                      + ", ".join(f"decode@{c} {v:.1f}" for c, v in result["decode"].items())
+                      + "".join(f", decode@{c} (max_length {args.buffer}) {v:.1f}"
+                                for c, v in result["buffered"].items()),
                       flush=True)  # fmt: skip
         for name, rs in runs.items():
             medians[name] = {
                 kind: {c: common.median([r[kind][c] for r in rs]) for c in rs[0][kind]}
-                for kind in ("prefill", "decode")
+                for kind in ("prefill", "decode", "buffered")
             }
             medians[name]["spread"] = {
                 f"{kind}@{c}": spread([r[kind][c] for r in rs])
-                for kind in ("prefill", "decode")
+                for kind in ("prefill", "decode", "buffered")
                 for c in rs[0][kind]
             }
         del models
@@ -185,7 +195,9 @@ def report(medians: dict, caps: dict, args) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     for scheme in schemes if medians else []:
         ours, theirs = medians.get(f"ours:{scheme}"), medians.get(f"builder:{scheme}")
-        for kind, points in (("prefill", contexts[:2]), ("decode", contexts)):
+        points_of = {"prefill": contexts[:2], "decode": contexts}
+        points_of["buffered"] = [contexts[0]] if args.buffer else []
+        for kind, points in points_of.items():
             for c in points:
                 a = ours and ours[kind].get(c)
                 b = theirs and theirs[kind].get(c)
@@ -194,7 +206,10 @@ def report(medians: dict, caps: dict, args) -> None:
                     for m in (ours, theirs)
                 ]
                 ratio = common.fmt(common.ratio(a, b), ".3f", "x")
-                rows.append([scheme, f"{kind} tok/s @ {c}", common.fmt(a), common.fmt(b), ratio,
+                measure = f"{kind} tok/s @ {c}"
+                if kind == "buffered":
+                    measure = f"decode tok/s @ {c}, max_length {args.buffer}"
+                rows.append([scheme, measure, common.fmt(a), common.fmt(b), ratio,
                              " / ".join(spreads)])  # fmt: skip
     header = ["KV cache", "measure", "ours", "builder", "ours/builder", "spread ours / builder"]
     table = common.markdown_table(header, rows)
@@ -229,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--step", type=int, default=32768)
+    parser.add_argument(
+        "--buffer",
+        type=int,
+        default=0,
+        help="also decode after the first context in a generator of this max_length (with CUDA "
+        "graphs onnxruntime-genai's buffers, the attention mask's among them, are that long)",
+    )
     parser.add_argument("--machine", default=common.default_machine_name())
     args = parser.parse_args(argv)
     common.require_genai()

@@ -10,8 +10,8 @@
 #   bash benchmarks/long_context_gpu.sh kv-7b-trace     # CUPTI trace at 32k; memory probes
 #   bash benchmarks/long_context_gpu.sh kv-7b-time      # long_context.py, REPEAT alternating runs
 #   bash benchmarks/long_context_gpu.sh kv-7b-capacity  # largest max_length
-#   bash benchmarks/long_context_gpu.sh kv-7b-all       # all but capacity, the trace overlapping
-#                                                       # the builder's builds (CPU work)
+#   bash benchmarks/long_context_gpu.sh kv-7b-all       # mask_count, build, trace (overlapping
+#                                                       # the builder's builds: CPU work), time
 # GPTQ's 7B build in the background (CPU work, cores of its own), then its decode beside RTN's:
 #   bash benchmarks/long_context_gpu.sh gptq-7b-build   # returns at once; gptq-7b-decode waits
 #   bash benchmarks/long_context_gpu.sh gptq-7b-decode
@@ -121,9 +121,9 @@ try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.a
             ${probe%%:*} ${probe##*:} $W/ours-${probe%%:*}
     done
 }
-time_7b() {
+time_7b() {  # --buffer: the builder's own max_length (262144), as its genai_config sets it
     $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
-        --gen 64 --repeat ${REPEAT:-4} --machine h200-7b-int4-r${REPEAT:-4}
+        --gen 64 --repeat ${REPEAT:-4} --buffer 262144 --machine h200-7b-int4-r${REPEAT:-4}
 }
 
 case "${1:-}" in
@@ -231,13 +231,14 @@ kv-7b-time)
     ;;
 kv-7b-all)  # the builder builds on CPU cores while our folders are built, then traced
     df -h /tmp | tail -1
+    $GPU_CORES python3 -m benchmarks.mask_count --machine h200 &
     checkpoint_1m
+    wait
     for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
     builder_lanes &
     build_ours
     trace_7b
-    wait  # nothing else on the GPU while its memory is probed and the timings run
-    probes_7b
+    wait  # nothing else on the GPU while the timings run
     time_7b
     df -h /tmp | tail -1
     ;;
@@ -266,5 +267,6 @@ gptq-7b-decode)
 esac
 if [ -n "${OUT:-}" ]; then
     cp benchmarks/results/*h200-*kv* benchmarks/results/*h200-7b-int4* "$OUT"/ 2>/dev/null || true
-    cp benchmarks/results/kernels-h200-*-int4-kv-* "$OUT"/ 2>/dev/null || true
+    cp benchmarks/results/kernels-h200-*-int4-kv-* benchmarks/results/mask-count-* "$OUT"/ \
+        2>/dev/null || true
 fi

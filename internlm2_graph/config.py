@@ -8,6 +8,9 @@ from pathlib import Path
 
 from internlm2_graph.errors import InternLM2GraphError
 
+# The graph counts attention-mask positions in float32 (modules.attention_lengths): exact to 2**24.
+MAX_POSITIONS = 2**24
+
 ARCHITECTURE = "InternLM2ForCausalLM"
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 # Hugging Face's GenerationConfig defaults, for what generation_config.json leaves out. top_k 0
@@ -87,6 +90,12 @@ class InternLM2Config:
                 f"{where}: tie_word_embeddings=true is not an InternLM2 layout "
                 "(it ships a separate output.weight); set it to false"
             )
+        if self.context_length > MAX_POSITIONS:
+            raise InternLM2GraphError(
+                f"{where}: max_position_embeddings {self.max_position_embeddings} (x rope_scaling "
+                f"factor) gives {self.context_length} positions, more than the {MAX_POSITIONS} "
+                "the graph counts exactly; lower max_position_embeddings"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +117,11 @@ class InternLM2Config:
         """How many positions a build serves: the trained context, or a longer `max_length`
         where the rotary scaling defines every position (dynamic NTK). A longer one is refused
         rather than cut, so that no requested length is lost silently."""
+        if max_length is not None and max_length > MAX_POSITIONS:
+            raise InternLM2GraphError(
+                f"--extra_options max_length={max_length} is more than the {MAX_POSITIONS} "
+                f"positions the graph counts exactly; use max_length <= {MAX_POSITIONS}"
+            )
         if max_length is None or max_length <= self.context_length:
             return self.context_length
         if self.rope_scaling is not None and self.rope_scaling.type == "dynamic":

@@ -275,9 +275,14 @@ class InternLM2ForCausalLM(nn.Module):
 
 
 def attention_lengths(op: OpBuilder, attention_mask: Value) -> tuple[Value, Value]:
-    """GroupQueryAttention's view of the 2D mask: per-row length - 1, and the total length."""
-    seqlens_k = op.Cast(
-        op.Sub(op.ReduceSum(attention_mask, [1], keepdims=0), 1), to=ir.DataType.INT32
-    )
+    """GroupQueryAttention's view of the 2D mask: per-row length - 1, and the total length.
+
+    A row is counted in float32, not in the mask's int64: onnxruntime's CUDA ReduceSum gives
+    an int64 row one thread block, and with CUDA graphs onnxruntime-genai's mask row is
+    max_length long at every step (60 us a token at 32k, ~2 ms at 1M); float32 sums of 0/1
+    are exact up to 2**24 positions (config.MAX_POSITIONS).
+    """
+    counted = op.ReduceSum(op.Cast(attention_mask, to=ir.DataType.FLOAT), [1], keepdims=0)
+    seqlens_k = op.Cast(op.Sub(counted, 1.0), to=ir.DataType.INT32)
     total = op.Cast(op.Gather(op.Shape(attention_mask), 1, axis=0), to=ir.DataType.INT32)
     return seqlens_k, total

@@ -247,6 +247,12 @@ CATALOGUE = [
         ("--extra_options", "max_length=1000"),
     ),
     Case(
+        "max-length-past-exact-counting",
+        _config(rope_scaling={"type": "dynamic", "factor": 2.0}),
+        ("max_length=16777217", "16777216 positions the graph counts exactly"),
+        ("--extra_options", "max_length=16777217"),
+    ),
+    Case(
         "extra-option-given-twice",
         _intact,
         ("max_length is given twice",),

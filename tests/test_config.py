@@ -37,6 +37,11 @@ def test_generation_config_supplies_eos_list(tmp_path):
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn'"),
         ({"rope_scaling": {"type": "linear"}}, "factor must be a positive number"),
         ({"hidden_size": 0}, "'hidden_size' must be a positive integer"),
+        ({"max_position_embeddings": 2**24 + 1}, "more than the 16777216 the graph counts"),
+        (
+            {"max_position_embeddings": 2**23, "rope_scaling": {"type": "dynamic", "factor": 4}},
+            "gives 33554432 positions",
+        ),
     ],
 )
 def test_bad_config_is_named(overrides, message):
