@@ -240,6 +240,9 @@ kv-7b-all)  # the builder builds on CPU cores while our folders are built, then 
     trace_7b
     wait  # nothing else on the GPU while the timings run
     time_7b
+    # A step with buffers for 1,048,576 tokens (the 7B-1M's context), after a 1k prompt.
+    $GPU_CORES python3 -m benchmarks.long_context ours:int8_per_channel=$W/ours-int8_per_channel \
+        --contexts 1024 --gen 64 --repeat 2 --buffer 1048576 --machine h200-7b-1m-int8
     df -h /tmp | tail -1
     ;;
 kv-7b-capacity)
