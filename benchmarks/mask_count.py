@@ -50,7 +50,7 @@ def counting_graph(cast_to: int | None) -> bytes:
         [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1])],
         initializer=[one, axes],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     return model.SerializeToString()
 
 
