@@ -279,8 +279,9 @@ def attention_lengths(op: OpBuilder, attention_mask: Value) -> tuple[Value, Valu
 
     A row is counted in float32, not in the mask's int64: onnxruntime's CUDA ReduceSum gives
     an int64 row one thread block, and with CUDA graphs onnxruntime-genai's mask row is
-    max_length long at every step (60 us a token at 32k, ~2 ms at 1M); float32 sums of 0/1
-    are exact up to 2**24 positions (config.MAX_POSITIONS).
+    max_length long at every step (60 us a step at 32k, ~1 ms at 1M; float32: 2 us,
+    benchmarks/results/mask-count-h200.md). Sums of 0/1 in float32 are exact up to 2**24
+    positions (config.MAX_POSITIONS).
     """
     counted = op.ReduceSum(op.Cast(attention_mask, to=ir.DataType.FLOAT), [1], keepdims=0)
     seqlens_k = op.Cast(op.Sub(counted, 1.0), to=ir.DataType.INT32)
