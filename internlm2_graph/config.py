@@ -91,10 +91,11 @@ class InternLM2Config:
                 "(it ships a separate output.weight); set it to false"
             )
         if self.context_length > MAX_POSITIONS:
+            scaled = "" if self.rope_scaling is None else " x rope_scaling factor"
             raise InternLM2GraphError(
-                f"{where}: max_position_embeddings {self.max_position_embeddings} (x rope_scaling "
-                f"factor) gives {self.context_length} positions, more than the {MAX_POSITIONS} "
-                "the graph counts exactly; lower max_position_embeddings"
+                f"{where}: max_position_embeddings {self.max_position_embeddings}{scaled} gives "
+                f"{self.context_length} positions, more than the {MAX_POSITIONS} the graph counts "
+                "exactly; lower max_position_embeddings"
             )
 
     @property
