@@ -21,7 +21,9 @@ put each scheme's tools side by side, with ours/builder ratios.
 --capacity: the largest max_length a folder loads at, in steps of --step tokens: a generator of
 that max_length is created (the KV cache is allocated whole) and decodes after a 16-token
 prompt. Each attempt runs in a fresh process (a failed allocation leaves nothing behind);
-binary search between the largest timed context and the folder's own context_length.
+binary search between the largest timed context and the folder's own context_length. With
+--probe L1,L2,... each folder is tried at exactly those max_lengths instead, a line each: loaded
+or not, and the GPU memory in use (MiB) or the error's last line.
 """
 
 from __future__ import annotations
@@ -251,9 +253,15 @@ def main(argv: list[str] | None = None) -> None:
         help="also decode after the first context in a generator of this max_length (with CUDA "
         "graphs onnxruntime-genai's buffers, the attention mask's among them, are that long)",
     )
+    parser.add_argument("--probe", default="", metavar="L1,L2,...")
     parser.add_argument("--machine", default=common.default_machine_name())
     args = parser.parse_args(argv)
     common.require_genai()
+    if args.probe:
+        for name, folder in parse_models(args.capacity).items():
+            for length in (int(n) for n in args.probe.split(",")):
+                print(name, length, *try_length(folder, length), flush=True)
+        return
     medians = timing(parse_models(args.models), args) if args.models else {}
     low = max(int(c) for c in args.contexts.split(","))
     caps = {}

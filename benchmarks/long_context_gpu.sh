@@ -112,14 +112,18 @@ trace_7b() {  # CUPTI kernel trace of our 7B folders at 32k (int4 KV left out: n
         --machine h200-7b-int4-kv-32768
 }
 probes_7b() {  # the GPU memory each cache takes at the last length that loads, why the next fails
-    local probe
-    for probe in fp16:1048576 fp16:1114112 int8_per_channel:1179648 int8_per_channel:1245184 \
-        fp8_per_channel:1179648 fp8_per_channel:1245184; do
-        [ -d $W/ours-${probe%%:*} ] || continue
-        python3 -c "import sys; from pathlib import Path; from benchmarks.long_context import \
-try_length as t; print(sys.argv[1], sys.argv[2], *t(Path(sys.argv[3]), int(sys.argv[2])))" \
-            ${probe%%:*} ${probe##*:} $W/ours-${probe%%:*}
+    local s
+    for s in fp16 int8_per_channel fp8_per_channel; do
+        [ -d $W/ours-$s ] || continue
+        local lengths=1179648,1245184
+        [ $s = fp16 ] && lengths=1048576,1114112
+        python3 -m benchmarks.long_context --capacity $s=$W/ours-$s --probe $lengths
     done
+}
+prepare_7b() {  # the checkpoint and the scale files every 7B build reads
+    local s
+    checkpoint_1m
+    for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
 }
 time_7b() {  # --buffer: the builder's own max_length (262144), as its genai_config sets it
     $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
@@ -215,8 +219,7 @@ kv-trace)
     ;;
 kv-7b-build)
     df -h /tmp | tail -1
-    checkpoint_1m
-    for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
+    prepare_7b
     builder_lanes &
     build_ours
     wait
@@ -231,10 +234,8 @@ kv-7b-time)
     ;;
 kv-7b-all)  # the builder builds on CPU cores while our folders are built, then traced
     df -h /tmp | tail -1
-    $GPU_CORES python3 -m benchmarks.mask_count --machine h200 &
-    checkpoint_1m
-    wait
-    for s in $SCHEMES; do [ $s = fp16 ] || scales 32 /tmp/kv-$s.json $(qmax $s); done
+    $GPU_CORES python3 -m benchmarks.mask_count --machine h200  # seconds, on an idle machine
+    prepare_7b
     builder_lanes &
     build_ours
     trace_7b
