@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     calibration = work / "gptq-calibration.json"
     if not calibration.is_file():
-        from internlm2_graph.calibrate import SEQUENCE_TOKENS, default_text
+        from internlm2_graph.calibration.data import SEQUENCE_TOKENS, default_text
 
         ids = encode(checkpoint, default_text(), 8192)
         chunks = [

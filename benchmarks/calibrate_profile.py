@@ -5,7 +5,8 @@
 
 A synthetic checkpoint of the size's shapes with `--layers` decoder layers (streaming holds one
 layer at a time, so a layer costs what it costs in the whole model) is calibrated as the build
-does it (calibrate.calibrated_weights: its device, its token budget, the default text), under
+does it (calibration.drivers.calibrated_weights: its device, its recipe's tokens, the default
+text), under
 timers. Prints the wall time of each layer and of the lm_head, then the wall time spent inside
 each of the main steps (inclusive: gptq contains its column loop and packing; the main thread
 only, so work in threads counts as the main thread waiting for it).
@@ -37,19 +38,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
 
-    from internlm2_graph import calibrate
+    from internlm2_graph.calibration.compute import for_execution_provider
+    from internlm2_graph.calibration.data import calibration_tokens
+    from internlm2_graph.calibration.drivers import calibrated_weights
+    from internlm2_graph.calibration.recipes import recipe_for
     from internlm2_graph.checkpoint import Checkpoint
     from internlm2_graph.config import InternLM2Config
     from internlm2_graph.precision import resolve_target
     from internlm2_graph.progress import Progress
+    from internlm2_graph.tokenizer import prepare_tokenizer
 
     folder = synthetic_checkpoint(args.workdir, args.size, args.layers)
     config = InternLM2Config.from_dir(folder)
     options = {"algo_config": args.algorithm, "block_size": str(args.block)}
     target = resolve_target("int4", args.ep, options)
-    budget = calibrate.token_budget(args.algorithm)
-    sequences = calibrate.calibration_tokens(None, folder, config, max_tokens=budget)
-    device = calibrate.for_execution_provider(args.ep)
+    budget = recipe_for(args.algorithm).tokens
+    encode = prepare_tokenizer(folder, config.vocab_size).encode
+    sequences = calibration_tokens(None, encode, config, budget)
+    device = for_execution_provider(args.ep)
     print(f"{args.size} x {args.layers} layers, {args.algorithm}, {sum(map(len, sequences))} "
           f"tokens, products on {device.name}")  # fmt: skip
 
@@ -68,39 +74,42 @@ def main(argv: list[str] | None = None) -> None:
 
     totals = instrument()
     with tempfile.TemporaryDirectory() as scratch:
-        calibrate.calibrated_weights(Checkpoint(folder), config, sequences, target,
-                                     Path(scratch), Timed())  # fmt: skip
+        calibrated_weights(Checkpoint(folder), config, sequences, target, Path(scratch), Timed())
     print(f"total {time.perf_counter() - marks[0]:.1f} s")
     for label, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         print(f"  {label:<28} {seconds:7.1f} s  {calls:5d} calls")
 
 
+# Public steps, wrapped where they are looked up: a function in each module that calls it by
+# name (imported names are the importing module's own), methods on their class.
 STEPS = {
-    "internlm2_graph.calibrate": (
+    "internlm2_graph.calibration.drivers": (
         "gptq",
-        "hessian_factor",
-        "float_target_map",
-        "float_target_weight",
-        "_cholesky_inverse",
-        "_attention",
-        "_rmsnorm",
-        "_swiglu",
+        "factor_for",
+        "float_aim_map",
+        "float_aim_weight",
         "dequantize",
-        "_read_layer",
-        "searched_grid",
     ),
+    "internlm2_graph.calibration.gptq": (
+        "hessian_factor",
+        "cholesky_inverse",
+        "searched_grid",
+        "from_codes",
+    ),
+    "internlm2_graph.calibration.forward": ("attention", "rmsnorm", "swiglu"),
     "internlm2_graph.quantize": ("from_codes",),
 }
 METHODS = {
-    "internlm2_graph.compute.OnnxRuntime": (
+    "internlm2_graph.calibration.compute.OnnxRuntime": (
         "linear",
         "gram",
         "matmul",
         "gptq_columns",
         "attention",
     ),
-    "internlm2_graph.compute.Numpy": ("linear", "gram", "matmul", "attention"),
-    "internlm2_graph.calibrate.Calibrated": ("save",),
+    "internlm2_graph.calibration.compute.Numpy": ("linear", "gram", "matmul", "attention"),
+    "internlm2_graph.calibration.store.Calibrated": ("save",),
+    "internlm2_graph.calibration.forward.LayerWeights": ("read",),
 }
 
 
@@ -131,8 +140,6 @@ def instrument() -> dict:
         module = importlib.import_module(module_name)
         for name in names:
             setattr(module, name, wrap(name, getattr(module, name)))
-    calibrate = importlib.import_module("internlm2_graph.calibrate")
-    calibrate.from_codes = wrap("from_codes", calibrate.from_codes)  # imported by name there
     for path, names in METHODS.items():
         module_name, cls_name = path.rsplit(".", 1)
         cls = getattr(importlib.import_module(module_name), cls_name)

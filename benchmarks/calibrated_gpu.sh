@@ -5,7 +5,7 @@
 #   bash benchmarks/calibrated_gpu.sh gptaq-7b       # the GPTAQ CUDA build of it, KL to float
 #   bash benchmarks/calibrated_gpu.sh profile-7b     # where a GPTAQ layer's time goes (2 layers)
 # A CUDA build's GPTQ runs its products (layer forwards, Gram matrices, their inverses, the lazy
-# updates) on the GPU through onnxruntime (internlm2_graph/compute.py); the rest is numpy on
+# updates) on the GPU through onnxruntime (internlm2_graph/calibration/compute.py); the rest is numpy on
 # the machine's cores. Each build's progress: /tmp/internlm2-bench/calibrated-7b-*-cuda.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."

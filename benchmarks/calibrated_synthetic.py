@@ -6,11 +6,13 @@
 Random weights say nothing about perplexity, but what GPTQ promises holds for any weights: on
 text calibration did not see, the built model's logits should be closer to the float model's
 than round-to-nearest's are. The float reference is the checkpoint's own model in float32
-numpy, a layer at a time (calibrate.float_forward, the pass that calibrates KV scales), so a 7B
+numpy, a layer at a time (calibration.forward.float_forward, the pass that calibrates KV
+scales), so a 7B
 needs no 31 GB fp32 folder; the int4 folders run in onnxruntime (benchmarks.quality.Decoder),
 built with accuracy_level 0 (the weights are measured, not int8 activations) and the default
 calibration text. Each build runs in its own process: its wall time and peak RSS. With
-`--ep cuda` the folders are CUDA builds (GPTQ's products then run on the GPU, compute.py) and
+`--ep cuda` the folders are CUDA builds (GPTQ's products then run on the GPU,
+calibration/compute.py) and
 their logits come from the CUDA execution provider.
 Evaluation text: smollm2.eval_text() (prose), tokenized with the checkpoint's tokenizer.model;
 KL(float || int4) per position, and top-1 agreement.
@@ -56,13 +58,12 @@ def eval_ids(checkpoint: Path, tokens: int) -> np.ndarray:
 
 def float_log_probs(checkpoint: Path, parts: list[np.ndarray]) -> list[np.ndarray]:
     """log-softmax of the float model's logits, per window (windows start at position 0)."""
-    from internlm2_graph import calibrate
+    from internlm2_graph.calibration.forward import final_norm, float_forward
     from internlm2_graph.checkpoint import Checkpoint
     from internlm2_graph.config import InternLM2Config
 
     ckpt, config = Checkpoint(checkpoint), InternLM2Config.from_dir(checkpoint)
-    x = calibrate.float_forward(ckpt, config, parts)
-    h = calibrate._rmsnorm(x, ckpt["model.norm.weight"].read(), config.rms_norm_eps)
+    h = final_norm(ckpt, config, float_forward(ckpt, config, parts))
     head = ckpt["output.weight"]
     logits = np.concatenate(
         [h @ head.read_rows(s, s + 16384).T for s in range(0, head.shape[0], 16384)], axis=1
@@ -162,7 +163,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         f"{info.get('cpu', '')}, {info.get('cpu_count', '')} cores; "
         f"`python -m benchmarks.calibrated_synthetic --size {args.size} --ep {args.ep}`; "
         f"{rows[0]['tokens'] if rows else 0} positions of smollm2.eval_text() in windows of "
-        f"{args.window}; float reference in numpy (calibrate.float_forward).\n\n{table}\n"
+        f"{args.window}; float reference in numpy (calibration.forward.float_forward).\n\n{table}\n"
     )
     print(markdown)
     common.write_results(f"calibrated-{args.size}-{args.machine}", {"rows": rows, **info}, markdown)

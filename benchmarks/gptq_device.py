@@ -1,4 +1,5 @@
-"""GPTQ of one weight, numpy against onnxruntime (compute.py): seconds per step, and agreement.
+"""GPTQ of one weight, numpy against onnxruntime (calibration/compute.py): seconds per step,
+and agreement.
 
     python -m benchmarks.gptq_device [--provider CUDAExecutionProvider] [--shapes 4096x14336]
         [--tokens 8192] [--block 32]
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from internlm2_graph import calibrate as cal  # noqa: E402
-from internlm2_graph import compute  # noqa: E402
+from internlm2_graph.calibration import compute  # noqa: E402
+from internlm2_graph.calibration import gptq as cal  # noqa: E402
 from internlm2_graph.precision import QuantSpec  # noqa: E402
 from internlm2_graph.quantize import dequantize, quantize  # noqa: E402
 

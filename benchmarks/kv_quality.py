@@ -4,7 +4,7 @@ the float cache, teacher-forced (SmolLM2-135M-Instruct in the InternLM2 layout).
     python -m benchmarks.kv_quality [--window 2048] [--chunk 256]
 
 Each scheme is built fp32 on the CPU with scales calibrated inside the build
-(`kv_cache_quant_scheme` alone, calibration_data = the stdlib text of calibrate.default_text,
+(`kv_cache_quant_scheme` alone, calibration_data = the stdlib text of calibration.data.default_text,
 tokenized with SmolLM2's real tokenizer and passed as id lists); evaluation is 4096 tokens each
 of prose (smollm2.eval_text) and code (smollm2.code_text), other text than the calibration's.
 Windows are fed `--chunk` tokens per call, so every token after the first chunk attends to keys
@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks import common
 from benchmarks.quality import kl_and_top1
 from benchmarks.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
-from internlm2_graph.calibrate import SEQUENCE_TOKENS, default_text
+from internlm2_graph.calibration.data import SEQUENCE_TOKENS, default_text
 
 SCHEMES = ("int8_per_channel", "int8_per_tensor", "int4_per_channel", "int4_per_tensor")
 

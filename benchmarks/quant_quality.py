@@ -1,4 +1,4 @@
-"""What int4 costs in quality on real weights: round to nearest, GPTQ and AWQ (calibrate.py).
+"""What int4 costs in quality on real weights: round to nearest, GPTQ and AWQ (calibration/).
 
     python -m benchmarks.quant_quality [--workdir DIR] [--settings 32-sym,128-sym,128-asym]
         [--methods rtn,gptq,awq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
@@ -9,9 +9,9 @@ precision, all with accuracy_level=0 (weights are what is measured, not int8 act
 Each build runs in its own process: wall time and peak RSS are the build's own.
 
 Calibration and evaluation text are different:
-- calibration: `calibrate.default_text()` (docstrings and code of the standard library, what a
-  build uses without calibration_data), tokenized with SmolLM2's real tokenizer and passed as
-  calibration_data=ids.json (the checkpoint carries a placeholder SentencePiece model, see
+- calibration: `calibration.data.default_text()` (docstrings and code of the standard library,
+  what a build uses without calibration_data), tokenized with SmolLM2's real tokenizer and
+  passed as calibration_data=ids.json (the checkpoint carries a placeholder SentencePiece model, see
   smollm2.py). Sequences sharing any 16-token run with the evaluation text are dropped first.
 - evaluation: `smollm2.eval_text()` (prose: Python's license and history, the heapq essay, the
   Zen) and `smollm2.code_text()` (textwrap.py and shlex.py), --eval-tokens of each, windows
@@ -54,13 +54,13 @@ def calibration_ids(
 ) -> list:
     """The default calibration text as SmolLM2 ids, without sequences that overlap evaluation:
     evenly spaced sequences, shifted by `subset` places (another sample of the same text)."""
-    from internlm2_graph import calibrate
+    from internlm2_graph.calibration.data import chop, default_text
     from internlm2_graph.config import InternLM2Config
 
     config = InternLM2Config.from_dir(checkpoint)
-    ids = smollm2.encode(checkpoint, calibrate.default_text())
+    ids = smollm2.encode(checkpoint, default_text())
     grams = {tuple(h[i : i + NGRAM]) for h in held_out for i in range(len(h) - NGRAM + 1)}
-    sequences = calibrate.chop(ids, config, 1 << 30)
+    sequences = chop(ids, config, 1 << 30)
     clean = [
         s
         for s in sequences
@@ -73,13 +73,16 @@ def calibration_ids(
 
 
 BUILD = """
-import json, sys
-from internlm2_graph import build, calibrate
+import dataclasses, json, sys
+from internlm2_graph import build
+from internlm2_graph.calibration.recipes import recipe_for
 from internlm2_graph.progress import Progress
-for key, value in json.loads(sys.argv[5]).items():  # --tweak: GPTQ variants, for ablations
-    setattr(calibrate, key, value)
-summary = build(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6], json.loads(sys.argv[4]),
-                overwrite=True, progress=Progress())  # to OUT.log: a line per layer, with ETA
+options, tweaks = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+recipe = None  # --tweak: fields of the method's recipe, for ablations
+if tweaks:
+    recipe = dataclasses.replace(recipe_for(options["algo_config"]), **tweaks)
+summary = build(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6], options, overwrite=True,
+                progress=Progress(), recipe=recipe)  # to OUT.log: a line per layer, with ETA
 # VmHWM, not getrusage: a child's ru_maxrss can start at its parent's (the evaluating process).
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print("SUMMARY", json.dumps({"seconds": summary.seconds, "peak_rss": int(hwm.split()[1]) * 1024}))
@@ -125,13 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default="int4", help="lm_head precisions: int4,int8,float")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calibration-tokens", type=int, default=None,
-                        help="default: each method's own (calibrate.token_budget)")  # fmt: skip
+                        help="default: each method's own (its recipe's tokens)")  # fmt: skip
     parser.add_argument("--machine", default=common.default_machine_name())
     parser.add_argument(
         "--tweak",
         default="",
-        help="GPTQ/AWQ variant for an ablation, calibrate.py constants as JSON, e.g. "
-        "'{\"DAMP\": 0.1}' (rows and builds get the JSON as a suffix)",
+        help="GPTQ/AWQ variant for an ablation, fields of the method's recipe "
+        "(internlm2_graph/calibration/recipes.py) as JSON, e.g. '{\"damp\": 0.1}' (rows and "
+        "builds get the JSON as a suffix)",
     )
     parser.add_argument("--calibration-subset", type=int, default=0,
                         help="another sample of the default text: its sequences shifted by N "
@@ -143,14 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         "prose": smollm2.encode(checkpoint, smollm2.eval_text(), args.eval_tokens),
         "code": smollm2.encode(checkpoint, smollm2.code_text(), args.eval_tokens),
     }
-    from internlm2_graph.calibrate import token_budget
+    from internlm2_graph.calibration.recipes import recipe_for
 
     used = {}  # budget -> (file, tokens, sequences dropped for overlapping the evaluation)
     subset = args.calibration_subset
 
     def calibration_file(method: str) -> Path:
         """calibration-ids.json (8192 tokens, as before) or calibration-ids-N.json."""
-        budget = args.calibration_tokens or token_budget(method)
+        budget = args.calibration_tokens or recipe_for(method).tokens
         if budget not in used:
             name = "calibration-ids.json" if budget == 8192 else f"calibration-ids-{budget}.json"
             if subset:
@@ -268,7 +272,7 @@ def report(rows, texts, args, used) -> None:
             "(`smollm2.code_text`), windows of 1024, KL(fp32 || int4) per token. Calibration "
             f"(gptq, awq; gptaq takes twice as many): "
             + ", ".join(f"{tokens} tokens" for _, tokens, _ in used.values())
-            + " of `calibrate.default_text()` ("
+            + " of `calibration.data.default_text()` ("
             + ", ".join(f"{dropped}" for _, _, dropped in used.values())
             + " sequences overlapping the evaluation text dropped). accuracy_level=0. "
             "`gap / RTN gap`: (ppl - fp32 ppl) / (RTN's ppl - fp32 ppl) at the same setting.",

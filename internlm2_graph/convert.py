@@ -9,9 +9,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from internlm2_graph import calibrate, package, speculative
+from internlm2_graph import package, speculative
+from internlm2_graph.calibration import data, drivers, kv
+from internlm2_graph.calibration.recipes import TOKENS, Recipe, recipe_for
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
+from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
 from internlm2_graph.kv_scales import scales_from_file
@@ -23,7 +26,7 @@ from internlm2_graph.precision import (
 )
 from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.sizes import graph_bytes, parameter_count
-from internlm2_graph.tokenizer import prepare_tokenizer
+from internlm2_graph.tokenizer import PreparedTokenizer, prepare_tokenizer
 from internlm2_graph.weights import WeightBinder
 
 
@@ -58,13 +61,15 @@ def build(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
+    recipe: Recipe | None = None,
 ) -> BuildSummary:
     """Convert an InternLM2 checkpoint (folder or hub id) into an ONNX Runtime GenAI folder.
 
     Everything is decided and checked before the first write: options, --output, config, the
     tokenizer's ids, and every tensor's name and shape (binding checks each one against the
     graph parameter it fills). The folder is then written beside --output and moved into place
-    only when complete, so a failure or Ctrl-C leaves nothing behind.
+    only when complete, so a failure or Ctrl-C leaves nothing behind. `recipe` replaces the
+    calibrated algo_config's own (calibration/recipes.py: ablations).
     """
     start = time.perf_counter()
     progress = progress or Progress(quiet=True)
@@ -73,6 +78,7 @@ def build(
     spec, options = speculative.split_options(extra_options)
     speculative.check_provider(spec, execution_provider)
     target = resolve_target(precision, execution_provider, options)
+    recipe = _recipe(target, recipe)
     draft_target = _draft_target(spec, precision, execution_provider, options)
     output = Path(output)
     package.check_output(output, overwrite)  # before a download that could take an hour
@@ -84,24 +90,15 @@ def build(
     speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
     checkpoint = Checkpoint(folder)
     model, module = build_graph(config, target)
-    calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
-    if target.algorithm != "rtn" or calibrated_kv:  # bad data fails here, before any write
-        budget = calibrate.token_budget(target.algorithm)
-        sequences = calibrate.calibration_tokens(target.calibration_data, folder, config, budget)
+    sequences = _calibration_sequences(target, recipe, tokenizer, config)  # bad data fails now
     scales = scales_from_file(config, target)
-    if calibrated_kv:  # one float pass, layer by layer; it writes nothing
-        kv_tokens = calibrate.first_tokens(sequences, calibrate.KV_TOKENS)
-        scales = calibrate.calibrate_kv_cache(
-            checkpoint, config, kv_tokens, target.kv_cache, progress
-        )
+    if _calibrated_kv(target):  # one float pass, layer by layer; it writes nothing
+        scales = kv.calibrate_kv_cache(checkpoint, config, sequences, target.kv_cache, progress)
     binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
     binder.bind(module)
+    draft_model = _draft_model(checkpoint, config, draft_target, allow_nonfinite)
     expected_bytes = graph_bytes(model)
-    draft_model = None
-    if draft_target is not None:  # the self-draft: the same weights, quantized
-        draft_model, draft_module = build_graph(config, draft_target)
-        draft_scales = scales_from_file(config, draft_target)
-        WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
+    if draft_model is not None:
         expected_bytes += graph_bytes(draft_model)
     # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
     eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
@@ -112,9 +109,9 @@ def build(
         tempfile.TemporaryDirectory(dir=staging, prefix=".calibration") as scratch,
     ):
         tokenizer.write(staging)
-        if target.algorithm != "rtn":  # calibrated weights, spilled to `scratch` until saved
-            binder.calibrated = calibrate.calibrated_weights(
-                checkpoint, config, sequences, target, Path(scratch), progress
+        if recipe is not None:  # calibrated weights, spilled to `scratch` until saved
+            binder.calibrated = drivers.calibrated_weights(
+                checkpoint, config, sequences, target, Path(scratch), progress, recipe
             )
         # Tensors are read, converted and quantized lazily as the saver asks for them, so this
         # one bar covers all the heavy work.
@@ -122,13 +119,7 @@ def build(
             package.save_model(model, staging, target.filename, on_tensor)
         draft = staging / speculative.DRAFT_DIR
         if draft_model is not None:
-            # A complete folder of its own, so `model.draft` can be rebuilt from it at run time.
-            draft.mkdir()
-            tokenizer.write(draft)
-            with progress.task("writing the draft") as on_tensor:
-                package.save_model(draft_model, draft, draft_target.filename, on_tensor)
-            draft_config = package.genai_config(config, draft_target, eos)
-            package.write_json(draft / "genai_config.json", draft_config)
+            _write_draft(draft, draft_model, draft_target, tokenizer, config, eos, progress)
         elif spec.draft_folder is not None:
             speculative.copy_draft(spec.draft_folder, draft)
         runtime_config = speculative.with_speculative(runtime_config, spec, staging)
@@ -142,6 +133,58 @@ def build(
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
     )
+
+
+def _recipe(target: Target, recipe: Recipe | None) -> Recipe | None:
+    """How the weights are calibrated: None for round to nearest, else the algo_config's
+    recipe, or the one given (which must be a recipe of that algo_config)."""
+    if target.algorithm == "rtn":
+        if recipe is not None:
+            raise InternLM2GraphError(
+                f"recipe {recipe.name} needs --extra_options algo_config={recipe.name}"
+            )
+        return None
+    if recipe is not None and recipe.name != target.algorithm:
+        raise InternLM2GraphError(
+            f"recipe {recipe.name} does not calibrate algo_config={target.algorithm}; pass "
+            f"algo_config={recipe.name}"
+        )
+    return recipe or recipe_for(target.algorithm)
+
+
+def _calibrated_kv(target: Target) -> bool:
+    """A quantized KV cache without a scale file: its scales are calibrated in the build."""
+    return target.kv_cache is not None and target.kv_cache.scale_file is None
+
+
+def _calibration_sequences(
+    target: Target, recipe: Recipe | None, tokenizer: PreparedTokenizer, config: InternLM2Config
+) -> list | None:
+    """The calibration token sequences, or None when nothing is calibrated."""
+    if recipe is None and not _calibrated_kv(target):
+        return None
+    budget = TOKENS if recipe is None else recipe.tokens
+    return data.calibration_tokens(target.calibration_data, tokenizer.encode, config, budget)
+
+
+def _draft_model(checkpoint, config, draft_target: Target | None, allow_nonfinite: bool):
+    """The self-draft's graph, bound to the same weights (quantized), or None."""
+    if draft_target is None:
+        return None
+    draft_model, draft_module = build_graph(config, draft_target)
+    draft_scales = scales_from_file(config, draft_target)
+    WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
+    return draft_model
+
+
+def _write_draft(draft: Path, model, target: Target, tokenizer, config, eos, progress) -> None:
+    """The self-draft as a complete folder of its own, so `model.draft` can be rebuilt from it
+    at run time."""
+    draft.mkdir()
+    tokenizer.write(draft)
+    with progress.task("writing the draft") as on_tensor:
+        package.save_model(model, draft, target.filename, on_tensor)
+    package.write_json(draft / "genai_config.json", package.genai_config(config, target, eos))
 
 
 def _draft_target(

@@ -33,7 +33,7 @@ def attention_path(layer: int) -> str:
 
 def scales_from_file(config: InternLM2Config, target: Target) -> Scales | None:
     """The scales a scale file gives the graph's quantized KV cache; None for a float cache or
-    when there is no file (the build then calibrates them: calibrate.calibrate_kv_cache)."""
+    when there is no file (the build then calibrates them: calibration.kv.calibrate_kv_cache)."""
     spec = target.kv_cache
     if spec is None or spec.scale_file is None:
         return None

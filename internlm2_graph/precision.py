@@ -112,7 +112,7 @@ class QuantSpec:
 
 # How quantized weights are rounded: to nearest; by GPTQ, aimed at each linear's float weight
 # (gptq) or at the float model's outputs (gptaq); or to nearest after AWQ's activation-aware
-# scaling. All but rtn are calibrated on text (calibrate.py).
+# scaling. All but rtn are calibrated on text (calibration/).
 ALGORITHMS = ("rtn", "gptq", "gptaq", "awq")
 
 
@@ -188,7 +188,7 @@ class Target:
     max_length: int | None = None
     filename: str = "model.onnx"
     kv_cache: KVCacheSpec | None = None
-    algorithm: str = "rtn"  # how quantized weights are made: one of ALGORITHMS (calibrate.py)
+    algorithm: str = "rtn"  # how quantized weights are made: one of ALGORITHMS (calibration/)
     calibration_data: str | None = None
 
     def linear_spec(self, name: str) -> QuantSpec | None:

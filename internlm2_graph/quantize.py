@@ -113,9 +113,10 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def _to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
+def to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
     """float32 [rows, k_blocks, block]; zero-pads a ragged K (zeros never change which element
-    is the symmetric extreme, and asymmetric ranges include 0 anyway)."""
+    is the symmetric extreme, and asymmetric ranges include 0 anyway). A view where no padding
+    or cast is needed: write to a copy."""
     n, k = rows.shape
     if k == k_blocks * block_size and rows.dtype == np.float32 and rows.flags.c_contiguous:
         return rows.reshape(n, k_blocks, block_size)  # a view: no copy at all
@@ -124,41 +125,58 @@ def _to_blocks(rows: np.ndarray, k_blocks: int, block_size: int) -> np.ndarray:
     return out.reshape(n, k_blocks, block_size)
 
 
+def block_grid(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, object]:
+    """Scale and zero point of blocks whose smallest and largest values are `lo` and `hi`: the
+    one place the grid rule lives (module docstring). Symmetric: the zero point is the midpoint,
+    returned as a float32 scalar (broadcasting a per-block array costs a pass). Asymmetric: a
+    float32 array of whole numbers in 0..qmax."""
+    qmax, mid = _levels(spec.bits)
+    if spec.symmetric:
+        ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        return ext * np.float32(-1.0 / mid), np.float32(mid)  # exact: a power of two
+    lo = np.minimum(lo, 0)
+    hi = np.maximum(hi, 0)
+    scale = (hi - lo) / np.float32(qmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(scale != 0, np.float32(0) - lo / scale, lo)
+    # floor(v + 0.5) == roundf(v) for v >= 0, and zp >= 0 here since lo <= 0.
+    return scale, np.clip(np.floor(zp + np.float32(0.5)), 0, qmax)
+
+
+def reciprocal(scale: np.ndarray) -> np.ndarray:
+    """1 / scale, 0 where that is not finite: a zero scale (all-zero block) and a subnormal one
+    (1/scale overflows) both map the block to q = zp; the latter loses values below ~1e-37, far
+    under any fp16/bf16 resolution."""
+    with np.errstate(divide="ignore", over="ignore"):
+        recip = np.float32(1) / scale
+    recip[~np.isfinite(recip)] = 0
+    return recip
+
+
+def round_codes(w: np.ndarray, recip: np.ndarray, zp, qmax: int) -> np.ndarray:
+    """uint8 codes in MLAS's float32 operation order: (w * recip + zp) then roundf, written as
+    +0.5 and truncation after clamping to [0, qmax] (roundf for every non-negative float32)."""
+    y = w * recip
+    y += zp
+    y += np.float32(0.5)
+    np.clip(y, 0, qmax, out=y)
+    return y.astype(np.uint8)
+
+
 def _quantize_into(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start: int) -> None:
     """Quantize weight rows [start, start + len(rows)) into q's preallocated arrays."""
     qmax, mid = _levels(spec.bits)
-    x = _to_blocks(rows, q.k_blocks, spec.block_size)
+    x = to_blocks(rows, q.k_blocks, spec.block_size)
     hi = x.max(axis=-1)
     lo = x.min(axis=-1)
     if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
         raise InternLM2GraphError(
             f"weight rows {start}..{start + len(rows) - 1} contain NaN or Inf; cannot quantize"
         )
-    if spec.symmetric:
-        ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-        scale = ext * np.float32(-1.0 / mid)  # exact: dividing by a power of two
-        zp = np.float32(mid)  # a scalar: broadcasting a per-block array costs a pass
-    else:
-        np.minimum(lo, 0, out=lo)
-        np.maximum(hi, 0, out=hi)
-        scale = (hi - lo) / np.float32(qmax)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zp_f = np.where(scale != 0, np.float32(0) - lo / scale, lo)
-        # floor(v + 0.5) == roundf(v) for v >= 0, and zp_f >= 0 here since lo <= 0.
-        zp = np.clip(np.floor(zp_f + np.float32(0.5)), 0, qmax)[..., None]
-    with np.errstate(divide="ignore", over="ignore"):
-        recip = np.float32(1) / scale
-    # A zero scale (all-zero block) and a subnormal one (1/scale overflows) both map the block
-    # to q = zp; the latter loses values below ~1e-37, far under any fp16/bf16 resolution.
-    recip[~np.isfinite(recip)] = 0
-
-    # Same float32 operation order as MLAS: (w * recip + zp) then roundf, written as +0.5 and
-    # truncation after clamping to [0, qmax] (equal to roundf for every non-negative float32).
-    y = x * recip[..., None]
-    y += zp
-    y += np.float32(0.5)
-    np.clip(y, 0, qmax, out=y)
-    codes = y.astype(np.uint8)
+    scale, zp = block_grid(lo, hi, spec)
+    if not spec.symmetric:
+        zp = zp[..., None]
+    codes = round_codes(x, reciprocal(scale)[..., None], zp, qmax)
 
     stop = start + len(rows)
     q.scales[start:stop] = scale
@@ -269,7 +287,7 @@ def matmul_nbits_initializers(q: QuantizedWeight, scales_dtype=np.float32) -> li
 def from_codes(
     codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, spec: QuantSpec
 ) -> QuantizedWeight:
-    """Pack codes chosen elsewhere (GPTQ, calibrate.py) into the layout ``quantize`` writes.
+    """Pack codes chosen elsewhere (GPTQ, calibration/gptq.py) into the layout ``quantize`` writes.
 
     ``codes`` uint8 [N, K]; ``scales`` and ``zero_points`` (integers, stored as any dtype)
     [N, k_blocks]. A ragged K's padding gets the block's zero point, so it dequantizes to 0.

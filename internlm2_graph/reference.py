@@ -113,6 +113,12 @@ class Reference:
     def forward(self, input_ids, cache: Cache | None = None) -> tuple[np.ndarray, Cache]:
         """Logits [seq, vocab] for one sequence (no batch axis), extending `cache`."""
         cache = cache if cache is not None else Cache()
+        x = self.rmsnorm(self.hidden_states(input_ids, cache), self.w["model.norm.weight"])
+        return x @ self.w["output.weight"].T, cache
+
+    def hidden_states(self, input_ids, cache: Cache) -> np.ndarray:
+        """The last decoder layer's output [seq, hidden], before the final norm, extending
+        `cache`."""
         ids = np.asarray(input_ids, dtype=np.int64)
         past = cache.length
         total = past + len(ids)
@@ -124,8 +130,7 @@ class Reference:
                 self.rmsnorm(x, self.w[p + ".attention_norm.weight"]), layer, cache, cos, sin
             )
             x = x + self.feed_forward(self.rmsnorm(x, self.w[p + ".ffn_norm.weight"]), layer)
-        x = self.rmsnorm(x, self.w["model.norm.weight"])
-        return x @ self.w["output.weight"].T, cache
+        return x
 
     def greedy(
         self, prompt, steps: int, eos: tuple[int, ...] = ()

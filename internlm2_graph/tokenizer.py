@@ -168,6 +168,13 @@ class PreparedTokenizer:
     config: dict
     special_map: dict
     info: TokenizerInfo
+    proto: ModelProto  # tokenizer.model as read and checked
+
+    def encode(self, text: str) -> list[int]:
+        """SentencePiece's own ids of plain text, without <s> (added tokens are not matched
+        whole): what calibration text becomes, from the model already read and checked."""
+        processor = sentencepiece.SentencePieceProcessor(model_proto=self.proto.SerializeToString())
+        return processor.encode(text)
 
     def write(self, out_dir: Path) -> TokenizerInfo:
         """tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model."""
@@ -199,7 +206,7 @@ def prepare_tokenizer(checkpoint_dir: Path, vocab_size: int) -> PreparedTokenize
     }
     special_map = _read_json(checkpoint_dir / "special_tokens_map.json") or _special_map(config)
     info = tokenizer_info(proto, names, atomic, config)
-    return PreparedTokenizer(checkpoint_dir, tokenizer, config, special_map, info)
+    return PreparedTokenizer(checkpoint_dir, tokenizer, config, special_map, info, proto)
 
 
 def write_tokenizer(checkpoint_dir: Path, out_dir: Path, vocab_size: int) -> TokenizerInfo:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from internlm2_graph import modules
-from internlm2_graph.calibrate import Calibrated
+from internlm2_graph.calibration.store import Calibrated
 from internlm2_graph.checkpoint import Checkpoint, TensorRef
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
@@ -206,7 +206,7 @@ class WeightBinder:
         self.config = config
         self.allow_nonfinite = allow_nonfinite
         self.kv_scales = kv_scales or {}
-        # Calibrated weights (calibrate.py: GPTQ, AWQ); may be set after bind(), before saving.
+        # Calibrated weights (calibration/: GPTQ, AWQ); may be set after bind(), before saving.
         self.calibrated = calibrated
 
     def bind(self, root: modules.InternLM2ForCausalLM) -> None:

@@ -1,9 +1,9 @@
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers import tokenizer_folder
 from hypothesis import HealthCheck, settings
 
 # Files shared between sessions, beside the repository (CI copies `shared/` next to its clone).
@@ -36,16 +36,6 @@ def tiny_fp32(tiny_checkpoint, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("built") / "fp32"
     build(tiny_checkpoint, out, "fp32", "cpu")
-    return out
-
-
-def tokenizer_folder(checkpoint: Path, out: Path, vocab_size: int) -> Path:
-    """The tokenizer files of a build, and the genai_config.json og.Tokenizer reads (no model)."""
-    from internlm2_graph.tokenizer import write_tokenizer
-
-    write_tokenizer(checkpoint, out, vocab_size)
-    model = {"type": "internlm2", "context_length": 64, "bos_token_id": 1, "eos_token_id": 2}
-    (out / "genai_config.json").write_text(json.dumps({"model": {**model, "pad_token_id": 2}}))
     return out
 
 

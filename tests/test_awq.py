@@ -1,5 +1,5 @@
-"""AWQ (calibrate.py): folding is exact, the search beats RTN where it must, the build computes
-with exactly the folded, rounded weights, and bad input fails as for GPTQ.
+"""AWQ (calibration/awq.py, drivers.py): folding is exact, the search beats RTN where it must,
+the build computes with exactly the folded, rounded weights, and bad input fails as for GPTQ.
 
 The oracle for "better" is what AWQ minimises, a linear's output error on its calibration
 inputs; for "exact", a numpy reference holding the weights the build should hold.
@@ -9,16 +9,16 @@ import json
 
 import numpy as np
 import pytest
-from test_calibrate import SPECS, session_logits
+from helpers import SPECS, calibration_sequences, session_logits
 
 from internlm2_graph import InternLM2GraphError, build
-from internlm2_graph import calibrate as cal
+from internlm2_graph.calibration import awq, drivers
+from internlm2_graph.calibration.forward import Batch, LayerWeights, decoder_layer, embed
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.precision import QuantSpec, resolve_target
 from internlm2_graph.quantize import dequantize, quantize
 from internlm2_graph.reference import quantized_reference
-from internlm2_graph.rope import rotary_tables
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
 
@@ -39,8 +39,7 @@ def bias_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration(bias_checkpoint, tmp_path_factory):
-    config = InternLM2Config.from_dir(bias_checkpoint)
-    sequences = cal.calibration_tokens(None, bias_checkpoint, config, max_tokens=1024)
+    sequences = calibration_sequences(bias_checkpoint, 1024)
     path = tmp_path_factory.mktemp("awq-data") / "ids.json"
     path.write_text(json.dumps([s.tolist() for s in sequences]))
     return path, sequences
@@ -52,22 +51,17 @@ def calibration(bias_checkpoint, tmp_path_factory):
 def test_folding_the_scales_leaves_the_float_layer_unchanged(bias_checkpoint, calibration):
     config = InternLM2Config.from_dir(bias_checkpoint)
     sequences = calibration[1]
-    lengths = [len(s) for s in sequences]
-    x = cal._embed(Checkpoint(bias_checkpoint), np.concatenate(sequences))
-    cos, sin = rotary_tables(config, max(lengths))
-    weights = cal._read_layer(Checkpoint(bias_checkpoint), config, 0)
+    batch = Batch.of(sequences, config)
+    x = embed(Checkpoint(bias_checkpoint), np.concatenate(sequences))
+    weights = LayerWeights.read(Checkpoint(bias_checkpoint), config, 0)
     rng = np.random.default_rng(0)
     scales = {}
-    for names in cal.AWQ_GROUPS:
+    for names in awq.GROUPS:
         s = rng.uniform(0.1, 10, weights.linears[names[0]].shape[1]).astype(np.float32)
-        scales[names] = cal.tied_per_kv_head(s, config) if names == ("attention.wo",) else s
-    folded = cal.fold_scales(weights, scales, config)
-
-    def as_read(layer):
-        return lambda inputs, *names: [layer.linears[name] for name in names]
-
-    want = cal._layer(weights, x, lengths, config, cos, sin, as_read(weights))
-    got = cal._layer(folded, x, lengths, config, cos, sin, as_read(folded))
+        scales[names] = awq.tied_per_kv_head(s, config) if names == ("attention.wo",) else s
+    folded = awq.fold_scales(weights, scales, config)
+    want = decoder_layer(weights, x, batch, weights.as_read)
+    got = decoder_layer(folded, x, batch, folded.as_read)
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     assert not np.allclose(folded.attention_norm, weights.attention_norm)  # it did fold
 
@@ -76,8 +70,8 @@ def test_folding_the_scales_leaves_the_float_layer_unchanged(bias_checkpoint, ca
 def test_awq_lowers_the_output_error_of_round_to_nearest_on_outlier_channels(spec):
     x = outlier_inputs(1, 4096, 256)
     weights = [np.random.default_rng(2).standard_normal((96, 256)).astype(np.float32)]
-    rows = cal.search_rows(x)
-    s = cal.awq_scales(weights, rows, np.mean(np.abs(x), axis=0), spec)
+    rows = awq.search_rows(x)
+    s = awq.awq_scales(weights, rows, np.mean(np.abs(x), axis=0), spec)
     (w,) = weights
 
     def output_error(restored):
@@ -85,18 +79,18 @@ def test_awq_lowers_the_output_error_of_round_to_nearest_on_outlier_channels(spe
 
     rtn = output_error(dequantize(quantize(w, spec)))
     scaled = output_error(dequantize(quantize(w * s, spec)) / s)
-    clipped = output_error(dequantize(quantize(cal.awq_clip(w * s, rows / s, spec), spec)) / s)
+    clipped = output_error(dequantize(quantize(awq.awq_clip(w * s, rows / s, spec), spec)) / s)
     assert scaled <= (0.6 if spec.bits == 4 else 0.9) * rtn, (scaled, rtn)
     assert clipped <= scaled * (1 + 1e-5)
 
 
 def test_search_rows_measure_the_output_error_of_all_tokens():
-    x = outlier_inputs(3, 3000, 64)  # more tokens than AWQ_ROWS: the Gram square root
+    x = outlier_inputs(3, 3000, 64)  # more tokens than awq.SEARCH_ROWS: the Gram square root
     d = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
-    rows = cal.search_rows(x)
+    rows = awq.search_rows(x)
     assert rows.shape == (64, 64)
     want = np.linalg.norm(x.astype(np.float64) @ d.T) ** 2
-    assert cal._output_error(d, rows) == pytest.approx(want, rel=1e-4)
+    assert awq.output_error(d, rows) == pytest.approx(want, rel=1e-4)
 
 
 # --- whole builds ----------------------------------------------------------------------------
@@ -120,7 +114,7 @@ def test_an_awq_build_computes_with_its_folded_rounded_weights(
     target = resolve_target(precision, "cpu", dict(o.split("=", 1) for o in options))
     config = InternLM2Config.from_dir(bias_checkpoint)
     (tmp_path / "scratch").mkdir()
-    result = cal.awq(
+    result = drivers.awq_model(
         Checkpoint(bias_checkpoint), config, sequences, target.quant, target.lm_head_quant,
         tmp_path / "scratch",
     )  # fmt: skip
@@ -145,7 +139,7 @@ def test_under_a_quantized_kv_cache_awq_leaves_the_values_alone(
     config = InternLM2Config.from_dir(bias_checkpoint)
     options = {"algo_config": "awq", "kv_cache_quant_scheme": "int8_per_channel"}
     target = resolve_target("int4", "cpu", options)
-    result = cal.calibrated_weights(
+    result = drivers.calibrated_weights(
         Checkpoint(bias_checkpoint), config, calibration[1], target, tmp_path
     )
     assert "model.layers.0.attention_norm.weight" in result.floats
@@ -174,5 +168,5 @@ def test_bad_awq_options_fail_before_writing(
 def test_awq_is_on_the_block_grid_of_its_spec():
     spec = QuantSpec(bits=4, block_size=32, symmetric=True)
     w = np.random.default_rng(5).standard_normal((8, 70)).astype(np.float32)  # ragged K
-    clipped = cal.awq_clip(w, outlier_inputs(6, 100, 70), spec)
+    clipped = awq.awq_clip(w, outlier_inputs(6, 100, 70), spec)
     assert clipped.shape == w.shape and np.all(np.abs(clipped) <= np.abs(w).max())

@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnxruntime_genai as og
 import pytest
 import sentencepiece as spm
-from surgery import copy_checkpoint, edit_json, get_tensor, set_tensor
+from surgery import copy_checkpoint, edit_json, steer
 
 from internlm2_graph import build
 from internlm2_graph import chat as chat_module
@@ -49,26 +48,6 @@ def eos_token_ids(folder: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_fp32) -> og.Tokenizer:
     return og.Tokenizer(og.Model(str(tiny_fp32)))
-
-
-def steer(folder: Path, default: int, transitions: dict[int, int] | None = None) -> None:
-    """Make greedy decoding follow `transitions` (token -> next token), else emit `default`.
-
-    Each token with a transition gets a large component of its own in its embedding, and every
-    token a large shared one; both survive the residual stream (the layers add O(1) values to
-    a component of 100). The lm head reads the shared component into `default`'s row and each
-    own component, four times as strongly, into the next token's row; all other rows are zero.
-    """
-    transitions = transitions or {}
-    embedding = get_tensor(folder, "model.tok_embeddings.weight")
-    head = np.zeros_like(get_tensor(folder, "output.weight"))
-    embedding[:, 0] = 100.0
-    head[default, 0] = 1.0
-    for dim, (token, following) in enumerate(transitions.items(), start=1):
-        embedding[token, dim] = 100.0
-        head[following, dim] = 4.0
-    set_tensor(folder, "model.tok_embeddings.weight", embedding)
-    set_tensor(folder, "output.weight", head)
 
 
 def steered_model(tiny_checkpoint: Path, folder: Path, default: str, cycle=()) -> Path:

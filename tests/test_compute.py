@@ -1,5 +1,5 @@
-"""compute.py: calibration's products on onnxruntime give numpy's results (in another float
-order), and GPTQ's column loop run there as one graph per lazy batch is calibrate.gptq's.
+"""calibration/compute.py: calibration's products on onnxruntime give numpy's results (in
+another float order), and GPTQ's column loop run there as one graph per lazy batch is gptq's.
 
 onnxruntime's CPU execution provider runs here the very code the GPU machine runs with CUDA;
 only the provider name differs.
@@ -7,10 +7,11 @@ only the provider name differs.
 
 import numpy as np
 import pytest
-from test_calibrate import SPECS, correlated_inputs
+from helpers import SPECS, calibration_sequences, correlated_inputs
 
-from internlm2_graph import calibrate as cal
-from internlm2_graph import compute
+from internlm2_graph.calibration import compute, drivers
+from internlm2_graph.calibration import gptq as cal
+from internlm2_graph.calibration.recipes import RECIPES
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.precision import QuantSpec
@@ -45,15 +46,15 @@ def test_the_hessian_factor_is_numpys():
     assert relative(got, want) < 1e-3
 
 
-def test_the_float_targets_are_numpys():
+def test_the_float_aims_are_numpys():
     x = correlated_inputs(2, 1500, 600)  # 600: the ridge's Cholesky inverse recurses
     xq = x + 0.05 * correlated_inputs(3, 1500, 600)
     w = np.random.default_rng(4).standard_normal((40, 600)).astype(np.float32)
     gram = compute.NUMPY.gram(xq)
-    want = cal.float_target_map(x, xq, gram)
-    assert relative(cal.float_target_map(x, xq, gram, ORT), want) < 1e-3
-    want = cal.float_target_weight(w, x @ w.T, xq, gram)
-    assert relative(cal.float_target_weight(w, x @ w.T, xq, gram, ORT), want) < 1e-3
+    want = cal.float_aim_map(x, xq, gram)
+    assert relative(cal.float_aim_map(x, xq, gram, ORT), want) < 1e-3
+    want = cal.float_aim_weight(w, x @ w.T, xq, gram)
+    assert relative(cal.float_aim_weight(w, x @ w.T, xq, gram, ORT), want) < 1e-3
 
 
 def act_order_problem(seed: int, tokens: int, k: int, n: int):
@@ -111,8 +112,8 @@ def test_the_searched_grids_on_the_device_are_numpys(spec):
     assert np.mean(zero_points == np.stack([w[1] for w in want])) > 0.99
     for i, b in enumerate(range(0, k, bs)):  # where they differ: a tie to float precision
         block, imp = wt[b : b + bs], importance[b : b + bs]
-        mine = cal._grid_error(block, scales[i], zero_points[i], imp, qmax)
-        theirs = cal._grid_error(block, *want[i], imp, qmax)
+        mine = cal.grid_error(block, scales[i], zero_points[i], imp, qmax)
+        theirs = cal.grid_error(block, *want[i], imp, qmax)
         np.testing.assert_allclose(mine, theirs, rtol=1e-5)
 
 
@@ -126,17 +127,17 @@ def test_attention_is_numpys():
     np.testing.assert_allclose(want[:, :, 0], np.broadcast_to(v[:, None, 0], (2, 3, 16)))
 
 
-@pytest.mark.parametrize("float_target", [False, True], ids=["gptq", "gptaq"])
-def test_a_model_calibrated_on_the_device_is_the_numpy_one(tiny_checkpoint, tmp_path, float_target):
+@pytest.mark.parametrize("algorithm", ["gptq", "gptaq"])
+def test_a_model_calibrated_on_the_device_is_the_numpy_one(tiny_checkpoint, tmp_path, algorithm):
     config = InternLM2Config.from_dir(tiny_checkpoint)
-    sequences = cal.calibration_tokens(None, tiny_checkpoint, config, max_tokens=512)
+    sequences = calibration_sequences(tiny_checkpoint, 512)
     spec = QuantSpec(bits=4, block_size=32, symmetric=True)
     results = {}
     for device in (compute.NUMPY, ORT):
         (tmp_path / device.name).mkdir()
-        results[device.name] = cal.calibrate(
+        results[device.name] = drivers.gptq_model(
             Checkpoint(tiny_checkpoint), config, sequences, spec, spec,
-            tmp_path / device.name, device=device, float_target=float_target,
+            tmp_path / device.name, recipe=RECIPES[algorithm], device=device,
         )  # fmt: skip
     mine, theirs = results["onnxruntime"], results["numpy"]
     assert mine.paths == theirs.paths and "output" in mine
@@ -144,7 +145,7 @@ def test_a_model_calibrated_on_the_device_is_the_numpy_one(tiny_checkpoint, tmp_
         k = config.hidden_size if "w2" not in path else config.intermediate_size
         q, want = (r.load(path, k, spec) for r in (mine, theirs))
         a, b = dequantize(q), dequantize(want)
-        if not float_target:
+        if algorithm == "gptq":
             assert np.mean(np.isclose(a, b, rtol=1e-4, atol=0)) > 0.95, path
             continue
         # GPTAQ's weights move with the float order of their solve, so the grids move too:

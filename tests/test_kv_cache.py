@@ -210,7 +210,7 @@ def test_the_scales_are_what_the_kernel_uses(tiny_checkpoint, tiny_fp32, scale_f
 def test_scales_calibrated_in_the_build_are_the_reference_ones(tiny_checkpoint):
     """Without a scale file the build runs the float model over calibration text, a layer at a
     time: its scales equal those from the independent reference's keys and values."""
-    from internlm2_graph.calibrate import calibrate_kv_cache
+    from internlm2_graph.calibration.kv import calibrate_kv_cache
     from internlm2_graph.checkpoint import Checkpoint
     from internlm2_graph.config import InternLM2Config
 

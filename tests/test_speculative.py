@@ -11,8 +11,7 @@ import onnx
 import onnxruntime_genai as og
 import pytest
 import sentencepiece as spm
-from surgery import copy_checkpoint
-from test_chat import steer
+from surgery import copy_checkpoint, steer
 
 from internlm2_graph import InternLM2GraphError, build
 from internlm2_graph.cli import main

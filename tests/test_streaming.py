@@ -5,7 +5,7 @@ import io
 import numpy as np
 import onnx_ir as ir
 import pytest
-from test_weights import ArrayRows
+from helpers import ArrayRows
 
 from internlm2_graph import build, weights
 

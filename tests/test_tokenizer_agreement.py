@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime_genai as og
 import pytest
-from conftest import tokenizer_folder
+from helpers import tokenizer_folder
 from tokenizers import Tokenizer
 
 from internlm2_graph.synthetic.tokenizer import train_tokenizer

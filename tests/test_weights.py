@@ -1,6 +1,7 @@
 """The grouped wqkv -> [Q | K | V] transform, on its own, at real and random shapes."""
 
 import numpy as np
+from helpers import ArrayRows
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -78,17 +79,6 @@ def test_split_real_7b_weight_moves_whole_rows():
     np.testing.assert_array_equal(
         v[7 * d : 8 * d], wqkv[(7 * (g + 2) + g + 1) * d : (8 * (g + 2)) * d]
     )
-
-
-class ArrayRows:
-    """A weights.Source over an array in memory, recording the slices asked for."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.asked = array, array.shape, []
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        self.asked.append((start, stop))
-        return self.array[start:stop]
 
 
 @given(kv_heads=st.integers(1, 4), group=st.integers(1, 6), head_dim=st.sampled_from([2, 4, 8]))

@@ -26,7 +26,7 @@ TOKEN_CHUNK = 2048
 
 
 class Numpy:
-    """numpy's own products (GPTQ's column loop is calibrate.gptq's own)."""
+    """numpy's own products (GPTQ's column loop is gptq.gptq's own)."""
 
     name = "numpy"
     token_chunk = TOKEN_CHUNK
@@ -117,7 +117,7 @@ class OnnxRuntime:
         return self._gemm(1, 0).run(None, {"a": _f32(x), "b": _f32(y)})[0]
 
     def searched_grids(self, wt, importance, block_size, qmax, symmetric, candidates):
-        """calibrate.searched_grid of every block of `wt` [K, N] (transposed weight, K a
+        """gptq.searched_grid of every block of `wt` [K, N] (transposed weight, K a
         multiple of block_size) at once: scales and zero points [K / block_size, N]. The
         candidate grids are numpy's to the bit (`candidates`: searched_grid_graph); their
         errors are summed in another order, so near ties may pick another candidate."""
@@ -192,7 +192,7 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
     into the batch's later columns through `upper` (the factor's block, strictly upper), and
     unless `last`, the batch's errors into every later column at once (right-looking: a Gemm).
 
-    Every step is calibrate.gptq's numpy loop, op for op: clamp(w * recip + zp + 0.5) cut to
+    Every step is gptq.gptq's numpy loop, op for op: clamp(w * recip + zp + 0.5) cut to
     an integer, error (w - (q - zp) * scale) / diagonal, row update w -= upper * e.
     """
     graph = _Graph()
@@ -245,7 +245,7 @@ def gptq_batch(length: int, qmax: int, last: bool) -> tuple[str, onnx.ModelProto
 def searched_grid_graph(
     block_size: int, qmax: int, symmetric: bool, candidates: tuple
 ) -> tuple[str, onnx.ModelProto]:
-    """calibrate.searched_grid as a graph over all blocks [B, block_size, N] of a weight.
+    """gptq.searched_grid as a graph over all blocks [B, block_size, N] of a weight.
 
     `candidates` are numpy's float32 factors in searched_grid's order, the first being
     block_grid's: symmetric, the factor of the block's extreme (scale = ext * f, zero point

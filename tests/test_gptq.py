@@ -1,4 +1,5 @@
-"""GPTQ (calibrate.py): the MatMulNBits layout, less output error than RTN, builds, bad input.
+"""GPTQ and GPTAQ (calibration/gptq.py, drivers.py), calibration data (data.py): the
+MatMulNBits layout, less output error than RTN, builds, bad input.
 
 The oracle for "better" is the quantity GPTQ minimises, the error of a layer's output on its
 calibration inputs, and, for whole builds, the KL divergence of the built folder's logits to
@@ -9,45 +10,26 @@ import ast
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from helpers import SPECS, calibration_sequences, correlated_inputs, session_logits
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from internlm2_graph import InternLM2GraphError, build, calibrate
-from internlm2_graph.calibrate import (
-    _docstrings,
+from internlm2_graph import InternLM2GraphError, build
+from internlm2_graph.calibration.compute import NUMPY
+from internlm2_graph.calibration.data import default_text, docstrings
+from internlm2_graph.calibration.gptq import (
     act_order,
     block_grid,
-    calibration_tokens,
-    default_text,
-    float_target_map,
-    float_target_weight,
+    float_aim_map,
+    float_aim_weight,
     gptq,
     hessian_factor,
     searched_grid,
 )
 from internlm2_graph.config import InternLM2Config
-from internlm2_graph.precision import QuantSpec
 from internlm2_graph.quantize import dequantize, quantize
 from internlm2_graph.reference import Reference
-
-SPECS = [
-    QuantSpec(bits=4, block_size=32, symmetric=True),
-    QuantSpec(bits=4, block_size=16, symmetric=False),
-    QuantSpec(bits=4, block_size=128, symmetric=True),
-    QuantSpec(bits=8, block_size=32, symmetric=False),
-]
-
-
-def correlated_inputs(seed: int, tokens: int, k: int) -> np.ndarray:
-    """Activations with what real ones have: correlated channels and a few large ones."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((k, k)) / np.sqrt(k)
-    x = rng.standard_normal((tokens, k)) @ (np.eye(k) + 2 * mix)
-    x[:, rng.choice(k, max(1, k // 16), replace=False)] *= 8
-    return x.astype(np.float32)
-
 
 # --- the algorithm ---------------------------------------------------------------------------
 
@@ -87,7 +69,7 @@ def test_hessian_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse():
 @pytest.mark.parametrize("ordered", [False, True], ids=["in order", "act_order"])
 def test_a_consumed_hessian_gives_the_same_factor_byte_for_byte(ordered):
     # consume: permuted and reversed in place rather than copied (the build's peak memory).
-    hessian = calibrate.NUMPY.gram(correlated_inputs(2, 1500, 701))  # odd: a middle row
+    hessian = NUMPY.gram(correlated_inputs(2, 1500, 701))  # odd: a middle row
     order = act_order(hessian) if ordered else None
     want = hessian_factor(hessian, order=order)
     assert np.array_equal(hessian_factor(hessian.copy(), order=order, consume=True), want)
@@ -140,40 +122,37 @@ def test_the_searched_grid_never_rounds_worse_than_the_range_grid(spec):
     assert ((zp == np.round(zp)) & (zp >= 0) & (zp <= qmax)).all()  # a storable zero point
 
 
-def test_float_target_map_is_the_identity_when_the_inputs_agree():
+def test_float_aim_map_is_the_identity_when_the_inputs_agree():
     x = correlated_inputs(5, 1024, 96)
-    got = float_target_map(x, x, x.T @ x)
+    got = float_aim_map(x, x, x.T @ x)
     np.testing.assert_allclose(got, np.eye(96), atol=1e-4)
 
 
-def test_without_ridge_gptq_of_the_float_target_minimises_the_error_to_the_float_output(
-    monkeypatch,
-):
+def test_without_ridge_gptq_of_the_float_aim_minimises_the_error_to_the_float_output():
     # |X W^T - X~ Q^T|^2 = |X W^T - X~ W*^T|^2 + |X~ (W* - Q)^T|^2 for every Q: the error to
     # the float output is GPTQ's own objective on W* plus a constant.
-    monkeypatch.setattr(calibrate, "FLOAT_TARGET_DAMP", 1e-9)
     x = correlated_inputs(6, 2048, 64).astype(np.float64)
     drift = np.eye(64) + 0.1 * np.random.default_rng(7).standard_normal((64, 64))
     xq = x @ drift + 0.05 * correlated_inputs(8, 2048, 64)  # earlier layers' error
     w = np.random.default_rng(9).standard_normal((12, 64))
-    w_star = w @ float_target_map(x, xq, xq.T @ xq).T
+    w_star = w @ float_aim_map(x, xq, xq.T @ xq, ridge=1e-9).T
     for q in (w, np.round(w * 4) / 4, np.zeros_like(w)):
         whole = np.sum((x @ w.T - xq @ q.T) ** 2)
         parts = np.sum((x @ w.T - xq @ w_star.T) ** 2) + np.sum((xq @ (w_star - q).T) ** 2)
         assert abs(whole - parts) <= 1e-6 * whole
 
 
-def test_the_float_target_hands_the_gram_matrix_back_as_it_was():
+def test_the_float_aim_hands_the_gram_matrix_back_as_it_was():
     x = correlated_inputs(3, 2048, 600)  # 600: its Cholesky inverse recurses
     xq = x + 0.05 * correlated_inputs(4, 2048, 600)
-    gram = calibrate.NUMPY.gram(xq)
+    gram = NUMPY.gram(xq)
     before = gram.copy()
-    float_target_map(x, xq, gram)
-    float_target_weight(np.ones((8, 600), np.float32), x[:, :8], xq, gram)
+    float_aim_map(x, xq, gram)
+    float_aim_weight(np.ones((8, 600), np.float32), x[:, :8], xq, gram)
     assert np.array_equal(gram, before)  # GPTQ's own factor is taken from it next
 
 
-def test_the_float_target_from_outputs_is_the_float_target_from_inputs():
+def test_the_float_aim_from_outputs_is_the_float_aim_from_inputs():
     # w2's route (N < K): the float model's outputs X W^T and N right-hand sides.
     x = correlated_inputs(12, 2048, 96).astype(np.float64)
     rng = np.random.default_rng(13)
@@ -181,15 +160,15 @@ def test_the_float_target_from_outputs_is_the_float_target_from_inputs():
     xq = x @ drift + 0.02 * rng.standard_normal(x.shape)
     w = rng.standard_normal((24, 96))
     gram = xq.T @ xq
-    from_inputs = w @ float_target_map(x, xq, gram).T
-    from_outputs = float_target_weight(w, x @ w.T, xq, gram)
+    from_inputs = w @ float_aim_map(x, xq, gram).T
+    from_outputs = float_aim_weight(w, x @ w.T, xq, gram)
     # Numpy.gram sums in float32: equal to float32's precision.
     assert np.abs(from_outputs - from_inputs).max() <= 1e-5 * np.abs(from_inputs).max()
     assert np.abs(from_inputs - w).max() > 1e-2  # the inputs differ: a real map
 
 
 @pytest.mark.parametrize("spec", SPECS[:3], ids=str)
-def test_gptq_of_the_float_target_is_closer_to_the_float_output(spec):
+def test_gptq_of_the_float_aim_is_closer_to_the_float_output(spec):
     x = correlated_inputs(10, 2048, 256)
     rng = np.random.default_rng(11)
     xq = (x @ (np.eye(256) + 0.05 * rng.standard_normal((256, 256)))).astype(np.float32)
@@ -198,11 +177,11 @@ def test_gptq_of_the_float_target_is_closer_to_the_float_output(spec):
     order = act_order(gram)
     factor = hessian_factor(gram, order=order)
 
-    def error(target):
-        q = dequantize(gptq(target, factor, spec, order))
+    def error(rounded):
+        q = dequantize(gptq(rounded, factor, spec, order))
         return np.linalg.norm(x @ w.T - xq @ q.T)
 
-    assert error(w @ float_target_map(x, xq, gram).T) < 0.9 * error(w)
+    assert error(w @ float_aim_map(x, xq, gram).T) < 0.9 * error(w)
 
 
 # --- calibration data ------------------------------------------------------------------------
@@ -212,9 +191,9 @@ def test_default_calibration_text_is_prose_from_this_python(tiny_checkpoint):
     text = default_text()
     assert len(text) > 100_000 and text == default_text()  # the same text every time
     config = InternLM2Config.from_dir(tiny_checkpoint)
-    sequences = calibration_tokens(None, tiny_checkpoint, config, max_tokens=4096)
+    sequences = calibration_sequences(tiny_checkpoint, 4096)
     assert sum(map(len, sequences)) <= 4096
-    everything = calibration_tokens(None, tiny_checkpoint, config, max_tokens=1 << 30)
+    everything = calibration_sequences(tiny_checkpoint, 1 << 30)
     assert sequences[-1].tolist() == everything[-1].tolist()  # spread over the whole text
     assert all(s[0] == config.bos_token_id for s in sequences)
     assert all(len(s) <= config.max_position_embeddings for s in sequences)
@@ -223,31 +202,18 @@ def test_default_calibration_text_is_prose_from_this_python(tiny_checkpoint):
 def test_default_calibration_prose_takes_every_docstring_in_order():
     tree = ast.parse('"""Module."""\nclass A:\n    """Class."""\n    def f(self):\n'
                      '        """Method."""\ndef g():\n    pass\n')  # fmt: skip
-    assert _docstrings(tree) == "Module.\n\nClass.\n\nMethod."
+    assert docstrings(tree) == "Module.\n\nClass.\n\nMethod."
 
 
 def test_calibration_data_as_token_id_lists(tiny_checkpoint, tmp_path):
-    config = InternLM2Config.from_dir(tiny_checkpoint)
     path = tmp_path / "ids.json"
     path.write_text(json.dumps([[1, 5, 6, 7], list(range(1, 600))]))
-    sequences = calibration_tokens(str(path), tiny_checkpoint, config)
+    sequences = calibration_sequences(tiny_checkpoint, 8192, str(path))
     assert [len(s) for s in sequences] == [4, 256, 256, 87]  # cut to the context length
     assert sequences[0].tolist() == [1, 5, 6, 7]
 
 
 # --- whole builds ----------------------------------------------------------------------------
-
-
-def session_logits(model_dir, ids: np.ndarray) -> np.ndarray:
-    """Logits [seq, vocab] of a built folder for one sequence, empty KV cache."""
-    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(model_dir / genai["filename"]))
-    feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values"):
-            shape = (1, genai["num_key_value_heads"], 0, genai["head_size"])
-            feeds[inp.name] = np.zeros(shape, np.float32)
-    return session.run(["logits"], feeds)[0][0].astype(np.float64)
 
 
 def mean_kl(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
@@ -267,8 +233,7 @@ def mean_kl(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 @pytest.fixture(scope="module")
 def split_text(tiny_checkpoint, tmp_path_factory):
     """Calibration and evaluation text from different parts of the default text."""
-    config = InternLM2Config.from_dir(tiny_checkpoint)
-    sequences = calibration_tokens(None, tiny_checkpoint, config, max_tokens=1 << 20)
+    sequences = calibration_sequences(tiny_checkpoint, 1 << 20)
     calibration = tmp_path_factory.mktemp("calibration") / "ids.json"
     calibration.write_text(json.dumps([s.tolist() for s in sequences[:16]]))
     return calibration, sequences[-4:]
