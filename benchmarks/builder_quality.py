@@ -25,8 +25,8 @@ import onnx
 
 from benchmarks import common
 from benchmarks.llama_layout import write_llama_copy
-from benchmarks.quality import perplexity
 from benchmarks.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
+from internlm2_graph.evaluate import perplexity
 
 BUILDER = {
     "rtn 128-sym": ["algo_config=rtn", "block_size=128", "is_symmetric=true"],

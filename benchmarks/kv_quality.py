@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.quality import kl_and_top1
 from benchmarks.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph.calibrate import SEQUENCE_TOKENS, default_text
+from internlm2_graph.evaluate import kl_and_top1
 
 SCHEMES = ("int8_per_channel", "int8_per_tensor", "int4_per_channel", "int4_per_tensor")
 

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 from benchmarks import common, smollm2  # noqa: E402
-from benchmarks.quality import kl_and_top1  # noqa: E402
+from internlm2_graph.evaluate import kl_and_top1  # noqa: E402
 
 SETTINGS = {
     "32-sym": {"block_size": "32", "is_symmetric": "true"},

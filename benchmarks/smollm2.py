@@ -618,7 +618,7 @@ def og_tokenizer_differences(model_dir: Path, checkpoint_dir: Path) -> dict[str,
 
 def check(workdir: Path, dtype: str = "bf16", tokens: int = 4096, window: int = 1024) -> dict:
     """Every number --check prints, as a dict."""
-    from benchmarks.quality import perplexity
+    from internlm2_graph.evaluate import perplexity
     from internlm2_graph.reference import Reference
 
     start = time.perf_counter()
@@ -626,7 +626,7 @@ def check(workdir: Path, dtype: str = "bf16", tokens: int = 4096, window: int = 
     results = {"checkpoint": str(checkpoint), "checkpoint_seconds": time.perf_counter() - start}
     model_dir = built_model(checkpoint, workdir / f"build-{dtype}-fp32")
 
-    from benchmarks.quality import Decoder
+    from internlm2_graph.evaluate import Decoder
 
     ids = np.concatenate(
         [encode(checkpoint, chat_prompt(QUESTION)), encode(checkpoint, eval_text(), 64)]
