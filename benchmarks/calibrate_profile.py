@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import smollm2  # noqa: E402
 from benchmarks.calibrated_synthetic import synthetic_checkpoint  # noqa: E402
+from fixtures import smollm2  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

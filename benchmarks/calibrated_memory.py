@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common, smollm2  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.calibrated_synthetic import synthetic_checkpoint  # noqa: E402
+from fixtures import smollm2  # noqa: E402
 
 GB = 1e9
 STEP = re.compile(r"calibrating \(\w+\): (\d+)/(\d+) layers")

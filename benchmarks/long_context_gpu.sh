@@ -80,7 +80,7 @@ checkpoint_1m() {  # writes $CK once
 OURS_MAX=4194304  # ours: max_length past max_position_embeddings x factor (dynamic NTK)
 
 builder_lanes() {  # the builder's 7B builds, two lanes at once (each one scheme after another)
-    python3 -c "from benchmarks.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
+    python3 -c "from fixtures.llama_layout import write_llama_copy as w; from pathlib import Path as P; w(P('$CK'), P('$CK-llama'))"
     lane() {
         for s in "$@"; do
             timed "builder $s" env HF_HUB_OFFLINE=1 $CPU_CORES python3 -m \
