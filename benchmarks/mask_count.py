@@ -56,6 +56,12 @@ def counting_graph(cast_to: int | None) -> bytes:
 
 def time_way(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple[float, int]:
     """(median wall microseconds per run, the count it returned)."""
+    times, count = run_times(cast_to, mask, ep, runs)
+    return statistics.median(times), count
+
+
+def run_times(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple[list, int]:
+    """(wall microseconds of each run, the count it returned)."""
     import onnxruntime as ort
 
     providers = ["CUDAExecutionProvider"] if ep == "cuda" else ["CPUExecutionProvider"]
@@ -72,7 +78,7 @@ def time_way(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times), int(binding.copy_outputs_to_cpu()[0][0])
+    return times, int(binding.copy_outputs_to_cpu()[0][0])
 
 
 def main(argv: list[str] | None = None) -> None:
