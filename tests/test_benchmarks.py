@@ -1,14 +1,14 @@
-"""The benchmark scripts' own logic: kernel classification and the summary of committed results."""
+"""The benchmark scripts' own logic: kernel classification, and the README and docs tables
+that are generated from the committed results (they cannot drift from them)."""
 
-import shutil
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import kernel_profile, summary
-from benchmarks.common import RESULTS
+from benchmarks import kernel_profile, legacy, report, rows
 
 # Kernel names as CUPTI reports them for our H100 decode (benchmarks/results/kernels-*.md).
 KERNELS = {
@@ -32,17 +32,32 @@ def test_kernels_are_classified_by_what_they_do(name):
     assert kernel_profile.kind_of(name) == KERNELS[name]
 
 
-def test_summary_of_committed_results_prefers_sessions_run_in_both_orders(tmp_path):
-    folder = tmp_path / "results"
-    shutil.copytree(RESULTS, folder, ignore=shutil.ignore_patterns("*.png", "SUMMARY.md"))
-    summary.main(["--results", str(folder), "--no-plots"])
-    text = (folder / "SUMMARY.md").read_text()
-    for section in ("## Export", "## Runtime", "## CUDA parity", "## Peak RSS"):
-        assert section in text
-    rows = summary.runtime_rows(summary.load(folder, "runtime-*.json"))
-    chosen = summary.plot_selection(rows)
-    cpu = [r for r in chosen if r["ep"] == "cpu"]
-    assert cpu and all(r["abba"] for r in cpu)
+def test_readme_headline_is_what_the_committed_results_make():
+    assert report.readme_block(report.README.read_text()) == report.headline(rows.read_all()), (
+        "run `python -m benchmarks headline` and commit README.md"
+    )
+
+
+def test_benchmarks_page_is_what_the_committed_results_make():
+    assert report.PAGE.read_text() == report.page(rows.read_all()), (
+        "run `python -m benchmarks report` and commit docs/benchmarks.md"
+    )
+
+
+@pytest.mark.parametrize("kind", legacy.KINDS)
+def test_converted_rows_are_the_measured_files(kind):
+    committed = rows.read(rows.ROWS / f"legacy-{kind}.json")
+    assert committed == legacy.convert(kind), "run `python -m benchmarks.legacy` and commit"
+
+
+def test_headline_moves_with_the_results():
+    found = rows.read_all()
+    line = report.DECODE[0]
+    ours = report.pick(found, line, line.ours, "gen_tok_s")
+    assert f"| {rows.number(ours.value)} |" in report.headline(found)
+    changed = [dataclasses.replace(r, value=r.value * 2) if r is ours else r for r in found]
+    assert report.headline(changed) != report.headline(found)
+    assert report.pick(found, dataclasses.replace(line, source="nowhere.json"), "ours", "x") is None
 
 
 def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):

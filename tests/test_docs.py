@@ -17,7 +17,7 @@ from internlm2_graph import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(
-    [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").rglob("*.md")]
+    [ROOT / "README.md", *(ROOT / "benchmarks").rglob("README.md"), *(ROOT / "docs").rglob("*.md")]
 )
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)

@@ -1,0 +1,155 @@
+"""Result files written before the row schema, converted into rows (the originals stay as they are).
+
+    python -m benchmarks.legacy        # rewrites benchmarks/results/rows/legacy-*.json
+
+export-*.json (benchmarks/export.py) and runtime-*.json (benchmarks/runtime.py) hold the
+numbers the README's headline table cites; each of their measurements becomes a row, with
+the file's machine, versions, commit, load and start time, and the file as its `source`. A test
+checks the committed legacy rows equal what this makes of the committed files, so a converted
+number cannot drift from the measured one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from benchmarks import common, rows
+
+GB = 1e9
+KINDS = ("export", "runtime")
+
+
+def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
+    """The kind's files, cited (results/) and archived (results/archive/) alike."""
+    found = [*results.glob(f"{kind}-*.json"), *(results / "archive").glob(f"{kind}-*.json")]
+    return sorted(found, key=lambda p: p.name)
+
+
+def where(payload: dict, path: Path) -> dict:
+    load = payload.get("load", {}).get("start", [])
+    fields = rows.machine_fields(payload["machine"], load, payload.get("started", ""))
+    return {**fields, "source": path.name}
+
+
+def export_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Per size, precision and tool: seconds and peak RSS (median and spread of the runs that
+    finished), output size; a builder run skipped as too large gives what it needs instead."""
+    ep, stamp, out = payload["args"].get("ep", "cpu"), where(payload, path), []
+    for entry in payload["summary"]:
+        variant = f"{entry['precision']} {ep}"
+        for tool in common_tools(entry):
+            result = entry[tool]
+            base = {"suite": "export", "model": entry["size"], "variant": variant, "tool": tool}
+            if result["status"] != "ok":
+                needs = result.get("needs")
+                if needs and result["status"].startswith("not run: needs"):
+                    params = {"estimate": needs["estimate"], "how": needs["how"]}
+                    out.append(
+                        rows.Row(
+                            **base,
+                            metric="needs_gb",
+                            value=needs["bytes"] / GB,
+                            unit="GB",
+                            runs=0,
+                            params=params,
+                            **stamp,
+                        )
+                    )
+                continue
+            runs = [
+                r
+                for r in payload.get("runs", [])
+                if (r.get("size"), r["tool"], r["precision"], r["status"])
+                == (entry["size"], tool, entry["precision"], "ok")
+            ]
+            for metric, key, scale, unit in (
+                ("seconds", "seconds", 1, "s"),
+                ("peak_rss_gb", "peak_rss_bytes", GB, "GB"),
+            ):
+                values = [r[key] / scale for r in runs] or [result[key] / scale]
+                spread = rows.measured(values) if runs else {"value": result[key] / scale}
+                out.append(rows.Row(**base, metric=metric, unit=unit, **spread, **stamp))
+            if result.get("output_bytes"):
+                out.append(
+                    rows.Row(
+                        **base,
+                        metric="output_gb",
+                        unit="GB",
+                        value=result["output_bytes"] / GB,
+                        **stamp,
+                    )
+                )
+    return out
+
+
+def common_tools(entry: dict) -> list[str]:
+    return [tool for tool in ("ours", "builder") if entry.get(tool, {}).get("status") != "not run"]
+
+
+def runtime_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Per folder and prompt length: prompt and generation tok/s (median and spread of the raw
+    runs) and the fraction of the memory-bandwidth bound reached."""
+    args, stamp, out = payload["args"], where(payload, path), []
+    ep = args.get("ep", "cpu")
+    for entry in payload["results"]:
+        folder = Path(entry["folder"]).name
+        base = {
+            "suite": "decode",
+            "model": first(r"(1\.8b|7b|20b|tiny)", folder) or first(r"(1\.8b|7b|20b)", path.name),
+            "variant": " ".join(filter(None, [precision_of(entry, folder, path), ep])),
+            "tool": entry["model"],
+            "params": {"prompt": entry["prompt_len"], "gen": entry["gen_tokens"]},
+        }
+        raw = entry.get("raw") or []
+        for metric, value, values in (
+            ("prompt_tok_s", entry["prompt_tok_s"], [entry["prompt_len"] / p for p, _ in raw]),
+            ("gen_tok_s", entry["gen_tok_s"], [entry["gen_tokens"] / g for _, g in raw]),
+        ):
+            # The file's figure (tokens / median seconds) is the value; the runs, the spread.
+            spread = {**rows.measured(values), "value": value} if values else {"value": value}
+            out.append(rows.Row(**base, metric=metric, unit="tok/s", **spread, **stamp))
+        if entry.get("fraction_of_bound") is not None:
+            out.append(
+                rows.Row(
+                    **base, metric="of_bound", value=entry["fraction_of_bound"], unit="", **stamp
+                )
+            )
+    return out
+
+
+def precision_of(entry: dict, folder: str, path: Path) -> str:
+    found = first(r"(int4|int8|fp16|fp32|bf16)", f"{folder} {entry['model']}")
+    if found:
+        return found
+    bits = {key.split()[0] for key in entry.get("graph") or {}}
+    return {"bits=4": "int4", "bits=8": "int8"}.get(next(iter(bits), ""), "") or first(
+        r"(int4|int8|fp16|fp32)", path.name
+    )
+
+
+def first(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    return match.group(1) if match else ""
+
+
+CONVERT = {"export": export_rows, "runtime": runtime_rows}
+
+
+def convert(kind: str, results: Path = common.RESULTS) -> list[rows.Row]:
+    return [row for path in sources(kind, results) for row in CONVERT[kind](load(path), path)]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    for kind in KINDS:
+        made = convert(kind)
+        print(f"wrote {rows.write(made, rows.ROWS / f'legacy-{kind}.json')}: {len(made)} rows")
+
+
+if __name__ == "__main__":
+    main()
