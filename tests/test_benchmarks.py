@@ -1,14 +1,20 @@
 """The benchmark scripts' own logic: kernel classification, and the README and docs tables
 that are generated from the committed results (they cannot drift from them)."""
 
+import ast
 import dataclasses
+import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import kernel_profile, legacy, report, rows
+from benchmarks import gpu_steps, kernel_profile, legacy, report, rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel names as CUPTI reports them for our H100 decode (benchmarks/results/kernels-*.md).
 KERNELS = {
@@ -70,3 +76,36 @@ def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ")
     assert 'pip install "internlm2_graph[cpu]"' in result.stderr
+
+
+def test_one_gpu_driver_without_python_inside():
+    drivers = sorted((ROOT / "benchmarks").rglob("*.sh"))
+    assert [d.name for d in drivers] == ["gpu.sh"]
+    text = drivers[0].read_text()
+    assert subprocess.run(["bash", "-n", str(drivers[0])]).returncode == 0
+    assert not re.search(r"python3? +(-c|-)\s", text), "Python belongs in benchmarks/gpu_steps.py"
+    for module in re.findall(r"python3? -m ([\w.]+)", text):
+        assert importlib.util.find_spec(module) is not None, module
+    listed = set(re.findall(r"^([\w-]+)\)", text, flags=re.M))
+    usage = text.split("set -euo pipefail")[0]
+    assert all(task in usage for task in listed), listed - set(re.findall(r"[\w-]+", usage))
+
+
+def test_gpu_steps_write_scales_and_turn_the_builders_cuda_graph_on(tmp_path):
+    gpu_steps.main(["scales", "2", str(tmp_path / "kv.json"), "127"])
+    scales = json.loads((tmp_path / "kv.json").read_text())["scales"]
+    assert len(scales["k_scales"]) == 2 and scales["v_scales"][1][1023] == 8.0 / 127
+    genai = {
+        "model": {"decoder": {"session_options": {"provider_options": [{"cuda": {}}]}}},
+        "search": {"max_length": 4096},
+    }
+    (tmp_path / "genai_config.json").write_text(json.dumps(genai))
+    gpu_steps.main(["builder-best", str(tmp_path), "--max-length", "32768"])
+    written = json.loads((tmp_path / "genai_config.json").read_text())
+    options = written["model"]["decoder"]["session_options"]["provider_options"][0]["cuda"]
+    assert options == {"enable_cuda_graph": "1"} and written["search"]["max_length"] == 32768
+
+
+def test_probes_state_their_finding():
+    for probe in sorted((ROOT / "benchmarks" / "probes").glob("[!_]*.py")):
+        assert "Finding" in (ast.get_docstring(ast.parse(probe.read_text())) or ""), probe.name

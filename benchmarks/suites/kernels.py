@@ -2,7 +2,7 @@
 
 Today: counting the attention mask for GroupQueryAttention's seqlens_k (int64 ReduceSum, as the
 builder's graph does, against ours: Cast to float32 first), with the mask already on the device,
-at mask rows up to 1M (benchmarks/mask_count.py has the why). A CUPTI trace of a whole decode
+at mask rows up to 1M (benchmarks/probes/mask_count.py has the why). A CUPTI trace of a whole decode
 step (torch on CUDA) is `python -m benchmarks.kernel_profile`.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import harness, mask_count
+from benchmarks import harness
+from benchmarks.probes import mask_count
 from benchmarks.rows import measured
 
 PARAMS = {"lengths": "4096,32768,131072,1048576", "runs": 200}
