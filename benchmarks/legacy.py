@@ -2,8 +2,9 @@
 
     python -m benchmarks.legacy        # rewrites benchmarks/results/rows/legacy-*.json
 
-export-*.json (benchmarks/export.py) and runtime-*.json (benchmarks/runtime.py) hold the
-numbers the README's headline table cites; each of their measurements becomes a row, with
+export-*.json (benchmarks/export.py), runtime-*.json (benchmarks/runtime.py) and
+quant-quality-*.json (benchmarks/quant_quality.py) hold the numbers the README's headline
+tables cite; each of their measurements becomes a row, with
 the file's machine, versions, commit, load and start time, and the file as its `source`. A test
 checks the committed legacy rows equal what this makes of the committed files, so a converted
 number cannot drift from the measured one.
@@ -18,7 +19,7 @@ from pathlib import Path
 from benchmarks import common, rows
 
 GB = 1e9
-KINDS = ("export", "runtime")
+KINDS = ("export", "runtime", "quant-quality")
 
 
 def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
@@ -134,7 +135,40 @@ def first(pattern: str, text: str) -> str:
     return match.group(1) if match else ""
 
 
-CONVERT = {"export": export_rows, "runtime": runtime_rows}
+def quant_quality_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Per method, block setting and lm_head (SmolLM2-135M real weights): perplexity, KL to the
+    fp32 build and top-1 agreement on held-out prose, code and both; bits per weight, build
+    seconds and peak RSS. One run each (no spread)."""
+    stamp, out = where(payload, path), []
+    for entry in payload["rows"]:
+        if entry["method"] == "fp32":
+            variant = "fp32 cpu"
+        else:
+            variant = f"int4 {entry['method']} {entry['setting']} {entry['lm_head']}-head cpu"
+        base = {"suite": "quality", "model": "smollm2-135m", "variant": variant, "tool": "ours"}
+        params = {"eval_tokens": payload["args"].get("eval_tokens")}
+        found = [
+            ("bits_per_weight", entry["bpw"], ""),
+            ("seconds", entry["seconds"], "s"),
+            ("peak_rss_gb", entry["peak_rss"] / GB, "GB"),
+        ]
+        for text, suffix in (("prose+code", ""), ("prose", "_prose"), ("code", "_code")):
+            scores = entry.get(text, {})
+            for key, metric, unit in (
+                ("perplexity", "ppl", ""),
+                ("kl", "kl", "nats"),
+                ("top1", "top1", ""),
+            ):
+                if scores.get(key) is not None:
+                    found.append((metric + suffix, scores[key], unit))
+        for metric, value, unit in found:
+            out.append(
+                rows.Row(**base, metric=metric, value=value, unit=unit, params=params, **stamp)
+            )
+    return out
+
+
+CONVERT = {"export": export_rows, "runtime": runtime_rows, "quant-quality": quant_quality_rows}
 
 
 def convert(kind: str, results: Path = common.RESULTS) -> list[rows.Row]:

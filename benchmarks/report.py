@@ -53,6 +53,15 @@ DECODE = [
     Line("runtime-h100-7b-fp16-cuda.json", "7b", "fp16 cuda", "ours-fp16", "builder-fp16", 128),
     Line("runtime-h100-20b-int4-cuda.json", "20b", "int4 cuda", "ours-20b-int4", "", 128),
 ]
+QUALITY_SOURCE = "quant-quality-cpu2-gptaq.json"
+QUALITY = [
+    Line(QUALITY_SOURCE, "smollm2-135m", "fp32 cpu"),
+    *(
+        Line(QUALITY_SOURCE, "smollm2-135m", f"int4 {method} {setting} int4-head cpu")
+        for setting in ("128-sym", "32-sym")
+        for method in ("rtn", "gptq", "gptaq")
+    ),
+]
 
 
 def pick(found: list[rows.Row], line: Line, tool: str, metric: str) -> rows.Row | None:
@@ -116,13 +125,45 @@ def decode_table(found: list[rows.Row]) -> str:
     return common.markdown_table(header, body)
 
 
+def quality_table(found: list[rows.Row]) -> str:
+    body = []
+    for line in QUALITY:
+        words = line.variant.split()
+        method, setting = (words[1], words[2]) if len(words) > 2 else (words[0], "-")
+        cell = {m: pick(found, line, "ours", m) for m in QUALITY_METRICS}
+        body.append(
+            [
+                method,
+                setting.replace("-", " ") if setting != "-" else "-",
+                f"{cell['bits_per_weight'].value:.2f}",
+                f"{cell['ppl'].value:.2f}",
+                f"{cell['kl'].value:.2f}",
+                f"{cell['seconds'].value:.0f} s",
+                f"{cell['peak_rss_gb'].value:.2f} GB",
+            ]
+        )
+    header = ["method", "block", "bits/weight", "perplexity", "KL to fp32", "build", "peak RSS"]
+    return common.markdown_table(header, body)
+
+
+QUALITY_METRICS = ("bits_per_weight", "ppl", "kl", "seconds", "peak_rss_gb")
+
+
+def quality_tokens(found: list[rows.Row]) -> int:
+    return pick(found, QUALITY[0], "ours", "ppl").params["eval_tokens"]
+
+
 def headline(found: list[rows.Row]) -> str:
     return (
         "Export: wall time and peak RSS of the whole process tree.\n\n"
         f"{export_table(found)}\n\n"
         "Decode: greedy, batch 1, 128 new tokens after a 128-token prompt, median of 3-5 runs\n"
         "alternating with the builder's; the bound is memory bandwidth / bytes a step reads.\n\n"
-        f"{decode_table(found)}\n"
+        f"{decode_table(found)}\n\n"
+        "Calibrated int4 on real weights (SmolLM2-135M-Instruct, 2-core CPU, int4 lm_head):\n"
+        f"perplexity on {quality_tokens(found)} tokens of held-out prose and as many of code, KL "
+        "to the fp32\nbuild per token ([more](docs/quantization.md)).\n\n"
+        f"{quality_table(found)}\n"
     )
 
 
