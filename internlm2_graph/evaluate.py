@@ -210,12 +210,21 @@ def read_ids(path: str | Path, model_dir: str | Path) -> list[int]:
 
 
 def check_ids(ids: list[int], *model_dirs: str | Path) -> None:
-    """Ids past a folder's vocabulary would index out of its embedding: refuse them by name."""
-    for model_dir in model_dirs:
-        genai = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
-        vocab = genai["vocab_size"]
+    """Ids past a folder's vocabulary would index out of its embedding, and a reference with
+    another vocabulary has no KL to compare: refuse both by name."""
+    vocabs = [_vocab_size(model_dir) for model_dir in model_dirs]
+    if len(set(vocabs)) > 1:
+        raise InternLM2GraphError(
+            f"{model_dirs[-1]}: vocabulary of {vocabs[-1]}, but {model_dirs[0]} has {vocabs[0]}; "
+            "compare with a reference built from the same tokenizer"
+        )
+    for model_dir, vocab in zip(model_dirs, vocabs):
         if max(ids) >= vocab or min(ids) < 0:
             raise InternLM2GraphError(
                 f"{model_dir}: token id {max(ids)} is outside its vocabulary of {vocab}; "
                 "score text tokenized for this model (and a --reference with the same vocabulary)"
             )
+
+
+def _vocab_size(model_dir: str | Path) -> int:
+    return json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]

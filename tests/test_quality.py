@@ -3,6 +3,7 @@ against the numpy reference, and the command's output and one-line errors."""
 
 import json
 import re
+import shutil
 
 import numpy as np
 
@@ -82,3 +83,12 @@ def test_eval_command_refuses_bad_input_in_one_line(tiny_fp32, tmp_path, capsys)
         assert message in err and err.count("\n") == 1, err
     assert main(["eval", str(tmp_path), "--text", str(tmp_path / "one.json")]) == 2
     assert "not a built model folder" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(tiny_fp32, other)
+    genai = json.loads((other / "genai_config.json").read_text())
+    genai["model"]["vocab_size"] += 1
+    (other / "genai_config.json").write_text(json.dumps(genai))
+    (tmp_path / "ok.json").write_text("[5, 6, 7]")
+    args = ["eval", str(tiny_fp32), "--text", str(tmp_path / "ok.json"), "--reference", str(other)]
+    assert main(args) == 2
+    assert "but " + str(tiny_fp32) + " has" in capsys.readouterr().err
