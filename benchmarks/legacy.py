@@ -2,12 +2,12 @@
 
     python -m benchmarks.legacy        # rewrites benchmarks/results/rows/legacy-*.json
 
-export-*.json (benchmarks/export.py), runtime-*.json (benchmarks/runtime.py) and
-quant-quality-*.json (benchmarks/quant_quality.py) hold the numbers the README's headline
-tables cite; each of their measurements becomes a row, with
-the file's machine, versions, commit, load and start time, and the file as its `source`. A test
-checks the committed legacy rows equal what this makes of the committed files, so a converted
-number cannot drift from the measured one.
+export-*.json (benchmarks/export.py), runtime-*.json (benchmarks/runtime.py),
+quant-quality-*.json (benchmarks/quant_quality.py) and long-context-*.json
+(benchmarks/long_context.py) hold the numbers the README's headline tables cite; each of their
+measurements becomes a row, with the file's machine, versions, commit, load and start time, and
+the file as its `source`. A test checks the committed legacy rows equal what this makes of the
+committed files, so a converted number cannot drift from the measured one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks import common, rows
 
 GB = 1e9
-KINDS = ("export", "runtime", "quant-quality")
+KINDS = ("export", "runtime", "quant-quality", "long-context")
 
 
 def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
@@ -30,7 +30,8 @@ def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
 
 def where(payload: dict, path: Path) -> dict:
     load = payload.get("load", {}).get("start", [])
-    fields = rows.machine_fields(payload["machine"], load, payload.get("started", ""))
+    info = payload.get("machine", payload)  # long_context.py wrote the machine's fields inline
+    fields = rows.machine_fields(info, load, payload.get("started", ""))
     return {**fields, "source": path.name}
 
 
@@ -168,7 +169,60 @@ def quant_quality_rows(payload: dict, path: Path) -> list[rows.Row]:
     return out
 
 
-CONVERT = {"export": export_rows, "runtime": runtime_rows, "quant-quality": quant_quality_rows}
+def long_context_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Per TOOL:SCHEME folder: prefill and decode tok/s at each context (medians; `spread` in
+    params is (max - min) / median over the runs), decode with the long buffer (`buffered`:
+    the file's .md names its max_length), and the largest max_length that loads."""
+    stamp, out = where(payload, path), []
+    model = first(r"-(1\.8b|7b|20b)-", path.name)
+    precision = first(r"-(int4|int8|fp16)", path.name)
+    for name, timing in payload.get("timing", {}).items():
+        tool, scheme = name.split(":", 1)
+        base = {
+            "suite": "decode",
+            "model": model,
+            "variant": f"{precision} cuda {scheme} KV",
+            "tool": tool,
+        }
+        for kind, metric in (
+            ("prefill", "prompt_tok_s"),
+            ("decode", "gen_tok_s"),
+            ("buffered", "gen_tok_s_long_buffer"),
+        ):
+            for context, value in timing.get(kind, {}).items():
+                params = {"context": int(context)}
+                spread = timing.get("spread", {}).get(f"{kind}@{context}")
+                if spread is not None:
+                    params["spread"] = spread
+                out.append(
+                    rows.Row(
+                        **base, metric=metric, value=value, unit="tok/s", params=params, **stamp
+                    )
+                )
+    for name, found in payload.get("capacity", {}).items():
+        tool, scheme = name.split(":", 1)
+        out.append(
+            rows.Row(
+                suite="decode",
+                model=model,
+                variant=f"{precision} cuda {scheme} KV",
+                tool=tool,
+                metric="max_length_loads",
+                value=found["max_length"],
+                unit="tokens",
+                params={"limit": found["limit"]},
+                **stamp,
+            )
+        )
+    return out
+
+
+CONVERT = {
+    "export": export_rows,
+    "runtime": runtime_rows,
+    "quant-quality": quant_quality_rows,
+    "long-context": long_context_rows,
+}
 
 
 def convert(kind: str, results: Path = common.RESULTS) -> list[rows.Row]:

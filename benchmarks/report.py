@@ -62,9 +62,17 @@ QUALITY = [
         for method in ("rtn", "gptq", "gptaq")
     ),
 ]
+LONG_TIMING, LONG_CAPACITY = (
+    "long-context-h200-7b-int4-r4.json",
+    "long-context-h200-7b-int4-capacity.json",
+)
+LONG = ["fp16", "int8_per_channel", "fp8_per_channel"]  # KV cache schemes
 
 
-def pick(found: list[rows.Row], line: Line, tool: str, metric: str) -> rows.Row | None:
+def pick(found: list[rows.Row], line: Line, tool: str, metric: str, **params) -> rows.Row | None:
+    """The row of `line`'s file, model and variant with this tool and metric (and params)."""
+    if line.prompt is not None:
+        params["prompt"] = line.prompt
     for row in found:
         if (row.source, row.model, row.variant, row.tool, row.metric) == (
             line.source,
@@ -72,7 +80,7 @@ def pick(found: list[rows.Row], line: Line, tool: str, metric: str) -> rows.Row 
             line.variant,
             tool,
             metric,
-        ) and (line.prompt is None or row.params.get("prompt") == line.prompt):
+        ) and all(row.params.get(k) == v for k, v in params.items()):
             return row
     return None
 
@@ -146,6 +154,39 @@ def quality_table(found: list[rows.Row]) -> str:
     return common.markdown_table(header, body)
 
 
+def long_cell(found: list[rows.Row], source: str, scheme: str, metric: str, **params) -> str:
+    """`ours / builder (ratio)` of one measure of the 7B long-context runs."""
+    line = Line(source, "7b", f"int4 cuda {scheme} KV")
+    side = [pick(found, line, tool, metric, **params) for tool in ("ours", "builder")]
+    if not all(side):
+        return "-"
+    ours, theirs = (r.value for r in side)
+    if metric == "max_length_loads":
+        return f"{ours:,.0f} / {theirs:,.0f}"
+    return f"{ours:.0f} / {theirs:.0f} ({ours / theirs:.2f}x)"
+
+
+def long_table(found: list[rows.Row]) -> str:
+    body = [
+        [
+            scheme.replace("_per_channel", " per channel"),
+            long_cell(found, LONG_CAPACITY, scheme, "max_length_loads"),
+            long_cell(found, LONG_TIMING, scheme, "gen_tok_s", context=32768),
+            long_cell(found, LONG_TIMING, scheme, "gen_tok_s", context=131072),
+            long_cell(found, LONG_TIMING, scheme, "gen_tok_s_long_buffer", context=4096),
+        ]
+        for scheme in LONG
+    ]
+    header = [
+        "KV cache",
+        "longest max_length that loads",
+        "decode tok/s @ 32k",
+        "@ 128k",
+        "@ 4k, max_length 262,144",
+    ]
+    return common.markdown_table(header, body)
+
+
 QUALITY_METRICS = ("bits_per_weight", "ppl", "kl", "seconds", "peak_rss_gb")
 
 
@@ -163,7 +204,11 @@ def headline(found: list[rows.Row]) -> str:
         "Calibrated int4 on real weights (SmolLM2-135M-Instruct, 2-core CPU, int4 lm_head):\n"
         f"perplexity on {quality_tokens(found)} tokens of held-out prose and as many of code, KL "
         "to the fp32\nbuild per token ([more](docs/quantization.md)).\n\n"
-        f"{quality_table(found)}\n"
+        f"{quality_table(found)}\n\n"
+        "Long context, 7B int4 on one H200 (7B shapes with InternLM2.5-7B-Chat-1M's rotary\n"
+        "settings), ours / the builder with CUDA graph on, same KV scheme and scales; decode\n"
+        "medians of alternating runs ([more](docs/long-context.md)).\n\n"
+        f"{long_table(found)}\n"
     )
 
 
