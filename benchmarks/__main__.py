@@ -99,6 +99,20 @@ def run(args) -> int:
     if unknown:
         print(f"error: unknown suite {unknown}; known: {', '.join(SUITES)}", file=sys.stderr)
         return 2
+    tools = args.tools.split(",")
+    if set(tools) - {"ours", "builder"}:
+        print(f"error: --tools takes ours and/or builder, not {args.tools}", file=sys.stderr)
+        return 2
+    if "builder" in tools and not common.has_module("torch", "transformers"):
+        print(
+            "error: the onnxruntime-genai builder needs torch and transformers: "
+            'pip install -e ".[cpu,bench]"',
+            file=sys.stderr,
+        )
+        return 2
+    if any("=" not in p for p in args.param):
+        print(f"error: --param takes KEY=VALUE, got {args.param}", file=sys.stderr)
+        return 2
     params = dict(p.split("=", 1) for p in args.param)
     with tempfile.TemporaryDirectory(prefix="internlm2-bench-") as scratch:
         workdir = args.workdir or Path(scratch)
@@ -112,7 +126,7 @@ def run(args) -> int:
             workdir=workdir,
             ep=args.ep,
             precisions=tuple(args.precisions.split(",")),
-            tools=tuple(args.tools.split(",")),
+            tools=tuple(tools),
             repeat=1 if args.smoke else args.repeat,
             params=params,
         )

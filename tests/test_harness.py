@@ -56,5 +56,9 @@ def test_tables_in_three_formats(smoke_rows):
 def test_unknown_suite_or_setting_is_refused(capsys):
     assert main(["run", "decode,nope"]) == 2
     assert "unknown suite ['nope']" in capsys.readouterr().err
+    assert main(["run", "decode", "--tools", "ours,theirs"]) == 2
+    assert "--tools takes ours and/or builder" in capsys.readouterr().err
+    assert main(["run", "decode", "--param", "gen"]) == 2
+    assert "--param takes KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown --param"):
         main(["run", "kernels", "--smoke", "--param", "lenghts=16"])
