@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import report
 
     if args.command == "report":
-        for path in report.write_report():
-            print(f"wrote {path}")
+        print(f"wrote {report.write_report()[0]}")  # and the plots, which say so themselves
         return 0
     if args.check:
         return 0 if report.readme_is_current() else _stale()

@@ -4,10 +4,12 @@
 
 export-*.json (benchmarks/export.py), runtime-*.json (benchmarks/runtime.py),
 quant-quality-*.json (benchmarks/quant_quality.py) and long-context-*.json
-(benchmarks/long_context.py) hold the numbers the README's headline tables cite; each of their
-measurements becomes a row, with the file's machine, versions, commit, load and start time, and
-the file as its `source`. A test checks the committed legacy rows equal what this makes of the
-committed files, so a converted number cannot drift from the measured one.
+(benchmarks/long_context.py) hold the numbers the README's headline tables cite; speculative-*
+(benchmarks/speculative.py) and mask-count-* (benchmarks/probes/mask_count.py) those of the
+suites of the same names. Each of their measurements becomes a row, with the file's machine,
+versions, commit, load and start time, and the file as its `source`. A test checks the
+committed legacy rows equal what this makes of the committed files, so a converted number
+cannot drift from the measured one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from benchmarks import common, rows
 
 GB = 1e9
-KINDS = ("export", "runtime", "quant-quality", "long-context")
+KINDS = ("export", "runtime", "quant-quality", "long-context", "speculative", "mask-count")
 
 
 def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
@@ -217,11 +219,86 @@ def long_context_rows(payload: dict, path: Path) -> list[rows.Row]:
     return out
 
 
+def speculative_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Per prompt and setting: tok/s (median and spread of the timed runs), the speed-up over
+    plain decoding (median of the paired ratios), acceptance; whether the tokens were plain
+    decoding's (greedy runs) is in params."""
+    args, stamp, out = payload["args"], where(payload, path), []
+    gen, ep = args["gen"], args.get("ep", "cpu")
+    source = payload.get("source", "")
+    model = "smollm2-135m" if "SmolLM2" in source else first(r"(tiny|1\.8b|7b|20b)", source)
+    folder = payload.get("folder", "")  # ...-<checkpoint dtype>-<precision>-<ep>-draft-int4
+    precision = first(r"-(fp32|fp16|bf16|int4|int8)-(?:cpu|cuda)", folder) or first(
+        r"(fp32|fp16)", source
+    )
+    for entry in payload["results"]:
+        if entry.get("error") or not entry.get("seconds"):
+            continue
+        base = {
+            "suite": "speculative",
+            "model": model,
+            "tool": entry["setting"],
+            "variant": f"{precision} {ep} {entry['prompt']}",
+        }
+        params = {
+            "kind": entry.get("kind"),
+            "identical": entry.get("identical"),
+            "options": entry.get("options"),
+            "sampled": bool(args.get("sample")),
+        }
+        tok_s = {**rows.measured([gen / s for s in entry["seconds"]]), "value": entry["tok_s"]}
+        out.append(rows.Row(**base, metric="tok_s", unit="tok/s", params=params, **tok_s, **stamp))
+        ratios = entry.get("vs_plain_ratios") or []
+        if ratios:
+            speedup = {**rows.measured(ratios), "value": entry["vs_plain"]}
+            out.append(
+                rows.Row(**base, metric="speedup", unit="x", params=params, **speedup, **stamp)
+            )
+        if entry.get("acceptance") is not None:
+            out.append(
+                rows.Row(
+                    **base,
+                    metric="acceptance",
+                    value=entry["acceptance"],
+                    unit="",
+                    params=params,
+                    **stamp,
+                )
+            )
+    return out
+
+
+def mask_count_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """Microseconds per run of each way of counting the mask, at each mask row length: int64
+    (the builder's graph) against float32 (ours), int32 beside them."""
+    stamp, out = where(payload, path), []
+    ep = "cuda" if payload.get("gpu") else "cpu"
+    tools = {"int64": "builder", "float32": "ours", "int32": "int32"}
+    for length, ways in payload["results"].items():
+        for way, micros in ways.items():
+            out.append(
+                rows.Row(
+                    suite="kernels",
+                    model="-",
+                    variant=f"mask count {length} {ep}",
+                    tool=tools[way],
+                    metric="us_per_run",
+                    value=micros,
+                    unit="us",
+                    params={"way": way},
+                    **stamp,
+                )
+            )
+    return out
+
+
 CONVERT = {
     "export": export_rows,
     "runtime": runtime_rows,
     "quant-quality": quant_quality_rows,
     "long-context": long_context_rows,
+    "speculative": speculative_rows,
+    "mask-count": mask_count_rows,
 }
 
 
