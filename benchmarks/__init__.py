@@ -1,1 +1,2 @@
-"""Benchmarks: run as modules from the repository root, e.g. `python -m benchmarks.export`."""
+"""Benchmarks: `python -m benchmarks run SUITES` (the harness; benchmarks/README.md), the longer
+studies as modules (`python -m benchmarks.export`, ...), probes in benchmarks/probes/."""

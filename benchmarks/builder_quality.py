@@ -2,7 +2,7 @@
 
     python -m benchmarks.builder_quality [--workdir DIR]
 
-SmolLM2-135M-Instruct (benchmarks/smollm2.py) as a Llama-layout copy (llama_layout.py) with its
+SmolLM2-135M-Instruct (fixtures/smollm2.py) as a Llama-layout copy (llama_layout.py) with its
 real tokenizer; the builder's int4 CPU builds at the settings of benchmarks/quant_quality.py
 (rtn at block 128 symmetric / asymmetric and block 32 symmetric, accuracy level 0) and its
 k_quant methods; perplexity on the same 4096 tokens each of prose and code with windows of 1024
@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 
 from benchmarks import common
-from benchmarks.llama_layout import write_llama_copy
-from benchmarks.quality import perplexity
-from benchmarks.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
+from fixtures.llama_layout import write_llama_copy
+from fixtures.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
+from internlm2_graph.evaluate import perplexity
 
 BUILDER = {
     "rtn 128-sym": ["algo_config=rtn", "block_size=128", "is_symmetric=true"],

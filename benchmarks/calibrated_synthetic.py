@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common, smollm2  # noqa: E402
-from benchmarks.quality import ROWS, Decoder, log_softmax, windows  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.quant_quality import SETTINGS, bits_per_weight, measured_build  # noqa: E402
+from fixtures import smollm2  # noqa: E402
+from internlm2_graph.evaluate import ROWS, Decoder, log_softmax, windows  # noqa: E402
 
 
 def synthetic_checkpoint(workdir: Path, size: str, layers: int | None = None) -> Path:

@@ -71,7 +71,7 @@ def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path,
 
     `facts` gets the checkpoint's parameters, bytes and write seconds (None if it was there).
     """
-    from benchmarks.llama_layout import write_llama_copy
+    from fixtures.llama_layout import write_llama_copy
     from internlm2_graph.synthetic import make_config, write_checkpoint
 
     ckpt, llama = work / f"{size}-internlm2", work / f"{size}-llama"

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.quality import kl_and_top1
-from benchmarks.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
+from fixtures.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph.calibration.data import SEQUENCE_TOKENS, default_text
+from internlm2_graph.evaluate import kl_and_top1
 
 SCHEMES = ("int8_per_channel", "int8_per_tensor", "int4_per_channel", "int4_per_tensor")
 
@@ -41,7 +41,7 @@ def cells(q: dict) -> str:
 def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
     """The builder's fp32 and int8_per_channel-KV builds (its calibration tool's scales), and
     ours with those scales, each against its own tool's float-KV build."""
-    from benchmarks.llama_layout import write_llama_copy
+    from fixtures.llama_layout import write_llama_copy
 
     llama = work / "smollm2-llama"
     if not (llama / "config.json").is_file():

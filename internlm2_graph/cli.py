@@ -2,7 +2,7 @@
 
 Build flags match `onnxruntime_genai.models.builder` (-i -o -p -e --extra_options), so the
 commands users know work with the module name swapped. `verify`, `inspect` and `chat` are
-subcommands.
+subcommands, and `eval` scores a folder on your text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
 
-SUBCOMMANDS = ("build", "verify", "inspect", "chat")
+SUBCOMMANDS = ("build", "verify", "inspect", "chat", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI "
         "folder.",
         epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT --text FILE`, "
-        "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`.",
+        "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`, "
+        "`internlm2-graph eval OUTPUT --text FILE [--reference FOLDER]`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", required=True, help="checkpoint folder or hub id")
@@ -129,11 +130,39 @@ def chat_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph eval",
+        description="Teacher-forced perplexity of a built folder on your text; with --reference "
+        "(e.g. its fp32 build) also the KL divergence to it and top-1 agreement, per token. Runs "
+        "the folder's graph with onnxruntime: needs the cpu or cuda extra.",
+    )
+    parser.add_argument("model", help="the built folder")
+    parser.add_argument(
+        "--text",
+        metavar="FILE",
+        required=True,
+        help="UTF-8 text (encoded with the folder's tokenizer) or a JSON list of token ids",
+    )
+    parser.add_argument("--reference", metavar="FOLDER", help="a built folder to compare with")
+    parser.add_argument(
+        "--window", type=_positive_int, default=1024, help="tokens per window (1024)"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=_positive_int,
+        help="feed each window this many tokens at a time, so the model reads its KV cache back",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
 PARSERS = {
     "build": build_parser,
     "verify": verify_parser,
     "inspect": inspect_parser,
     "chat": chat_parser,
+    "eval": eval_parser,
 }
 
 
@@ -141,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     args = PARSERS[command]().parse_args(argv)
-    run = {"build": _build, "verify": _verify, "inspect": _inspect, "chat": _chat}[command]
+    run = {"build": _build, "verify": _verify, "inspect": _inspect, "chat": _chat, "eval": _eval}[
+        command
+    ]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -255,6 +286,24 @@ def _inspect(args) -> int:
     from internlm2_graph.sizes import describe
 
     print(describe(args.checkpoint, args.context))
+    return 0
+
+
+def _eval(args) -> int:
+    from internlm2_graph import evaluate
+    from internlm2_graph.runtime import check_model_folder, genai
+
+    folders = [args.model, *([args.reference] if args.reference else [])]
+    for folder in folders:
+        check_model_folder(folder)
+    genai()  # no runtime: say which extra to install before reading the text
+    ids = evaluate.read_ids(args.text, args.model)
+    evaluate.check_ids(ids, *folders)
+    if args.reference is None:
+        ppl = evaluate.perplexity(args.model, ids, args.window, args.chunk)
+        print(f"ppl {ppl:.3f}, {len(ids)} tokens")
+    else:
+        print(evaluate.kl_and_top1(args.model, args.reference, ids, args.window, args.chunk))
     return 0
 
 

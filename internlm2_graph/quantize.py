@@ -9,7 +9,7 @@ leaves those codes 0 or stale, we write the zero point so they dequantize to exa
 ``quantize_ort`` calls that C++ kernel and is kept as the oracle. ``quantize`` is a chunked,
 threaded numpy port of it, 2-3x faster here: the kernel wants the weight as a contiguous
 ``[K, N]`` float32 array, and making that transposed copy costs more than the quantization
-itself (numbers: ``benchmarks/quantize_speed.py``).
+itself (numbers: ``benchmarks/probes/quantize_speed.py``).
 
 Layout, with ``k_blocks = ceil(K / block_size)`` (K is zero-padded up to whole blocks):
 

@@ -28,7 +28,7 @@ MODES = ("off", "ngram", "draft")
 DRAFT_DIR = "draft"
 # onnxruntime-genai 0.18 fills the decoder's provider list from genai_config's provider_options
 # but not the draft's, so its same-provider check fails for every pair but CPU + CPU (measured
-# on an H200: benchmarks/speculative_draft_probe.py; later og versions fill both).
+# on an H200: benchmarks/probes/speculative_draft_probe.py; later og versions fill both).
 DRAFT_PROVIDERS = ("cpu",)
 DRAFT_PRECISIONS = ("int4", "int8")
 # og 0.18 validates K and n within [1, 16] and [2, 16] (src/config.cpp, Speculative_Element).

@@ -1,14 +1,20 @@
-"""The benchmark scripts' own logic: kernel classification and the summary of committed results."""
+"""The benchmark scripts' own logic: kernel classification, and the README and docs tables
+that are generated from the committed results (they cannot drift from them)."""
 
-import shutil
+import ast
+import dataclasses
+import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import kernel_profile, summary
-from benchmarks.common import RESULTS
+from benchmarks import gpu_steps, kernel_profile, legacy, report, rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel names as CUPTI reports them for our H100 decode (benchmarks/results/kernels-*.md).
 KERNELS = {
@@ -32,17 +38,32 @@ def test_kernels_are_classified_by_what_they_do(name):
     assert kernel_profile.kind_of(name) == KERNELS[name]
 
 
-def test_summary_of_committed_results_prefers_sessions_run_in_both_orders(tmp_path):
-    folder = tmp_path / "results"
-    shutil.copytree(RESULTS, folder, ignore=shutil.ignore_patterns("*.png", "SUMMARY.md"))
-    summary.main(["--results", str(folder), "--no-plots"])
-    text = (folder / "SUMMARY.md").read_text()
-    for section in ("## Export", "## Runtime", "## CUDA parity", "## Peak RSS"):
-        assert section in text
-    rows = summary.runtime_rows(summary.load(folder, "runtime-*.json"))
-    chosen = summary.plot_selection(rows)
-    cpu = [r for r in chosen if r["ep"] == "cpu"]
-    assert cpu and all(r["abba"] for r in cpu)
+def test_readme_headline_is_what_the_committed_results_make():
+    assert report.readme_block(report.README.read_text()) == report.headline(rows.read_all()), (
+        "run `python -m benchmarks headline` and commit README.md"
+    )
+
+
+def test_benchmarks_page_is_what_the_committed_results_make():
+    assert report.PAGE.read_text() == report.page(rows.read_all()), (
+        "run `python -m benchmarks report` and commit docs/benchmarks.md"
+    )
+
+
+@pytest.mark.parametrize("kind", legacy.KINDS)
+def test_converted_rows_are_the_measured_files(kind):
+    committed = rows.read(rows.ROWS / f"legacy-{kind}.json")
+    assert committed == legacy.convert(kind), "run `python -m benchmarks.legacy` and commit"
+
+
+def test_headline_moves_with_the_results():
+    found = rows.read_all()
+    line = report.DECODE[0]
+    ours = report.pick(found, line, line.ours, "gen_tok_s")
+    assert f"| {rows.number(ours.value)} |" in report.headline(found)
+    changed = [dataclasses.replace(r, value=r.value * 2) if r is ours else r for r in found]
+    assert report.headline(changed) != report.headline(found)
+    assert report.pick(found, dataclasses.replace(line, source="nowhere.json"), "ours", "x") is None
 
 
 def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):
@@ -55,3 +76,36 @@ def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ")
     assert 'pip install "internlm2_graph[cpu]"' in result.stderr
+
+
+def test_one_gpu_driver_without_python_inside():
+    drivers = sorted((ROOT / "benchmarks").rglob("*.sh"))
+    assert [d.name for d in drivers] == ["gpu.sh"]
+    text = drivers[0].read_text()
+    assert subprocess.run(["bash", "-n", str(drivers[0])]).returncode == 0
+    assert not re.search(r"python3? +(-c|-)\s", text), "Python belongs in benchmarks/gpu_steps.py"
+    for module in re.findall(r"python3? -m ([\w.]+)", text):
+        assert importlib.util.find_spec(module) is not None, module
+    listed = set(re.findall(r"^([\w-]+)\)", text, flags=re.M))
+    usage = text.split("set -euo pipefail")[0]
+    assert all(task in usage for task in listed), listed - set(re.findall(r"[\w-]+", usage))
+
+
+def test_gpu_steps_write_scales_and_turn_the_builders_cuda_graph_on(tmp_path):
+    gpu_steps.main(["scales", "2", str(tmp_path / "kv.json"), "127"])
+    scales = json.loads((tmp_path / "kv.json").read_text())["scales"]
+    assert len(scales["k_scales"]) == 2 and scales["v_scales"][1][1023] == 8.0 / 127
+    genai = {
+        "model": {"decoder": {"session_options": {"provider_options": [{"cuda": {}}]}}},
+        "search": {"max_length": 4096},
+    }
+    (tmp_path / "genai_config.json").write_text(json.dumps(genai))
+    gpu_steps.main(["builder-best", str(tmp_path), "--max-length", "32768"])
+    written = json.loads((tmp_path / "genai_config.json").read_text())
+    options = written["model"]["decoder"]["session_options"]["provider_options"][0]["cuda"]
+    assert options == {"enable_cuda_graph": "1"} and written["search"]["max_length"] == 32768
+
+
+def test_probes_state_their_finding():
+    for probe in sorted((ROOT / "benchmarks" / "probes").glob("[!_]*.py")):
+        assert "Finding" in (ast.get_docstring(ast.parse(probe.read_text())) or ""), probe.name

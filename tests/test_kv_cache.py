@@ -65,7 +65,7 @@ def scale_files(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
 
 
 def teacher_forced(folder) -> np.ndarray:
-    from benchmarks.quality import Decoder
+    from internlm2_graph.evaluate import Decoder
 
     return Decoder(folder).logits(IDS, chunk=1)
 

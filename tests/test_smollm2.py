@@ -1,4 +1,4 @@
-"""benchmarks/smollm2.py without the download: llama.cpp's Q/K row permutation and its inverse,
+"""fixtures/smollm2.py without the download: llama.cpp's Q/K row permutation and its inverse,
 wqkv packing, and a GGUF round trip of a tiny synthetic checkpoint (when `gguf` is installed)."""
 
 import ml_dtypes
@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from benchmarks.smollm2 import internlm2_name, pack_wqkv, permute_rows, unpermute_rows
+from fixtures.smollm2 import internlm2_name, pack_wqkv, permute_rows, unpermute_rows
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.synthetic import make_config, write_checkpoint
 from internlm2_graph.synthetic.checkpoint import tensor_shapes
@@ -135,7 +135,7 @@ def test_gguf_round_trip(tmp_path):
     pytest.importorskip("gguf")
     from gguf import GGUFReader
 
-    from benchmarks.smollm2 import gguf_metadata, internlm2_config, plan_tensors
+    from fixtures.smollm2 import gguf_metadata, internlm2_config, plan_tensors
 
     # The embedding doubles as the head, as in SmolLM2.
     config = make_config("tiny", num_attention_heads=4, num_key_value_heads=2)

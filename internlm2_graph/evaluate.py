@@ -1,5 +1,8 @@
 """Teacher-forced quality of built folders: perplexity, and KL / top-1 agreement to a reference.
 
+`internlm2-graph eval FOLDER --text FILE [--reference FOLDER]` runs it on your own folders and
+text; the benchmarks' quality suite calls the same functions.
+
 Logits come from onnxruntime running the folder's decoder graph directly (an InferenceSession on
 the model file genai_config names), because that gives the logits of every position of a
 window in one call; og's Generator only exposes the last position's. Works for our folders and
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from internlm2_graph.errors import InternLM2GraphError
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
 TYPES = {
@@ -182,3 +187,44 @@ def kl_and_top1(
         kl=float(kl / count),
         top1=agree / count,
     )
+
+
+def read_ids(path: str | Path, model_dir: str | Path) -> list[int]:
+    """Token ids to score: a JSON list of ids as they are, or UTF-8 text encoded with the
+    folder's exact tokenizer (SentencePiece's ids, starting with <s>)."""
+    from internlm2_graph.tokenizer import exact_tokenizer
+    from internlm2_graph.verify import read_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise InternLM2GraphError(f"{path}: no such file; pass a UTF-8 text file or a JSON list")
+    if path.suffix == ".json":
+        ids = json.loads(path.read_text())
+        if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+            raise InternLM2GraphError(f"{path}: expected a JSON list of token ids, like [1, 2, 3]")
+    else:
+        ids = exact_tokenizer(model_dir).encode(read_text(path)).ids
+    if len(ids) < 2:
+        raise InternLM2GraphError(f"{path}: {len(ids)} token(s); scoring needs at least 2")
+    return ids
+
+
+def check_ids(ids: list[int], *model_dirs: str | Path) -> None:
+    """Ids past a folder's vocabulary would index out of its embedding, and a reference with
+    another vocabulary has no KL to compare: refuse both by name."""
+    vocabs = [_vocab_size(model_dir) for model_dir in model_dirs]
+    if len(set(vocabs)) > 1:
+        raise InternLM2GraphError(
+            f"{model_dirs[-1]}: vocabulary of {vocabs[-1]}, but {model_dirs[0]} has {vocabs[0]}; "
+            "compare with a reference built from the same tokenizer"
+        )
+    for model_dir, vocab in zip(model_dirs, vocabs):
+        if max(ids) >= vocab or min(ids) < 0:
+            raise InternLM2GraphError(
+                f"{model_dir}: token id {max(ids)} is outside its vocabulary of {vocab}; "
+                "score text tokenized for this model (and a --reference with the same vocabulary)"
+            )
+
+
+def _vocab_size(model_dir: str | Path) -> int:
+    return json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]

@@ -1,6 +1,6 @@
 """Which quantized KV cache schemes run where, and how far each moves the logits.
 
-    python -m benchmarks.kv_cache_schemes [--ep cuda] [--workdir DIR]
+    python -m benchmarks.probes.kv_cache_schemes [--ep cuda] [--workdir DIR]
 
 Builds one small synthetic checkpoint (head_dim 64, as real models) with every
 kv_cache_quant_scheme, feeds the same 256 tokens one at a time through onnxruntime-genai (so
@@ -9,6 +9,11 @@ median / max |logit difference| to the same build with a float cache. Scales are
 generous threshold (random weights: the mechanics, not the quality; quality needs
 real weights). Also checks the refusals: a scheme refused at build time never reaches the
 runtime.
+
+Finding (2026-11-30; results/archive/kv-cache-schemes-h200.txt): on the H200 every scheme
+runs, fp8 included (|logit difference| to the float cache, median/max: int8 0.069/0.19, fp8
+0.13/0.30, int4 1.1/2.8 on random weights); on the CPU onnxruntime 1.32 runs the int8 and int4
+caches and has no fp8 kernel, which the build refuses in one line.
 """
 
 from __future__ import annotations

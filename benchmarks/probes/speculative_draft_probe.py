@@ -1,12 +1,15 @@
 """Does onnxruntime-genai 0.18 run a CUDA target with its CUDA draft? (It does not.)
 
-    python -m benchmarks.speculative_draft_probe FOLDER   # a cuda build with speculative=draft
+    python -m benchmarks.probes.speculative_draft_probe FOLDER  # a cuda build, speculative=draft
 
 Measured on the H200 (benchmarks/results/gpu-h200-2026-11-30.md): og refuses the pair with
 "Target and draft must use the same execution provider": its Config fills the decoder's
 provider list from provider_options but not the draft's, so any non-CPU pair mismatches
 (fixed upstream later: the draft's list is filled too). clear_providers() passes the check only
 by moving the target to the CPU.
+
+Finding: see the paragraph above (og 0.18 runs no CUDA draft: `-e cuda` with a draft is
+refused in one line, internlm2_graph/speculative.py).
 """
 
 import sys

@@ -1,6 +1,6 @@
 """What counting the attention mask costs a decode step, per way of counting it.
 
-    python -m benchmarks.mask_count [--ep cuda] [--lengths 4096,32768,131072,1048576]
+    python -m benchmarks.probes.mask_count [--ep cuda] [--lengths 4096,32768,131072,1048576]
 
 GroupQueryAttention takes each row's length - 1 (seqlens_k), which the graph counts from the 2D
 attention mask once per step. With CUDA graphs onnxruntime-genai keeps the mask as a static
@@ -10,6 +10,12 @@ microseconds per run (median of --runs), each checked against numpy's count:
 - int64: ReduceSum of the int64 mask (the builder's graph, and ours before);
 - float32: Cast to float32, then ReduceSum (ours; exact to 2**24 positions);
 - int32: Cast to int32, then ReduceSum.
+
+Finding (H200 and 2-core CPU, 2026-12-01; results/mask-count-h200.md, mask-count-cpu2.md):
+onnxruntime's CUDA ReduceSum gives an int64 row one thread block: 148 us at 131k, 289 us at
+262k, 1.0 ms at 1M, 5.1 ms at 4M, every step with a static mask; Cast to float32 first runs
+`reduce_matrix_rows_kernel` (28-37 us of wall time per run at any length). On 2 CPU cores
+float32 is 4-7x faster than int64. Ours counts in float32 since. The kernels suite re-measures it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout, uninstalled
 from benchmarks import common  # noqa: E402
 
 WAYS = {"int64": None, "float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
@@ -56,6 +62,12 @@ def counting_graph(cast_to: int | None) -> bytes:
 
 def time_way(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple[float, int]:
     """(median wall microseconds per run, the count it returned)."""
+    times, count = run_times(cast_to, mask, ep, runs)
+    return statistics.median(times), count
+
+
+def run_times(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple[list, int]:
+    """(wall microseconds of each run, the count it returned)."""
     import onnxruntime as ort
 
     providers = ["CUDAExecutionProvider"] if ep == "cuda" else ["CPUExecutionProvider"]
@@ -72,7 +84,7 @@ def time_way(cast_to: int | None, mask: np.ndarray, ep: str, runs: int) -> tuple
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times), int(binding.copy_outputs_to_cpu()[0][0])
+    return times, int(binding.copy_outputs_to_cpu()[0][0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     table = common.markdown_table(["mask row length"] + [f"{n} us/run" for n in WAYS], rows)
     markdown = (
         f"# Counting the attention mask ({info.get('gpu') or info.get('cpu')}, {args.ep})\n\n"
-        f"`python -m benchmarks.mask_count --ep {args.ep}` (median of {args.runs} runs, "
+        f"`python -m benchmarks.probes.mask_count --ep {args.ep}` (median of {args.runs} runs, "
         "wall time of a ReduceSum chain with I/O binding; every count checked)\n\n"
         f"{table}\n"
     )

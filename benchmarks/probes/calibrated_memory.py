@@ -1,6 +1,6 @@
 """Peak memory of a calibrated build, layer by layer: is it the same for every layer?
 
-    python -m benchmarks.calibrated_memory [--size 7b] [--layers 2] [--algorithm gptaq]
+    python -m benchmarks.probes.calibrated_memory [--size 7b] [--layers 2] [--algorithm gptaq]
         [--workdir DIR] [--machine NAME]
 
 Calibration streams one decoder layer at a time, so a build's peak memory should not depend on
@@ -11,6 +11,11 @@ process, samples its resident memory every 0.1 s, and splits the samples by the 
 progress lines: before calibration, each layer, the lm_head, writing the model. If each layer's
 peak is the same, the full model's peak is the largest of these.
 Results: benchmarks/results/calibrated-memory-<size>-<algorithm>-<machine>.{json,md}.
+
+Finding (2-core CPU, 2026-11-30; results/calibrated-memory-7b-gptaq-cpu2.md): a GPTAQ layer of
+7B shapes peaks at 5.19-5.20 GB and the lm_head at 1.97 GB, the same for every layer, so a
+32-layer build peaks there too (6.22 GB before the in-place Gram permutation, the borrowed
+ridge diagonal and the block-wise Cholesky inverse).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common, smollm2  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout, uninstalled
+from benchmarks import common  # noqa: E402
 from benchmarks.calibrated_synthetic import synthetic_checkpoint  # noqa: E402
+from fixtures import smollm2  # noqa: E402
 
 GB = 1e9
 STEP = re.compile(r"calibrating \(\w+\): (\d+)/(\d+) layers")
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = (
         f"# Peak memory of a calibrated build, by step: {args.size} shapes, {args.layers} layers, "
         f"{args.algorithm}\n\n{info['cpu']}, {info['cpu_count']} cores; "
-        f"`python -m benchmarks.calibrated_memory --size {args.size} --layers {args.layers} "
+        f"`python -m benchmarks.probes.calibrated_memory --size {args.size} --layers {args.layers} "
         f"--algorithm {args.algorithm}`; int4 block {args.block} symmetric, -e cpu; "
         "resident memory sampled every 0.1 s.\n\n"
         + common.markdown_table(["step", "peak RSS GB"], rows)

@@ -1,0 +1,64 @@
+"""The benchmark harness end to end on the tiny checkpoint: every suite runs, in seconds, and
+its rows follow the one schema (machine, versions, spread); tables come out in md/csv/json."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from benchmarks import rows
+from benchmarks.__main__ import main
+from benchmarks.suites import SUITES
+
+METRICS = {
+    "export": {"seconds", "peak_rss_gb", "output_gb"},
+    "decode": {"prompt_tok_s", "gen_tok_s"},
+    "quality": {"ppl", "kl", "top1", "reference_ppl"},
+    "speculative": {"tok_s", "speedup"},
+    "kernels": {"us_per_run"},
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("harness") / "rows.json"
+    suites = ",".join(SUITES)
+    assert main(["run", suites, "--model", "tiny", "--smoke", "-p", "int4", "--out", str(out)]) == 0
+    return rows.read(out)
+
+
+def test_every_suite_gives_its_metrics(smoke_rows):
+    assert set(METRICS) == set(SUITES)
+    for suite, metrics in METRICS.items():
+        assert {r.metric for r in smoke_rows if r.suite == suite} == metrics, suite
+
+
+def test_rows_record_where_and_with_what_they_ran(smoke_rows):
+    for row in smoke_rows:
+        assert row.machine and row.cpu and row.date and row.source == "rows.json"
+        assert row.versions["python"] and row.versions["onnxruntime"]
+        assert row.value == row.value  # not NaN
+        if row.runs > 1:
+            assert row.low <= row.value <= row.high
+    kl = next(r for r in smoke_rows if r.suite == "quality" and r.metric == "kl")
+    assert 0 < kl.value < 1  # int4 moved the logits, a little
+
+
+def test_tables_in_three_formats(smoke_rows):
+    md = rows.table(smoke_rows).splitlines()
+    assert md[0].startswith("| suite | model |") and len(md) == len(smoke_rows) + 2
+    parsed = list(csv.DictReader(io.StringIO(rows.table(smoke_rows, "csv"))))
+    assert [float(r["value"]) for r in parsed] == [r.value for r in smoke_rows]
+    assert json.loads(rows.table(smoke_rows, "json"))[0]["suite"] == smoke_rows[0].suite
+
+
+def test_unknown_suite_or_setting_is_refused(capsys):
+    assert main(["run", "decode,nope"]) == 2
+    assert "unknown suite ['nope']" in capsys.readouterr().err
+    assert main(["run", "decode", "--tools", "ours,theirs"]) == 2
+    assert "--tools takes ours and/or builder" in capsys.readouterr().err
+    assert main(["run", "decode", "--param", "gen"]) == 2
+    assert "--param takes KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown --param"):
+        main(["run", "kernels", "--smoke", "--param", "lenghts=16"])
