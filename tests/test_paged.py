@@ -475,8 +475,12 @@ def test_cpu_build_refused_in_one_line_before_any_write(tiny_checkpoint, tmp_pat
 
 
 def test_cuda_build_writes_a_paged_folder(tiny_checkpoint, tmp_path):
+    import onnxruntime_genai as og
+
     out = tmp_path / "paged"
-    build(tiny_checkpoint, out, "int4", "cuda", ["use_paged_attention=true", "max_batch_size=8"])
+    options = ["use_paged_attention=true", "max_batch_size=8", "paged_chunk_size=512"]
+    build(tiny_checkpoint, out, "int4", "cuda", options)
+    og.Config(str(out))  # og 0.18 parses genai_config strictly: an unknown field is an error
     runtime = json.loads((out / "genai_config.json").read_text())
     assert runtime["engine"]["dynamic_batching"]["max_batch_size"] == 8
     proto = onnx.load(out / "model.onnx", load_external_data=False)
@@ -505,3 +509,40 @@ def test_inspect_shows_the_paged_cache(tmp_path):
     assert "paged KV cache (use_paged_attention=true): 33.6 MB a block of 256 tokens" in paged[0]
     assert paged[1].startswith("    80 GB GPU: int4 ") and "sequences of 4096" in paged[1]
     assert paged[2].startswith("    141 GB GPU: int4 ")
+
+
+# --- the load harness (benchmarks/engine_load.py), on the CPU's static engine ------------------
+
+
+def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
+    """Closed loop and chat rows add up (streams x requests x output tokens), and greedy replies
+    alone equal the same replies run together on the CPU's deterministic kernels."""
+    from benchmarks import engine_load
+
+    folder = tmp_path / "int4"
+    build(tiny_checkpoint, folder, "int4", "cpu")
+    params = {
+        "models": {"tiny": str(folder)},
+        "streams": [1, 3],
+        "prompt": 10,
+        "output": 5,
+        "requests": 2,
+        "conversations": 1,  # the static engine continues one conversation at a time
+        "turns": 2,
+        "system": 20,
+        "user_max": 20,
+        "reply_max": 40,
+        "identical": 3,
+        "identical_output": 4,
+    }
+    rows = {(r["measurement"], r.get("streams")): r for r in engine_load.run(params)}
+    for streams in (1, 3):
+        row = rows["closed_loop", streams]
+        assert row["failed"] == 0 and row["turns"] == streams * 2
+        assert row["output_tokens"] == streams * 2 * 5 and row["prompt_tokens"] == streams * 20
+        assert row["output_tok_s"] == pytest.approx(row["output_tokens"] / row["seconds"])
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+    chat = rows["mixed", 1]
+    assert chat["turns"] == 2 and chat["failed"] == 0 and chat["prompt_tokens"] > 20
+    same = rows["identical", 3]
+    assert same["identical_share"] == 1.0 and same["alone_repeatable"]
