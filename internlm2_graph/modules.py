@@ -165,6 +165,59 @@ class Attention(nn.Module):
         return self.wo(op, attended), present_key, present_value
 
 
+class PagedAttention(Attention):
+    """The same attention over og.Engine's packed batch and paged KV cache, one fused op.
+
+    All scheduled sequences' tokens come as one [num_tokens, hidden] matrix; sequence i owns rows
+    cumulative[i]:cumulative[i + 1], its cache holds past_lengths[i] tokens, and block_table row
+    i names the cache blocks that hold them. com.microsoft PagedAttention rotates q and k at
+    position past_lengths[i] + offset, writes the new keys and values into those blocks in place
+    and attends causally within each sequence. `metadata` (CPU bounds on the query and KV
+    lengths) spares the op a device-to-host read of the lengths in every layer.
+    """
+
+    def forward(
+        self,
+        op: OpBuilder,
+        x: Value,
+        key_cache: Value,
+        value_cache: Value,
+        cumulative: Value,
+        past_lengths: Value,
+        block_table: Value,
+        metadata: Value,
+        cos: Value,
+        sin: Value,
+    ) -> tuple[Value, Value, Value]:
+        """(output, key cache, value cache): the caches are the inputs, updated in place."""
+        c = self.config
+        # Inputs 10-15 (slot_mapping, head_sink, q/k norm weights, k/v scales) unused.
+        unused = [None] * 6
+        attended, key_out, value_out = op.PagedAttention(
+            self.wqkv(op, x),
+            None,
+            None,
+            key_cache,
+            value_cache,
+            cumulative,
+            past_lengths,
+            block_table,
+            cos,
+            sin,
+            *unused,
+            metadata,
+            num_heads=c.num_attention_heads,
+            kv_num_heads=c.num_key_value_heads,
+            scale=c.head_dim**-0.5,
+            do_rotary=1,
+            rotary_interleaved=0,
+            _domain=MS,
+            _version=1,
+            _outputs=3,
+        )
+        return self.wo(op, attended), key_out, value_out
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).
 
@@ -203,7 +256,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dtype = target.io_dtype
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attention = Attention(config, target)
+        self.attention = (PagedAttention if target.paged else Attention)(config, target)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.feed_forward = FeedForward(config, target)
 
@@ -214,7 +267,7 @@ class DecoderLayer(nn.Module):
         residual: Value | None,
         past_key: Value,
         past_value: Value,
-        mask_info: tuple[Value, Value],
+        mask_info: tuple[Value, ...],
         rotary: tuple[Value, Value],
     ) -> tuple[Value, Value, Value, Value]:
         """(feed-forward output, residual h, present key, present value)."""
@@ -245,11 +298,18 @@ class InternLM2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = Rotary(config.positions(target.max_length), config.head_dim, dtype)
+        self.paged = target.paged is not None
 
     def forward(
-        self, op: OpBuilder, input_ids: Value, attention_mask: Value, past: list[KeyValue]
+        self,
+        op: OpBuilder,
+        input_ids: Value,
+        attention: Value | tuple[Value, ...],
+        past: list[KeyValue],
     ) -> tuple[Value, list[KeyValue]]:
-        mask_info = attention_lengths(op, attention_mask)
+        """`attention` is the 2D attention_mask, or for a paged graph og.Engine's lengths and
+        block table as PagedAttention takes them (graph.PAGED_INPUTS)."""
+        mask_info = attention if self.paged else attention_lengths(op, attention)
         rotary = self.rotary(op)
         hidden, residual, presents = self.tok_embeddings(op, input_ids), None, []
         for layer, (past_key, past_value) in zip(self.layers, past):
@@ -268,9 +328,18 @@ class InternLM2ForCausalLM(nn.Module):
         self.output = linear(config.hidden_size, config.vocab_size, False, target, LM_HEAD)
 
     def forward(
-        self, op: OpBuilder, input_ids: Value, attention_mask: Value, past: list[KeyValue]
+        self,
+        op: OpBuilder,
+        input_ids: Value,
+        attention: Value | tuple[Value, ...],
+        past: list[KeyValue],
+        logits_rows: Value | None = None,
     ) -> tuple[Value, list[KeyValue]]:
-        hidden, presents = self.model(op, input_ids, attention_mask, past)
+        """Logits for every token, or only for the packed rows `logits_rows` names (og.Engine's
+        logits_indices: a prompt needs its last row only, so the lm head skips the rest)."""
+        hidden, presents = self.model(op, input_ids, attention, past)
+        if logits_rows is not None:
+            hidden = op.Gather(hidden, logits_rows, axis=0)
         return self.output(op, hidden), presents
 
 

@@ -22,7 +22,14 @@ import onnx_ir as ir
 
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from internlm2_graph.graph import (
+    LOGITS_INDICES,
+    PAGED_INPUTS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
 from internlm2_graph.precision import Target
 from internlm2_graph.progress import human_bytes
 
@@ -46,7 +53,7 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
     # A full 32k-262k context as the default max_length would make the runtime allocate that
     # whole KV cache up front (onnxruntime-genai#550); users raise it with max_length=...
     max_length = target.max_length or min(context, DEFAULT_MAX_LENGTH)
-    return {
+    runtime = {
         "model": {
             "bos_token_id": config.bos_token_id,
             "context_length": context,
@@ -92,6 +99,26 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
             )
         ),
     }
+    return runtime if target.paged is None else _paged_config(runtime, config, target)
+
+
+def _paged_config(runtime: dict, config: InternLM2Config, target: Target) -> dict:
+    """A paged graph's genai_config: og.Engine's inputs instead of attention_mask, its one
+    state group of paged KV layers (og 0.18 requires it), and engine.dynamic_batching."""
+    decoder = runtime["model"]["decoder"]
+    inputs = {k: v for k, v in decoder["inputs"].items() if k != "attention_mask"}
+    inputs.update({name: name for name in PAGED_INPUTS})
+    if target.paged.prune_lm_head:
+        inputs[LOGITS_INDICES] = LOGITS_INDICES
+    decoder["inputs"] = dict(sorted(inputs.items()))
+    decoder["state_groups"] = [
+        {"kind": "paged_kv", "layer_ids": list(range(config.num_hidden_layers))}
+    ]
+    runtime["engine"] = {"dynamic_batching": target.paged.dynamic_batching()}
+    if target.paged.chunk_size is not None:
+        runtime["search"]["chunk_size"] = target.paged.chunk_size
+        runtime["search"] = dict(sorted(runtime["search"].items()))
+    return runtime
 
 
 def save_model(

@@ -45,6 +45,18 @@ OPTIONS = {
     "model's outputs, ~3x the time) or AWQ calibrated on text (default rtn)",
     "calibration_data": "calibration text: a UTF-8 file or a JSON list of token-id lists "
     "(default: docstrings of Python's standard library)",
+    "use_paged_attention": "true/false: a PagedAttention graph for og.Engine's continuous "
+    "batching (cuda only; default false)",
+    "paged_block_size": "tokens per KV cache block, a multiple of 256 (default 256)",
+    "max_batch_size": "most sequences og.Engine runs in one step (default 100)",
+    "gpu_utilization_factor": "share of free GPU memory og.Engine gives the KV cache blocks "
+    "(default 0.6; num_blocks instead fixes the count)",
+    "num_blocks": "KV cache blocks og.Engine allocates (default: from gpu_utilization_factor)",
+    "max_scheduled_tokens": "most tokens og.Engine schedules in one step (default: og's)",
+    "paged_chunk_size": "most prompt tokens of one request per step (search.chunk_size)",
+    "kv_cache_rotation": "none (hadamard needs a PagedAttention that onnxruntime 1.31/1.32 lacks)",
+    "prune_lm_head": "true/false: og.Engine names the rows that need logits (logits_indices), "
+    "so prompts skip the lm head (default false)",
 }
 # Options that shape quantized weights; a float build has none to shape.
 QUANT_OPTIONS = (
@@ -55,6 +67,16 @@ QUANT_OPTIONS = (
     "use_cuda_bf16",
     "algo_config",
     "calibration_data",
+)
+# Options of the paged (og.Engine) graph; without use_paged_attention=true they mean nothing.
+PAGED_OPTIONS = (
+    "paged_block_size",
+    "max_batch_size",
+    "gpu_utilization_factor",
+    "num_blocks",
+    "max_scheduled_tokens",
+    "paged_chunk_size",
+    "prune_lm_head",
 )
 # The linear layer whose precision `lm_head_precision` sets, by its checkpoint name.
 LM_HEAD = "output"
@@ -171,6 +193,61 @@ class KVCacheSpec:
         return kv_heads * head_dim if self.granularity == "per_channel" else 1
 
 
+# onnxruntime 1.31's CUDA PagedAttention runs prompts through FlashAttention, whose paged KV
+# cache needs blocks of a multiple of 256 tokens ("PagedAttention requires FlashAttention ...
+# block_size a multiple of"); the builder's default is 256 too.
+PAGED_BLOCK_MULTIPLE = 256
+# The onnxruntime releases whose PagedAttention schema was read (1.31.1 CUDA, 1.32.0 CPU): no
+# per-token KV scales and no Hadamard rotation, which the builder writes for a later release.
+PAGED_ORT = "1.31/1.32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PagedSpec:
+    """og.Engine's continuous batching: a PagedAttention graph over a pool of KV cache blocks.
+
+    The option names and defaults are the builder's; the engine reads them from genai_config's
+    `engine.dynamic_batching` (package.py), the graph takes `block_size` as its cache shape.
+    """
+
+    block_size: int = PAGED_BLOCK_MULTIPLE
+    max_batch_size: int = 100
+    gpu_utilization_factor: float | None = 0.6  # None when num_blocks fixes the pool
+    num_blocks: int | None = None
+    max_scheduled_tokens: int | None = None
+    chunk_size: int | None = None
+    prune_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        factor = self.gpu_utilization_factor
+        if factor is not None and not 0 < factor <= 1:
+            raise InternLM2GraphError(
+                f"--extra_options gpu_utilization_factor={factor}: expected a number in (0, 1]"
+            )
+        for key, value in (
+            ("paged_block_size", self.block_size),
+            ("max_batch_size", self.max_batch_size),
+            ("num_blocks", self.num_blocks),
+            ("max_scheduled_tokens", self.max_scheduled_tokens),
+            ("paged_chunk_size", self.chunk_size),
+        ):
+            if value is not None and value <= 0:
+                raise InternLM2GraphError(
+                    f"--extra_options {key}={value}: expected a positive whole number"
+                )
+
+    def dynamic_batching(self) -> dict:
+        """genai_config's engine.dynamic_batching: what og.Engine schedules with."""
+        section = {"block_size": self.block_size, "max_batch_size": self.max_batch_size}
+        if self.num_blocks is not None:
+            section["num_blocks"] = self.num_blocks
+        else:
+            section["gpu_utilization_factor"] = self.gpu_utilization_factor
+        if self.max_scheduled_tokens is not None:
+            section["max_scheduled_tokens"] = self.max_scheduled_tokens
+        return section
+
+
 @dataclass(frozen=True)
 class Target:
     """Everything a build needs to know about precision and device, decided once.
@@ -190,6 +267,7 @@ class Target:
     kv_cache: KVCacheSpec | None = None
     algorithm: str = "rtn"  # how quantized weights are made: one of ALGORITHMS (calibration/)
     calibration_data: str | None = None
+    paged: PagedSpec | None = None  # a PagedAttention graph for og.Engine (None: GQA)
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
@@ -322,6 +400,7 @@ def resolve_target(
         kv_cache=_kv_cache(options, execution_provider),
         algorithm=algorithm,
         calibration_data=options.get("calibration_data"),
+        paged=_paged(options, execution_provider),
     )
 
 
@@ -351,8 +430,9 @@ def _kv_cache(options: dict[str, str], execution_provider: str) -> KVCacheSpec |
     known = [f"{k}_{g}" for k in KV_QMAX for g in KV_GRANULARITY]
     if scheme.endswith("_per_token"):
         raise InternLM2GraphError(
-            f"--extra_options kv_cache_quant_scheme={scheme}: per-token scales need "
-            "PagedAttention, which these graphs do not use; use one of " + ", ".join(known)
+            f"--extra_options kv_cache_quant_scheme={scheme}: per-token scales are not in "
+            f"onnxruntime {PAGED_ORT}'s PagedAttention (the builder writes them for a later "
+            "onnxruntime); use one of " + ", ".join(known)
         )
     if kind not in KV_QMAX or granularity not in KV_GRANULARITY:
         raise InternLM2GraphError(
@@ -367,6 +447,73 @@ def _kv_cache(options: dict[str, str], execution_provider: str) -> KVCacheSpec |
             + ", ".join(f"{k}_{g}" for k in working for g in KV_GRANULARITY)
         )
     return KVCacheSpec(kind, granularity, scale_file)
+
+
+def _paged(options: dict[str, str], execution_provider: str) -> PagedSpec | None:
+    rotation = options.get("kv_cache_rotation", "none").strip().lower()
+    if rotation != "none":
+        raise InternLM2GraphError(
+            f"--extra_options kv_cache_rotation={options['kv_cache_rotation']}: onnxruntime "
+            f"{PAGED_ORT}'s PagedAttention has no KV rotation (the builder writes it for a later "
+            "onnxruntime); use kv_cache_rotation=none"
+        )
+    given = sorted(set(PAGED_OPTIONS) & options.keys())
+    if not _bool(options, "use_paged_attention", False):
+        if given:
+            raise InternLM2GraphError(
+                f"--extra_options {', '.join(given)} only apply with use_paged_attention=true"
+            )
+        return None
+    if execution_provider != "cuda":
+        raise InternLM2GraphError(
+            "--extra_options use_paged_attention=true needs --execution_provider cuda: "
+            "onnxruntime's PagedAttention runs on CUDA only; on cpu, og.Engine runs a folder "
+            "built without it, batching requests statically"
+        )
+    if "kv_cache_quant_scheme" in options:
+        raise InternLM2GraphError(
+            "--extra_options kv_cache_quant_scheme with use_paged_attention=true is not built "
+            "yet: drop one of them (a quantized KV cache works with the GroupQueryAttention graph)"
+        )
+    if "num_blocks" in options and "gpu_utilization_factor" in options:
+        raise InternLM2GraphError(
+            "--extra_options num_blocks and gpu_utilization_factor both size the KV cache "
+            "pool; keep one"
+        )
+    block_size = _int(options, "paged_block_size", PAGED_BLOCK_MULTIPLE)
+    if block_size % PAGED_BLOCK_MULTIPLE:
+        raise InternLM2GraphError(
+            f"--extra_options paged_block_size={block_size}: use a multiple of "
+            f"{PAGED_BLOCK_MULTIPLE} (onnxruntime's CUDA PagedAttention runs prompts through "
+            "FlashAttention, which needs it)"
+        )
+    num_blocks = _optional_int(options, "num_blocks")
+    return PagedSpec(
+        block_size=block_size,
+        max_batch_size=_int(options, "max_batch_size", 100),
+        gpu_utilization_factor=None
+        if num_blocks is not None
+        else _float(options, "gpu_utilization_factor", 0.6),
+        num_blocks=num_blocks,
+        max_scheduled_tokens=_optional_int(options, "max_scheduled_tokens"),
+        chunk_size=_optional_int(options, "paged_chunk_size"),
+        prune_lm_head=_bool(options, "prune_lm_head", False),
+    )
+
+
+def _optional_int(options: dict[str, str], key: str) -> int | None:
+    return _int(options, key, 0) if key in options else None
+
+
+def _float(options: dict[str, str], key: str, default: float) -> float:
+    if key not in options:
+        return default
+    try:
+        return float(options[key])
+    except ValueError:
+        raise InternLM2GraphError(
+            f"--extra_options {key}={options[key]!r}: expected a number"
+        ) from None
 
 
 def _max_length(options: dict[str, str]) -> int | None:

@@ -166,3 +166,57 @@ def quantized_reference(folder: str | Path, target) -> Reference:
             restored = dequantize(quantize(weight.astype(np.float32), spec))
             reference.w[name] = restored.astype(np.float64)
     return reference
+
+
+def paged_attention(
+    qkv: np.ndarray,
+    key_cache: np.ndarray,
+    value_cache: np.ndarray,
+    cumulative: np.ndarray,
+    past_lengths: np.ndarray,
+    block_table: np.ndarray,
+    cos_cache: np.ndarray,
+    sin_cache: np.ndarray,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """com.microsoft PagedAttention as the paged graph uses it, in plain numpy (float64 inside).
+
+    `qkv` [tokens, (heads + 2 * kv_heads) * d] packs every sequence's new tokens: sequence i owns
+    rows cumulative[i]:cumulative[i + 1], has past_lengths[i] tokens cached, and its token at
+    position p lives in block block_table[i, p // block_size], slot p % block_size of the caches
+    [blocks, block_size, kv_heads, d]. Rotate-half rotary at each token's position, keys and
+    values written into their slots, then causal attention over the sequence's whole cache.
+    Returns (output [tokens, heads * d], key cache, value cache), the caches as new arrays.
+    """
+    tokens, d = qkv.shape[0], 2 * cos_cache.shape[1]
+    q_end, k_end = num_heads * d, (num_heads + kv_num_heads) * d
+    q = qkv[:, :q_end].reshape(tokens, num_heads, d).astype(np.float64)
+    k = qkv[:, q_end:k_end].reshape(tokens, kv_num_heads, d).astype(np.float64)
+    v = qkv[:, k_end:].reshape(tokens, kv_num_heads, d)
+    key_cache, value_cache = key_cache.copy(), value_cache.copy()
+    block_size, group = key_cache.shape[1], num_heads // kv_num_heads
+    out = np.zeros((tokens, num_heads, d))
+    for i, past in enumerate(np.asarray(past_lengths, dtype=np.int64)):
+        start, end = int(cumulative[i]), int(cumulative[i + 1])
+        if end == start:
+            continue
+        new = past + np.arange(end - start)
+        cos = np.tile(cos_cache[new], 2)[:, None, :].astype(np.float64)
+        sin = np.tile(sin_cache[new], 2)[:, None, :].astype(np.float64)
+        qi = q[start:end] * cos + Reference.rotate_half(q[start:end]) * sin
+        ki = k[start:end] * cos + Reference.rotate_half(k[start:end]) * sin
+        key_cache[block_table[i, new // block_size], new % block_size] = ki
+        value_cache[block_table[i, new // block_size], new % block_size] = v[start:end]
+        every = np.arange(new[-1] + 1)
+        where = (block_table[i, every // block_size], every % block_size)
+        keys = np.repeat(key_cache[where].astype(np.float64), group, axis=1)
+        values = np.repeat(value_cache[where].astype(np.float64), group, axis=1)
+        scores = np.einsum("thd,shd->hts", qi, keys) * scale
+        scores = np.where(every[None, None, :] > new[None, :, None], -np.inf, scores)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[start:end] = np.einsum("hts,shd->thd", probs, values)
+    return out.reshape(tokens, num_heads * d).astype(qkv.dtype), key_cache, value_cache

@@ -18,6 +18,11 @@ from internlm2_graph.progress import human_bytes, human_count
 
 DEFAULT_CONTEXT = 4096
 PARTS = ("embedding", "attention", "feed_forward", "norms", "lm_head")
+# og.Engine keeps this share of the free GPU memory back for fragmentation before it applies
+# gpu_utilization_factor (onnxruntime-genai src/engine/paged_key_value_cache.cpp).
+ENGINE_FRAGMENTATION = 0.9
+# GPU memory sizes inspect works the paged pool out for (H100 80 GB, H200 141 GB).
+GPU_BYTES = {"80 GB": 80e9, "141 GB": 141e9}
 
 
 def initializers(config: InternLM2Config, target: Target) -> dict[str, ir.Value]:
@@ -60,6 +65,20 @@ def kv_cache_bytes(config: InternLM2Config, tokens: int, bytes_per_value: float)
     return int(per_token * bytes_per_value * tokens)
 
 
+def paged_block_bytes(config: InternLM2Config, target: Target) -> int:
+    """One block of og.Engine's paged KV cache, keys and values of every layer."""
+    return kv_cache_bytes(config, target.paged.block_size, target.kv_bytes_per_value)
+
+
+def paged_blocks(config: InternLM2Config, target: Target, free_bytes: float) -> int:
+    """The blocks og.Engine allocates for `target` with `free_bytes` of GPU memory free after
+    the weights: num_blocks when set, else its share of that memory."""
+    if target.paged.num_blocks is not None:
+        return target.paged.num_blocks
+    budget = free_bytes * ENGINE_FRAGMENTATION * target.paged.gpu_utilization_factor
+    return max(0, int(budget // paged_block_bytes(config, target)))
+
+
 def describe(source: str, context: int | None = None) -> str:
     """A few lines for people: the config, the parameters and the memory each build needs."""
     config = InternLM2Config.from_dir(resolve_checkpoint(source, config_only=True))
@@ -91,7 +110,31 @@ def describe(source: str, context: int | None = None) -> str:
             f"{k} {human_bytes(kv_cache_bytes(config, context, b))}" for k, b in per_scheme.items()
         )
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _describe_paged(config, context))
+
+
+def _describe_paged(config: InternLM2Config, context: int) -> list[str]:
+    """What og.Engine's paged cache holds at the builder's defaults, on the usual GPUs."""
+    on = {"use_paged_attention": "true"}
+    paged = {p: resolve_target(p, "cuda", on) for p in ("int4", "fp16")}
+    spec = paged["int4"].paged
+    block = human_bytes(paged_block_bytes(config, paged["int4"]))
+    lines = [
+        f"  paged KV cache (use_paged_attention=true): {block} a block of {spec.block_size} "
+        f"tokens; og.Engine gives it {ENGINE_FRAGMENTATION:g} x gpu_utilization_factor "
+        f"{spec.gpu_utilization_factor:g} of the GPU memory free after the weights, e.g.:"
+    ]
+    for gpu, total in GPU_BYTES.items():
+        parts = []
+        for precision, target in paged.items():
+            blocks = paged_blocks(config, target, total - weight_bytes(config, target))
+            tokens = blocks * target.paged.block_size
+            parts.append(
+                f"{precision} {blocks} blocks = {human_count(tokens)} tokens "
+                f"({tokens // context} sequences of {context})"
+            )
+        lines.append(f"    {gpu} GPU: " + ", ".join(parts))
+    return lines
 
 
 def _part(name: str) -> str | None:
