@@ -20,6 +20,10 @@ import numpy as np
 from internlm2_graph.errors import InternLM2GraphError
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+# Integer tensors hold packed 4-bit codes, zero points and g_idx of pre-quantized checkpoints
+# (prequantized.py); binding refuses them wherever a float weight is expected.
+INT_DTYPES = {"I32": np.int32, "I64": np.int64}
+ALL_DTYPES = {**DTYPES, **INT_DTYPES}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024
@@ -40,14 +44,23 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(ALL_DTYPES[self.dtype]).itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in DTYPES
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of the tensor as float32; rows are contiguous on disk."""
+        raw = self.read_stored(start, stop)
+        return raw.astype(np.float32, copy=raw.dtype != np.float32)
+
+    def read_stored(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in the stored dtype (bf16 as ml_dtypes.bfloat16)."""
         rows = self.shape[0] if self.shape else 1
         stop = rows if stop is None else min(stop, rows)
         row_shape = self.shape[1:]
-        dtype = np.dtype(DTYPES[self.dtype])
+        dtype = np.dtype(ALL_DTYPES[self.dtype])
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
         count = (stop - start) * row_bytes // dtype.itemsize
         with open(self.path, "rb") as f:
@@ -58,8 +71,7 @@ class TensorRef:
                 f"{self.path}: tensor {self.name} is cut short (file truncated); "
                 "download the shard again"
             )
-        out = raw.astype(np.float32, copy=dtype != np.float32)
-        return out.reshape((stop - start, *row_shape) if self.shape else ())
+        return raw.reshape((stop - start, *row_shape) if self.shape else ())
 
     def read(self) -> np.ndarray:
         return self.read_rows()
@@ -160,16 +172,20 @@ def read_header(path: Path) -> list[TensorRef]:
             )
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"entry for {name} is malformed") from None
-        if dtype not in DTYPES:
-            raise InternLM2GraphError(
-                f"{path}: tensor {name} has dtype {dtype}, but weights must be "
-                f"{', '.join(DTYPES)}; re-save the checkpoint in bf16 as published"
-            )
+        if dtype not in ALL_DTYPES:
+            raise wrong_dtype(path, name, dtype)
         ref = TensorRef(name, path, dtype, shape, data_start + begin)
         if end - begin != ref.nbytes or data_start + end > size:
             raise _corrupt(path, f"tensor {name} runs past the end of the file")
         refs.append(ref)
     return refs
+
+
+def wrong_dtype(path: Path, name: str, dtype: str) -> InternLM2GraphError:
+    return InternLM2GraphError(
+        f"{path}: tensor {name} has dtype {dtype}, but weights must be "
+        f"{', '.join(DTYPES)}; re-save the checkpoint in bf16 as published"
+    )
 
 
 def _corrupt(path: Path, why: str) -> InternLM2GraphError:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from internlm2_graph import calibrate, package, speculative
+from internlm2_graph import calibrate, package, prequantized, speculative
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
@@ -36,11 +36,13 @@ class BuildSummary:
     output_bytes: int
     seconds: float
     peak_rss_bytes: int
+    prequantized: str | None = None  # the format a pre-quantized checkpoint was read as
 
     def __str__(self) -> str:
+        source = f" from {self.prequantized}" if self.prequantized else ""
         return (
             f"built {self.output}: {human_count(self.parameters)} parameters, {self.precision} on "
-            f"{self.execution_provider}, {human_bytes(self.output_bytes)} on disk, "
+            f"{self.execution_provider}{source}, {human_bytes(self.output_bytes)} on disk, "
             f"{self.seconds:.1f} s, peak memory {human_bytes(self.peak_rss_bytes)}"
         )
 
@@ -83,6 +85,12 @@ def build(
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
     speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
     checkpoint = Checkpoint(folder)
+    layout = prequantized.read_layout(folder)
+    prequantized.check_dtypes(checkpoint, layout)
+    if layout is not None:  # published 4-bit: its codes carried over, or dequantized exactly
+        target = prequantized.target(layout, checkpoint, config, target, options)
+        if draft_target is not None:
+            draft_target = prequantized.target(layout, checkpoint, config, draft_target, options)
     model, module = build_graph(config, target)
     calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
     if target.algorithm != "rtn" or calibrated_kv:  # bad data fails here, before any write
@@ -94,14 +102,17 @@ def build(
         scales = calibrate.calibrate_kv_cache(
             checkpoint, config, kv_tokens, target.kv_cache, progress
         )
-    binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
+    binder = WeightBinder(checkpoint, config, allow_nonfinite, scales, layout=layout)
     binder.bind(module)
     expected_bytes = graph_bytes(model)
     draft_model = None
     if draft_target is not None:  # the self-draft: the same weights, quantized
         draft_model, draft_module = build_graph(config, draft_target)
         draft_scales = scales_from_file(config, draft_target)
-        WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
+        draft_binder = WeightBinder(
+            checkpoint, config, allow_nonfinite, draft_scales, layout=layout
+        )
+        draft_binder.bind(draft_module)
         expected_bytes += graph_bytes(draft_model)
     # A chat turn ends with <|im_end|>: stop on it even when generation_config.json omits it.
     eos = list(dict.fromkeys([*config.eos_token_id, *tokenizer.info.turn_end_ids]))
@@ -141,6 +152,7 @@ def build(
         output_bytes=sum(f.stat().st_size for f in output.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
+        prequantized=target.prequantized,
     )
 
 
