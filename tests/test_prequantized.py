@@ -129,9 +129,7 @@ def _as_checkpoint(folder: Path, module: str, tensors: dict) -> Checkpoint:
 
 
 def _code(array: np.ndarray) -> str:
-    return {"int32": "I32", "int64": "I64", "float16": "F16", "bfloat16": "BF16"}[
-        array.dtype.name
-    ]
+    return {"int32": "I32", "int64": "I64", "float16": "F16", "bfloat16": "BF16"}[array.dtype.name]
 
 
 @given(layers())
@@ -197,7 +195,9 @@ def test_reader_returns_the_packed_codes(fmt, layer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory) -> Path:
-    config = make_config("tiny", max_position_embeddings=128, hidden_size=128, intermediate_size=256)
+    config = make_config(
+        "tiny", max_position_embeddings=128, hidden_size=128, intermediate_size=256
+    )
     return write_checkpoint(tmp_path_factory.mktemp("float"), config, seed=3)
 
 
