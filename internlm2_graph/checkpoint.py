@@ -3,7 +3,9 @@
 The safetensors header is parsed here rather than through `safe_open` so that a truncated or
 corrupt file is reported by name before the build writes anything, and so that a tensor can be
 read a block of rows at a time: the largest tensors (embedding, lm head) are quantized and
-transposed in slices, which is what keeps peak memory flat as models grow.
+transposed in slices, which is what keeps peak memory flat as models grow. A folder with no
+safetensors but `pytorch_model*.bin` files is read the same way: torch_pickle finds each
+tensor's bytes inside the zip archive without running its pickle.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ INT_DTYPES = {"I32": np.int32, "I64": np.int64}
 ALL_DTYPES = {**DTYPES, **INT_DTYPES}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# PyTorch weights, read by torch_pickle without running the pickle: where no safetensors are.
+BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_HEADER = 100 * 1024 * 1024
 # How a shard cloned without git-lfs starts: "version https://git-lfs.github.com/spec/v1".
 # As a header length these bytes would be ~2e18, so no real safetensors file starts so.
@@ -84,7 +88,7 @@ class Checkpoint:
         self.folder = Path(folder)
         self.tensors: dict[str, TensorRef] = {}
         for shard in self._shards():
-            for ref in read_header(shard):
+            for ref in read_header(shard) if shard.suffix == ".safetensors" else _torch(shard):
                 self.tensors[ref.name] = ref
 
     def __contains__(self, name: str) -> bool:
@@ -105,6 +109,8 @@ class Checkpoint:
 
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX
+        if not index.is_file() and not any(self.folder.glob("*.safetensors")):
+            index = self.folder / BIN_INDEX  # same weight_map format
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -125,17 +131,19 @@ class Checkpoint:
         loose = sorted(self.folder.glob("*.safetensors"))
         if loose:
             return loose
-        if any(self.folder.glob("pytorch_model*.bin")) or any(self.folder.glob("*.pt")):
-            raise InternLM2GraphError(
-                f"{self.folder}: only PyTorch *.bin weights found, and internlm2_graph reads "
-                "safetensors (pickles can run code); download the repo's *.safetensors files, "
-                "or convert once with transformers: AutoModelForCausalLM.from_pretrained(folder, "
-                "trust_remote_code=True).save_pretrained(new_folder, safe_serialization=True)"
-            )
+        bins = sorted(self.folder.glob("pytorch_model*.bin"))
+        if bins:
+            return bins
         raise InternLM2GraphError(
-            f"{self.folder}: no *.safetensors weights found (expected {SINGLE} or "
-            f"{INDEX} with its shards)"
+            f"{self.folder}: no weights found (expected {SINGLE} or {INDEX} with its shards, "
+            "or pytorch_model*.bin)"
         )
+
+
+def _torch(path: Path) -> list[TensorRef]:
+    from internlm2_graph.torch_pickle import read_torch_file  # only for .bin checkpoints
+
+    return read_torch_file(path)
 
 
 def read_header(path: Path) -> list[TensorRef]:

@@ -38,7 +38,7 @@ from internlm2_graph.checkpoint import Checkpoint, TensorRef, wrong_dtype
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import ALIASES, QuantSpec, Target
-from internlm2_graph.quantize import QuantizedWeight, from_codes
+from internlm2_graph.quantize import QuantizedWeight
 
 FORMATS = ("awq", "gptq", "compressed-tensors")
 # Nibble i of an AWQ "gemm" word holds output column 8c + AWQ_ORDER[i] (AutoAWQ packing_utils).
@@ -335,23 +335,33 @@ def _compressed_tensors(raw: dict, source: str) -> Layout:
 @dataclass(frozen=True)
 class Codes:
     """One linear layer as stored: w[n, k] = (codes[n, k] - zeros[n, g]) * scales[n, g] with
-    g = g_idx[k]. `codes` uint8 [N, K]; `scales` float32 [N, G]; `zeros` uint8 [N, G];
-    `g_idx` int [K] or None when g = k // group_size."""
+    g = g_idx[k]. `words` uint32 [N, K/8] hold the codes in MatMulNBits' order (input channel
+    8c + i in nibble i of word c, so their bytes are its B); `scales` float32 [N, G]; `zeros`
+    uint8 [N, G]; `g_idx` int [K] or None when g = k // group_size."""
 
-    codes: np.ndarray
+    words: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
     g_idx: np.ndarray | None
 
+    @property
+    def codes(self) -> np.ndarray:
+        """uint8 [N, K]."""
+        return _nibbles(self.words, axis=1)
+
+    def rows(self, start: int, stop: int) -> Codes:
+        return Codes(
+            self.words[start:stop], self.scales[start:stop], self.zeros[start:stop], self.g_idx
+        )
+
     def dequantized(self) -> np.ndarray:
         """float32 [N, K]: (q - z) * s, the float model the checkpoint stands for."""
-        n, k = self.codes.shape
         group = self.groups()
         zeros = self.zeros[:, group].astype(np.float32)
         return (self.codes.astype(np.float32) - zeros) * self.scales[:, group]
 
     def groups(self) -> np.ndarray:
-        k, blocks = self.codes.shape[1], self.scales.shape[1]
+        k, blocks = self.words.shape[1] * 8, self.scales.shape[1]
         return self.g_idx if self.g_idx is not None else np.arange(k) // (k // blocks)
 
 
@@ -370,6 +380,24 @@ def _awq_columns(words: np.ndarray) -> np.ndarray:
     columns = np.empty_like(nibbles)
     columns[:, :, AWQ_ORDER] = nibbles
     return columns.reshape(words.shape[0], -1)
+
+
+def _awq_words(qweight: np.ndarray) -> np.ndarray:
+    """AWQ "gemm" qweight int32 [K, N/8] -> uint32 [N, K/8] in MatMulNBits' order: an 8x8
+    transpose of nibbles inside each block of 8 input rows x 8 output columns, done on whole
+    words (64 mask-shift-or passes over N*K/64 words) rather than on unpacked codes."""
+    k, n8 = qweight.shape
+    w = qweight.view(np.uint32).reshape(k // 8, 8, n8)  # [r, j, c]: input row 8r + j
+    out = np.empty((n8, 8, k // 8), np.uint32)  # [c, o, r]: output column 8c + o
+    for i, column in enumerate(AWQ_ORDER):  # nibble i holds output column 8c + AWQ_ORDER[i]
+        acc = np.zeros((k // 8, n8), np.uint32)
+        mask = np.uint32(0xF << (4 * i))
+        for j in range(8):  # input row 8r + j goes to nibble j
+            part = w[:, j, :] & mask
+            shift = 4 * (j - i)
+            acc |= part << np.uint32(shift) if shift >= 0 else part >> np.uint32(-shift)
+        out[:, column, :] = acc.T
+    return out.reshape(n8 * 8, k // 8)
 
 
 def _float(ref: TensorRef) -> np.ndarray:
@@ -413,13 +441,12 @@ def read_codes(
     names = {t: f"{module}.{t}" for t in TENSORS[layout.format]}
     g_idx = None
     if layout.format == "awq":
-        words = _ints(_expect(checkpoint[names["qweight"]], (k, n // 8)))
-        codes = _awq_columns(words).T
+        words = _awq_words(_ints(_expect(checkpoint[names["qweight"]], (k, n // 8))))
         zeros = _awq_columns(_ints(_expect(checkpoint[names["qzeros"]], (blocks, n // 8)))).T
         scales = _float(_expect(checkpoint[names["scales"]], (blocks, n))).T
     elif layout.format == "gptq":
-        words = _ints(_expect(checkpoint[names["qweight"]], (k // 8, n)))
-        codes = _nibbles(words, axis=0).T
+        # input row 8r + i in nibble i: word (r, n) already is MatMulNBits' word (n, r)
+        words = _ints(_expect(checkpoint[names["qweight"]], (k // 8, n))).view(np.uint32).T
         stored = _nibbles(_ints(_expect(checkpoint[names["qzeros"]], (blocks, n // 8))), axis=1)
         zeros = stored.T.astype(np.uint16) + 1  # v1 stores z - 1
         scales = _float(_expect(checkpoint[names["scales"]], (blocks, n))).T
@@ -427,7 +454,7 @@ def read_codes(
             g_idx = checkpoint[names["g_idx"]].read_stored().astype(np.int64)
             _expect(checkpoint[names["g_idx"]], (k,))
     else:
-        codes = _nibbles(_ints(_expect(checkpoint[names["weight_packed"]], (n, k // 8))), axis=1)
+        words = _ints(_expect(checkpoint[names["weight_packed"]], (n, k // 8))).view(np.uint32)
         scales = _float(_expect(checkpoint[names["weight_scale"]], (n, blocks)))
         if scheme.symmetric:
             zeros = np.full((n, blocks), 8, np.uint8)
@@ -452,7 +479,7 @@ def read_codes(
     if g_idx is not None:
         g_idx = _check_g_idx(g_idx, k, group, where)
     return Codes(
-        np.ascontiguousarray(codes),
+        np.ascontiguousarray(words),
         np.ascontiguousarray(scales, dtype=np.float32),
         np.ascontiguousarray(zeros, dtype=np.uint8),
         g_idx,
@@ -488,12 +515,21 @@ def input_order(codes: Codes) -> np.ndarray | None:
 def quantized_weight(codes: Codes, spec: QuantSpec) -> QuantizedWeight:
     """The codes in MatMulNBits layout, unchanged: blocks of `spec.block_size` (a group larger
     than a block repeats its scale and zero point), input channels in input_order."""
-    order = input_order(codes)
-    q = codes.codes if order is None else codes.codes[:, order]
-    repeat = q.shape[1] // codes.scales.shape[1] // spec.block_size
+    n, k = codes.words.shape[0], codes.words.shape[1] * 8
+    repeat = k // codes.scales.shape[1] // spec.block_size
     scales = np.repeat(codes.scales, repeat, axis=1)
     zeros = np.repeat(codes.zeros, repeat, axis=1)
-    return from_codes(q, scales, zeros, spec)
+    order = input_order(codes)
+    if order is None:  # the words' bytes are MatMulNBits' B as they are
+        packed = codes.words.view(np.uint8).reshape(spec.packed_shape(n, k))
+    else:  # act-order: the codes' columns move, so unpack, reorder and pack again
+        q = codes.codes[:, order]
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(spec.packed_shape(n, k))
+    zero_points = None
+    if not spec.symmetric:  # block 2j in the low nibble; an odd count's spare nibble holds 8
+        even = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)), constant_values=8)
+        zero_points = even[:, 0::2] | (even[:, 1::2] << 4)
+    return QuantizedWeight(packed, scales, zero_points, k=k, n=n, spec=spec)
 
 
 # The wqkv regrouping reads a float layer a head at a time: unpack it once, not per head.
@@ -515,10 +551,7 @@ class DequantizedRows:
     def rows(self, start: int, stop: int) -> np.ndarray:
         n, k = self.shape
         codes = _cached_codes(self.checkpoint, self.layout, self.module, self.scheme, n, k)
-        part = Codes(
-            codes.codes[start:stop], codes.scales[start:stop], codes.zeros[start:stop], codes.g_idx
-        )
-        return part.dequantized()
+        return codes.rows(start, stop).dequantized()
 
 
 # --- the build's choices ----------------------------------------------------------------------

@@ -105,7 +105,7 @@ def pack_awq(codes, zeros, scales) -> dict[str, np.ndarray]:
         return _words(rows[:, :, AWQ_ORDER])
 
     return {
-        "qweight": interleaved(codes.T),
+        "qweight": None if codes is None else interleaved(codes.T),
         "qzeros": interleaved(zeros.T),
         "scales": np.ascontiguousarray(scales.T).astype(np.float16),
     }
@@ -114,9 +114,9 @@ def pack_awq(codes, zeros, scales) -> dict[str, np.ndarray]:
 def pack_gptq(codes, zeros, scales, g_idx=None) -> dict[str, np.ndarray]:
     """GPTQ v1: qweight [K/8, N] (input 8r + i in nibble i), qzeros [G, N/8] holding z - 1
     (output 8c + i in nibble i), scales [G, N] fp16, g_idx [K] int32."""
-    n, k = codes.shape
-    blocks = zeros.shape[1]
-    qweight = _words(codes.T.reshape(k // 8, 8, n).transpose(0, 2, 1))
+    n, blocks = zeros.shape
+    k = len(g_idx) if codes is None else codes.shape[1]
+    qweight = None if codes is None else _words(codes.T.reshape(k // 8, 8, n).transpose(0, 2, 1))
     stored = (zeros.T.astype(np.int16) - 1) & 0xF
     g_idx = np.arange(k) // (k // blocks) if g_idx is None else g_idx
     return {
@@ -131,9 +131,9 @@ def pack_compressed_tensors(codes, zeros, scales, g_idx=None, symmetric=True) ->
     """pack-quantized: weight_packed [N, K/8] (input 8c + i in nibble i, codes offset +8, so
     stored unsigned), weight_scale [N, G] bf16, weight_zero_point [N/8, G] (asymmetric only,
     output 8r + i in nibble i), weight_g_idx [K] (act-order only), weight_shape [2]."""
-    n, k = codes.shape
+    n, k = (zeros.shape[0], len(g_idx)) if codes is None else codes.shape
     out = {
-        "weight_packed": _words(codes.reshape(n, k // 8, 8)),
+        "weight_packed": None if codes is None else _words(codes.reshape(n, k // 8, 8)),
         "weight_scale": np.asarray(scales).astype(ml_dtypes.bfloat16),
         "weight_shape": np.array([n, k], np.int64),
     }
@@ -342,17 +342,23 @@ def write_random_prequantized(
             shards.append({})  # a shard per layer
         n, k = shape
         blocks = k // group
-        codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
         zeros = rng.integers(1, 15, (n, blocks), dtype=np.uint8) if not symmetric else None
         zeros = np.full((n, blocks), 8, np.uint8) if zeros is None else zeros
         scales = (rng.random((n, blocks), np.float32) * 0.01 / math.sqrt(k) + 1e-4).astype(
             scale_dtype
         )
-        g_idx = act_order_g_idx(k, group, rng) if act_order else None
-        for part, array in pack(fmt, codes, zeros, scales, g_idx, symmetric).items():
+        g_idx = act_order_g_idx(k, group, rng) if act_order else np.arange(k) // group
+        # Random codes are random words: generated packed, whatever the nibble order.
+        words = {"awq": (k, n // 8), "gptq": (k // 8, n), "compressed-tensors": (n, k // 8)}
+        parts = pack(fmt, None, zeros, scales, g_idx, symmetric)
+        if not act_order:
+            parts.pop("weight_g_idx", None)  # compressed-tensors stores it for act-order only
+        for part, array in parts.items():
+            if array is None:
+                shape = words[fmt]
+                array = rng.integers(0, 1 << 32, shape, dtype=np.uint32).view(np.int32)
             shards[-1][f"{module}.{part}"] = _whole(array)
-        del codes
-        if len(shards[-1]) > 0 and module.endswith("feed_forward.w2"):
+        if module.endswith("feed_forward.w2"):
             _flush(folder, shards)
     _flush(folder, shards, last=True)
     return folder
