@@ -3,7 +3,9 @@
 The safetensors header is parsed here rather than through `safe_open` so that a truncated or
 corrupt file is reported by name before the build writes anything, and so that a tensor can be
 read a block of rows at a time: the largest tensors (embedding, lm head) are quantized and
-transposed in slices, which is what keeps peak memory flat as models grow.
+transposed in slices, which is what keeps peak memory flat as models grow. A folder with no
+safetensors but `pytorch_model*.bin` files is read the same way: torch_pickle finds each
+tensor's bytes inside the zip archive without running its pickle.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ import numpy as np
 from internlm2_graph.errors import InternLM2GraphError
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+# Integer tensors hold packed 4-bit codes, zero points and g_idx of pre-quantized checkpoints
+# (prequantized.py); binding refuses them wherever a float weight is expected.
+INT_DTYPES = {"I32": np.int32, "I64": np.int64}
+ALL_DTYPES = {**DTYPES, **INT_DTYPES}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# PyTorch weights, read by torch_pickle without running the pickle: where no safetensors are.
+BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_HEADER = 100 * 1024 * 1024
 # How a shard cloned without git-lfs starts: "version https://git-lfs.github.com/spec/v1".
 # As a header length these bytes would be ~2e18, so no real safetensors file starts so.
@@ -40,14 +48,23 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(ALL_DTYPES[self.dtype]).itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in DTYPES
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of the tensor as float32; rows are contiguous on disk."""
+        raw = self.read_stored(start, stop)
+        return raw.astype(np.float32, copy=raw.dtype != np.float32)
+
+    def read_stored(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in the stored dtype (bf16 as ml_dtypes.bfloat16)."""
         rows = self.shape[0] if self.shape else 1
         stop = rows if stop is None else min(stop, rows)
         row_shape = self.shape[1:]
-        dtype = np.dtype(DTYPES[self.dtype])
+        dtype = np.dtype(ALL_DTYPES[self.dtype])
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
         count = (stop - start) * row_bytes // dtype.itemsize
         with open(self.path, "rb") as f:
@@ -58,8 +75,7 @@ class TensorRef:
                 f"{self.path}: tensor {self.name} is cut short (file truncated); "
                 "download the shard again"
             )
-        out = raw.astype(np.float32, copy=dtype != np.float32)
-        return out.reshape((stop - start, *row_shape) if self.shape else ())
+        return raw.reshape((stop - start, *row_shape) if self.shape else ())
 
     def read(self) -> np.ndarray:
         return self.read_rows()
@@ -72,7 +88,7 @@ class Checkpoint:
         self.folder = Path(folder)
         self.tensors: dict[str, TensorRef] = {}
         for shard in self._shards():
-            for ref in read_header(shard):
+            for ref in read_header(shard) if shard.suffix == ".safetensors" else _torch(shard):
                 self.tensors[ref.name] = ref
 
     def __contains__(self, name: str) -> bool:
@@ -93,6 +109,8 @@ class Checkpoint:
 
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX
+        if not index.is_file() and not any(self.folder.glob("*.safetensors")):
+            index = self.folder / BIN_INDEX  # same weight_map format
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -113,17 +131,19 @@ class Checkpoint:
         loose = sorted(self.folder.glob("*.safetensors"))
         if loose:
             return loose
-        if any(self.folder.glob("pytorch_model*.bin")) or any(self.folder.glob("*.pt")):
-            raise InternLM2GraphError(
-                f"{self.folder}: only PyTorch *.bin weights found, and internlm2_graph reads "
-                "safetensors (pickles can run code); download the repo's *.safetensors files, "
-                "or convert once with transformers: AutoModelForCausalLM.from_pretrained(folder, "
-                "trust_remote_code=True).save_pretrained(new_folder, safe_serialization=True)"
-            )
+        bins = sorted(self.folder.glob("pytorch_model*.bin"))
+        if bins:
+            return bins
         raise InternLM2GraphError(
-            f"{self.folder}: no *.safetensors weights found (expected {SINGLE} or "
-            f"{INDEX} with its shards)"
+            f"{self.folder}: no weights found (expected {SINGLE} or {INDEX} with its shards, "
+            "or pytorch_model*.bin)"
         )
+
+
+def _torch(path: Path) -> list[TensorRef]:
+    from internlm2_graph.torch_pickle import read_torch_file  # only for .bin checkpoints
+
+    return read_torch_file(path)
 
 
 def read_header(path: Path) -> list[TensorRef]:
@@ -160,16 +180,20 @@ def read_header(path: Path) -> list[TensorRef]:
             )
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"entry for {name} is malformed") from None
-        if dtype not in DTYPES:
-            raise InternLM2GraphError(
-                f"{path}: tensor {name} has dtype {dtype}, but weights must be "
-                f"{', '.join(DTYPES)}; re-save the checkpoint in bf16 as published"
-            )
+        if dtype not in ALL_DTYPES:
+            raise wrong_dtype(path, name, dtype)
         ref = TensorRef(name, path, dtype, shape, data_start + begin)
         if end - begin != ref.nbytes or data_start + end > size:
             raise _corrupt(path, f"tensor {name} runs past the end of the file")
         refs.append(ref)
     return refs
+
+
+def wrong_dtype(path: Path, name: str, dtype: str) -> InternLM2GraphError:
+    return InternLM2GraphError(
+        f"{path}: tensor {name} has dtype {dtype}, but weights must be "
+        f"{', '.join(DTYPES)}; re-save the checkpoint in bf16 as published"
+    )
 
 
 def _corrupt(path: Path, why: str) -> InternLM2GraphError:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from internlm2_graph import package, speculative
+from internlm2_graph import package, prequantized, speculative
 from internlm2_graph.calibration import data, drivers, kv
 from internlm2_graph.calibration.recipes import TOKENS, Recipe, recipe_for
 from internlm2_graph.checkpoint import Checkpoint
@@ -39,11 +39,13 @@ class BuildSummary:
     output_bytes: int
     seconds: float
     peak_rss_bytes: int
+    prequantized: str | None = None  # the format a pre-quantized checkpoint was read as
 
     def __str__(self) -> str:
+        source = f" from {self.prequantized}" if self.prequantized else ""
         return (
             f"built {self.output}: {human_count(self.parameters)} parameters, {self.precision} on "
-            f"{self.execution_provider}, {human_bytes(self.output_bytes)} on disk, "
+            f"{self.execution_provider}{source}, {human_bytes(self.output_bytes)} on disk, "
             f"{self.seconds:.1f} s, peak memory {human_bytes(self.peak_rss_bytes)}"
         )
 
@@ -89,14 +91,20 @@ def build(
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
     speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
     checkpoint = Checkpoint(folder)
+    layout = prequantized.read_layout(folder)
+    prequantized.check_dtypes(checkpoint, layout)
+    if layout is not None:  # published 4-bit: its codes carried over, or dequantized exactly
+        target = prequantized.target(layout, checkpoint, config, target, options)
+        if draft_target is not None:
+            draft_target = prequantized.target(layout, checkpoint, config, draft_target, options)
     model, module = build_graph(config, target)
     sequences = _calibration_sequences(target, recipe, tokenizer, config)  # bad data fails now
     scales = scales_from_file(config, target)
     if _calibrated_kv(target):  # one float pass, layer by layer; it writes nothing
         scales = kv.calibrate_kv_cache(checkpoint, config, sequences, target.kv_cache, progress)
-    binder = WeightBinder(checkpoint, config, allow_nonfinite, scales)
+    binder = WeightBinder(checkpoint, config, allow_nonfinite, scales, layout=layout)
     binder.bind(module)
-    draft_model = _draft_model(checkpoint, config, draft_target, allow_nonfinite)
+    draft_model = _draft_model(checkpoint, config, draft_target, allow_nonfinite, layout)
     expected_bytes = graph_bytes(model)
     if draft_model is not None:
         expected_bytes += graph_bytes(draft_model)
@@ -132,6 +140,7 @@ def build(
         output_bytes=sum(f.stat().st_size for f in output.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
+        prequantized=target.prequantized,
     )
 
 
@@ -167,13 +176,14 @@ def _calibration_sequences(
     return data.calibration_tokens(target.calibration_data, tokenizer.encode, config, budget)
 
 
-def _draft_model(checkpoint, config, draft_target: Target | None, allow_nonfinite: bool):
+def _draft_model(checkpoint, config, draft_target: Target | None, allow_nonfinite: bool, layout):
     """The self-draft's graph, bound to the same weights (quantized), or None."""
     if draft_target is None:
         return None
     draft_model, draft_module = build_graph(config, draft_target)
     draft_scales = scales_from_file(config, draft_target)
-    WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
+    binder = WeightBinder(checkpoint, config, allow_nonfinite, draft_scales, layout=layout)
+    binder.bind(draft_module)
     return draft_model
 
 

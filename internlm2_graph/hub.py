@@ -31,8 +31,16 @@ ALLOW_PATTERNS = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    # pre-quantized checkpoints' quantization configs (AutoGPTQ, older AutoAWQ)
+    "quantize_config.json",
+    "quant_config.json",
 )
-CONFIG_PATTERNS = ("config.json", "generation_config.json")
+CONFIG_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quant_config.json",
+)
 # Patterns match across "/", so "*.safetensors" alone would also pull e.g. `onnx/model.safetensors`
 # or `original/*.safetensors` from sub-folders: the build only reads the repo's top level.
 IGNORE_PATTERNS = ("*/*",)

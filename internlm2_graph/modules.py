@@ -64,6 +64,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         k, n = in_features, out_features
+        # Act-order checkpoints: which input channel feeds each of the weight's K columns.
+        self.input_order = nn.Parameter([k], ir.DataType.INT64) if spec.permuted else None
         self.weight = nn.Parameter(list(spec.packed_shape(n, k)), ir.DataType.UINT8)
         self.scales = nn.Parameter([n * spec.blocks(k)], dtype)
         self.zero_points = (
@@ -74,6 +76,8 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter([out_features], dtype) if bias else None
 
     def forward(self, op: OpBuilder, x: Value) -> Value:
+        if self.input_order is not None:
+            x = op.Gather(x, self.input_order, axis=-1)
         inputs = [x, self.weight, self.scales]
         if self.zero_points is not None:
             inputs.append(self.zero_points)
@@ -112,13 +116,14 @@ class Attention(nn.Module):
     GroupQueryAttention's packed-QKV input.
     """
 
-    def __init__(self, config: InternLM2Config, target: Target) -> None:
+    def __init__(self, config: InternLM2Config, target: Target, prefix: str = "") -> None:
         super().__init__()
         self.config = config
         qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
         heads_out = config.num_attention_heads * config.head_dim
-        self.wqkv = linear(config.hidden_size, qkv, config.bias, target, "attention.wqkv")
-        self.wo = linear(heads_out, config.hidden_size, config.bias, target, "attention.wo")
+        wqkv, wo = prefix + "attention.wqkv", prefix + "attention.wo"
+        self.wqkv = linear(config.hidden_size, qkv, config.bias, target, wqkv)
+        self.wo = linear(heads_out, config.hidden_size, config.bias, target, wo)
         self.kv_cache = target.kv_cache
         if self.kv_cache is not None:
             # Not checkpoint tensors: scale files or calibration provide them (kv_scales.py).
@@ -227,12 +232,12 @@ class FeedForward(nn.Module):
     kernels-h100-7b-int4-apart.md).
     """
 
-    def __init__(self, config: InternLM2Config, target: Target) -> None:
+    def __init__(self, config: InternLM2Config, target: Target, prefix: str = "") -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.w1 = linear(h, i, False, target, "feed_forward.w1")
-        self.w3 = linear(h, i, False, target, "feed_forward.w3")
-        self.w2 = linear(i, h, False, target, "feed_forward.w2")
+        self.w1 = linear(h, i, False, target, prefix + "feed_forward.w1")
+        self.w3 = linear(h, i, False, target, prefix + "feed_forward.w3")
+        self.w2 = linear(i, h, False, target, prefix + "feed_forward.w2")
 
     def forward(self, op: OpBuilder, x: Value) -> Value:
         gate = self.w1(op, x)
@@ -252,13 +257,14 @@ class DecoderLayer(nn.Module):
     embedding.
     """
 
-    def __init__(self, config: InternLM2Config, target: Target) -> None:
+    def __init__(self, config: InternLM2Config, target: Target, index: int = 0) -> None:
         super().__init__()
         dtype = target.io_dtype
+        prefix = f"model.layers.{index}."  # linear layers are chosen by checkpoint name
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attention = (PagedAttention if target.paged else Attention)(config, target)
+        self.attention = (PagedAttention if target.paged else Attention)(config, target, prefix)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.feed_forward = FeedForward(config, target)
+        self.feed_forward = FeedForward(config, target, prefix)
 
     def forward(
         self,
@@ -294,7 +300,7 @@ class InternLM2Model(nn.Module):
         dtype = target.io_dtype
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, target) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, target, i) for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = Rotary(config.positions(target.max_length), config.head_dim, dtype)

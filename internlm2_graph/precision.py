@@ -5,7 +5,8 @@ Flag and option names follow `onnxruntime_genai.models.builder`, so its commands
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
 import onnx_ir as ir
@@ -90,6 +91,9 @@ class QuantSpec:
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = True
     accuracy_level: int = 0
+    # Act-order checkpoints (prequantized.py): the input channels are gathered into block order
+    # before the MatMulNBits, because the checkpoint's groups are not runs of channels.
+    permuted: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -268,13 +272,20 @@ class Target:
     algorithm: str = "rtn"  # how quantized weights are made: one of ALGORITHMS (calibration/)
     calibration_data: str | None = None
     paged: PagedSpec | None = None  # a PagedAttention graph for og.Engine (None: GQA)
+    # A pre-quantized checkpoint's own choice per linear layer, by checkpoint name (None: kept
+    # in float), and its format's name; set by prequantized.target, never by options.
+    layer_specs: Mapping[str, QuantSpec | None] | None = field(default=None, compare=False)
+    prequantized: str | None = None
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
 
         `name` is the layer's checkpoint name ("output", "model.layers.3.attention.wqkv") or
-        its last part ("attention.wqkv"); only the lm head ("output") can differ from the rest.
+        its last part ("attention.wqkv"); only the lm head ("output") can differ from the rest,
+        unless the checkpoint was published quantized (layer_specs).
         """
+        if self.layer_specs is not None and name in self.layer_specs:
+            return self.layer_specs[name]
         return self.lm_head_quant if name == LM_HEAD else self.quant
 
     @property

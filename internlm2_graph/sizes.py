@@ -14,6 +14,7 @@ from internlm2_graph.config import InternLM2Config
 from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
 from internlm2_graph.precision import Target, resolve_target, supported_targets
+from internlm2_graph.prequantized import read_layout
 from internlm2_graph.progress import human_bytes, human_count
 
 DEFAULT_CONTEXT = 4096
@@ -81,7 +82,9 @@ def paged_blocks(config: InternLM2Config, target: Target, free_bytes: float) -> 
 
 def describe(source: str, context: int | None = None) -> str:
     """A few lines for people: the config, the parameters and the memory each build needs."""
-    config = InternLM2Config.from_dir(resolve_checkpoint(source, config_only=True))
+    folder = resolve_checkpoint(source, config_only=True)
+    config = InternLM2Config.from_dir(folder)
+    layout = read_layout(folder)
     context = context or min(config.context_length, DEFAULT_CONTEXT)
     parts = parameter_breakdown(config)
     lines = [
@@ -93,6 +96,13 @@ def describe(source: str, context: int | None = None) -> str:
         f"  rope_theta {config.rope_theta:g}, rope_scaling {config.rope_scaling}, "
         f"context {config.context_length}, bias {config.bias}",
         "  parameters: " + ", ".join(f"{k} {human_count(v)}" for k, v in parts.items()),
+    ]
+    if layout is not None:
+        lines.append(
+            f"  pre-quantized: {layout.name}; -p int4 carries its codes over unchanged, "
+            "fp16/bf16/fp32 dequantize them exactly"
+        )
+    lines += [
         f"  memory for the weights and a KV cache of {context} tokens (batch 1):",
     ]
     for target in supported_targets():

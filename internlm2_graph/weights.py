@@ -17,9 +17,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from internlm2_graph import modules
+from internlm2_graph import modules, prequantized
 from internlm2_graph.calibration.store import Calibrated
-from internlm2_graph.checkpoint import Checkpoint, TensorRef
+from internlm2_graph.checkpoint import Checkpoint, TensorRef, wrong_dtype
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import QuantSpec
@@ -201,8 +201,11 @@ class WeightBinder:
         allow_nonfinite: bool = False,
         kv_scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
         calibrated: Calibrated | None = None,
+        layout: prequantized.Layout | None = None,
     ) -> None:
         self.checkpoint = checkpoint
+        # A pre-quantized checkpoint's format: its packed linears are read code for code.
+        self.layout = layout
         self.config = config
         self.allow_nonfinite = allow_nonfinite
         self.kv_scales = kv_scales or {}
@@ -227,15 +230,32 @@ class WeightBinder:
 
     def source(self, name: str, shape: tuple[int, ...]) -> Source:
         """The checkpoint tensor `name`, which must have `shape`, in graph row order."""
+        packed = self._packed(name.removesuffix(".weight"))
+        if packed is not None:  # stored 4-bit: its exactly dequantized rows
+            source = prequantized.DequantizedRows(
+                self.checkpoint, self.layout, name.removesuffix(".weight"), packed, shape
+            )
+            return self._in_graph_order(name, source)
         ref = self.checkpoint[name]
         if ref.shape != shape:
             raise InternLM2GraphError(
                 f"{ref.path}: tensor {name} has shape {list(ref.shape)}, but config.json implies "
                 f"{list(shape)}; the config and the weights are from different models"
             )
+        if not ref.is_float:
+            raise wrong_dtype(ref.path, name, ref.dtype)
         source = CalibratedRows(
             CheckpointRows(ref, self.allow_nonfinite), name, lambda: self.calibrated
         )
+        return self._in_graph_order(name, source)
+
+    def _packed(self, module: str) -> prequantized.Scheme | None:
+        """How a pre-quantized checkpoint stores linear layer `module`; None when in float."""
+        if self.layout is None or not prequantized.is_linear(module):
+            return None
+        return self.layout.scheme(module)
+
+    def _in_graph_order(self, name: str, source: Source) -> Source:
         if name.endswith("attention.wqkv.weight") or name.endswith("attention.wqkv.bias"):
             return PermutedRows(source, qkv_order(self.config))
         return source
@@ -262,13 +282,27 @@ class WeightBinder:
         _attach(module.scales, lambda: _as(quantized.take().scales.reshape(-1), module.scales))
         if module.zero_points is not None:
             _attach(module.zero_points, lambda: quantized.take().zero_points.reshape(-1))
+        if module.input_order is not None:  # act-order: read once, small ([K] int64)
+            _attach(module.input_order, lambda: self._input_order(path, module))
         self._bind_bias(path, module)
 
+    def _input_order(self, path: str, module) -> np.ndarray:
+        scheme = self._packed(path)
+        n, k = module.out_features, module.in_features
+        codes = prequantized.read_codes(self.checkpoint, self.layout, path, scheme, n, k)
+        return prequantized.input_order(codes).astype(np.int64)
+
     def _quantized(self, path: str, source: Source, module) -> QuantizedWeight:
-        if self.calibrated is None or path not in self.calibrated:
+        scheme = self._packed(path)
+        if scheme is not None:  # the checkpoint's own codes, unchanged
+            n, k = module.out_features, module.in_features
+            codes = prequantized.read_codes(self.checkpoint, self.layout, path, scheme, n, k)
+            q = prequantized.quantized_weight(codes, module.spec)
+        elif self.calibrated is None or path not in self.calibrated:
             return quantize_source(source, module.spec)
-        q = self.calibrated.load(path, module.in_features, module.spec)
-        if path.endswith("attention.wqkv"):  # calibrated in the checkpoint's grouped row order
+        else:
+            q = self.calibrated.load(path, module.in_features, module.spec)
+        if path.endswith("attention.wqkv"):  # made in the checkpoint's grouped row order
             order = qkv_order(self.config)
             zero_points = None if q.zero_points is None else q.zero_points[order]
             q = QuantizedWeight(

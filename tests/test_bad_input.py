@@ -129,7 +129,11 @@ CATALOGUE = [
         _config(num_attention_heads=8, num_key_value_heads=2),
         ("config.json", "head_dim 8", "multiple of 16", "GroupQueryAttention"),
     ),
-    Case("only-pytorch-bin", _only_bin, ("only PyTorch *.bin", "safe_serialization=True")),
+    Case(
+        "only-pytorch-bin",
+        _only_bin,
+        ("pytorch_model.bin: not a readable torch.save file", "download it again"),
+    ),
     Case(
         "index-names-missing-shard",
         _remove(SHARD_2),
