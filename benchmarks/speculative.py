@@ -198,7 +198,7 @@ def load_models(folder: Path, ep: str, with_draft: bool = True) -> dict:
     """{"target": og.Model without the draft, "draft": og.Model with it (if `with_draft`)}."""
     import onnxruntime_genai as og
 
-    from internlm2_graph.speculative import og_config
+    from internlm2_graph.runtime import og_config
 
     models = {}
     for key, mode in (("target", "off"), ("draft", "draft"))[: 2 if with_draft else 1]:

@@ -8,7 +8,6 @@ subcommands, and `eval` scores a folder on your text.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -264,22 +263,9 @@ def _verify_logits(args) -> bool:
 def _verify_tokenizer(args) -> bool:
     from internlm2_graph.verify import check_tokenizer, read_text
 
-    runtime, exact, pieces = check_tokenizer(args.model, read_text(args.text))
-    print(runtime)
-    print(exact)
-    print(pieces)
-    if exact.differing:
-        # The exact path is `tokenizers` on the folder's own files: a difference is a bug.
-        print("MISMATCH: exact_tokenizer should always give SentencePiece's ids; please report it")
-        return False
-    if runtime.differing:
-        print(
-            "MISMATCH: og.Tokenizer differs on these paragraphs; encode with "
-            "internlm2_graph.tokenizer.exact_tokenizer(folder) and pass the ids to og"
-        )
-        return False
-    print("OK")
-    return True
+    verdict = check_tokenizer(args.model, read_text(args.text))
+    print(verdict)
+    return verdict.ok
 
 
 def _inspect(args) -> int:
@@ -308,7 +294,7 @@ def _eval(args) -> int:
 
 
 def _chat(args) -> int:
-    from internlm2_graph.chat import Chat, ContextFull, search_options
+    from internlm2_graph.chat import Chat, default_speculative, repl, say, search_options
 
     search = search_options(
         do_sample=args.do_sample,
@@ -322,45 +308,11 @@ def _chat(args) -> int:
         system=args.system,
         search=search,
         max_new_tokens=args.max_new_tokens,
-        speculative=args.speculative or speculative.chat_default(args.model, search),
+        speculative=args.speculative or default_speculative(args.model, search),
     )
     if args.prompt is not None:
-        return 0 if _say(chat, args.prompt) else 130
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        print(f"{args.model}: Ctrl-C stops a reply, Ctrl-D or /bye ends", file=sys.stderr)
-    while True:
-        try:
-            text = input(">>> " if interactive else "").strip()
-        except EOFError:
-            if interactive:
-                print()
-            return 0
-        except KeyboardInterrupt:
-            print("\n(Ctrl-D or /bye ends the session)", file=sys.stderr)
-            continue
-        if text in ("/bye", "/exit"):
-            return 0
-        if text == "/clear":
-            chat.clear()
-        elif text:
-            try:
-                _say(chat, text)
-            except ContextFull as err:
-                print(f"error: {err}", file=sys.stderr)
-
-
-def _say(chat, text: str) -> bool:
-    """Stream one reply to stdout; False when Ctrl-C cut it short."""
-    try:
-        chat.reply(text, lambda piece: print(piece, end="", flush=True))
-    except KeyboardInterrupt:
-        print(flush=True)
-        return False
-    print(flush=True)
-    return True
+        return 0 if say(chat, args.prompt) else 130
+    return repl(chat, args.model)
 
 
 def _positive_int(text: str) -> int:

@@ -75,13 +75,8 @@ def build(
     """
     start = time.perf_counter()
     progress = progress or Progress(quiet=True)
-    if not isinstance(extra_options, dict):
-        extra_options = parse_extra_options(extra_options)
-    spec, options = speculative.split_options(extra_options)
-    speculative.check_provider(spec, execution_provider)
-    target = resolve_target(precision, execution_provider, options)
+    spec, target, draft_target = _targets(precision, execution_provider, extra_options)
     recipe = _recipe(target, recipe)
-    draft_target = _draft_target(spec, precision, execution_provider, options)
     output = Path(output)
     package.check_output(output, overwrite)  # before a download that could take an hour
     folder = resolve_checkpoint(str(input), cache_dir=cache_dir, revision=revision, token=token)
@@ -142,6 +137,18 @@ def build(
         peak_rss_bytes=peak_rss(),
         prequantized=target.prequantized,
     )
+
+
+def _targets(
+    precision: str, execution_provider: str, extra_options: dict | list | None
+) -> tuple[speculative.Speculative, Target, Target | None]:
+    """The options decided: speculative decoding's, the model's Target, the self-draft's."""
+    if not isinstance(extra_options, dict):
+        extra_options = parse_extra_options(extra_options)
+    spec, options = speculative.split_options(extra_options)
+    speculative.check_provider(spec, execution_provider)
+    target = resolve_target(precision, execution_provider, options, speculative.OPTIONS)
+    return spec, target, _draft_target(spec, precision, execution_provider, options)
 
 
 def _recipe(target: Target, recipe: Recipe | None) -> Recipe | None:

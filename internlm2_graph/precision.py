@@ -5,13 +5,12 @@ Flag and option names follow `onnxruntime_genai.models.builder`, so its commands
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
 import onnx_ir as ir
 
-from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
@@ -320,16 +319,64 @@ def parse_extra_options(items: list[str] | None) -> dict[str, str]:
 
 
 def resolve_target(
-    precision: str, execution_provider: str, extra_options: dict[str, str] | None = None
+    precision: str,
+    execution_provider: str,
+    extra_options: dict[str, str] | None = None,
+    other_options: Iterable[str] = (),
 ) -> Target:
+    """The Target of a precision, execution provider and builder options, every option checked.
+    `other_options`: names another part of the build takes (speculative decoding's), listed
+    with these when a name is unknown."""
     options = {ALIASES.get(k, k): str(v) for k, v in (extra_options or {}).items()}
+    _check_names(options, other_options)
+    _check_pair(precision, execution_provider)
+    cuda = execution_provider == "cuda"
+    quantized = precision in ("int4", "int8")
+    # calibration_data also calibrates a quantized KV cache that comes without a scale file.
+    calibrated_kv = "kv_cache_quant_scheme" in options and "kv_cache_scale_file" not in options
+    misplaced = sorted(set(QUANT_OPTIONS) & options.keys()) if not quantized else []
+    if calibrated_kv and "calibration_data" in misplaced:
+        misplaced.remove("calibration_data")
+    if misplaced:
+        raise InternLM2GraphError(
+            f"--extra_options {', '.join(misplaced)} only apply to --precision int4/int8"
+        )
+    io_dtype = _io_dtype(precision, cuda, options)
+    cuda_only = sorted({"use_cuda_bf16", "enable_cuda_graph"} & options.keys())
+    if cuda_only and not cuda:
+        raise InternLM2GraphError(
+            f"--extra_options {', '.join(cuda_only)} only applies to --execution_provider cuda"
+        )
+    quant, lm_head_quant = _quant_specs(precision, cuda, options) if quantized else (None, None)
+    algorithm = _algorithm(options, calibrated_kv)
+    return Target(
+        precision=precision,
+        execution_provider=execution_provider,
+        io_dtype=io_dtype,
+        quant=quant,
+        lm_head_quant=lm_head_quant,
+        enable_cuda_graph=_bool(options, "enable_cuda_graph", cuda) if cuda else False,
+        max_length=_max_length(options),
+        filename=_filename(options),
+        kv_cache=_kv_cache(options, execution_provider),
+        algorithm=algorithm,
+        calibration_data=options.get("calibration_data"),
+        paged=_paged(options, execution_provider),
+    )
+
+
+def _check_names(options: dict[str, str], other_options: Iterable[str]) -> None:
     for key in options:
         if key not in OPTIONS:
             raise InternLM2GraphError(
                 f"--extra_options: unknown option {key!r}; use one of "
-                f"{', '.join([*OPTIONS, *speculative.OPTIONS])} "
+                f"{', '.join([*OPTIONS, *other_options])} "
                 "(--help describes them)"
             )
+
+
+def _check_pair(precision: str, execution_provider: str) -> None:
+    """A precision and execution provider onnxruntime can run together."""
     if precision not in PRECISIONS:
         raise InternLM2GraphError(
             f"--precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
@@ -350,45 +397,42 @@ def resolve_target(
             "--precision fp32 with --execution_provider cuda is not supported: CUDA "
             "GroupQueryAttention runs fp16/bf16 only; use fp16, bf16 or int4 on cuda"
         )
-    quantized = precision in ("int4", "int8")
-    # calibration_data also calibrates a quantized KV cache that comes without a scale file.
-    calibrated_kv = "kv_cache_quant_scheme" in options and "kv_cache_scale_file" not in options
-    misplaced = sorted(set(QUANT_OPTIONS) & options.keys()) if not quantized else []
-    if calibrated_kv and "calibration_data" in misplaced:
-        misplaced.remove("calibration_data")
-    if misplaced:
-        raise InternLM2GraphError(
-            f"--extra_options {', '.join(misplaced)} only apply to --precision int4/int8"
-        )
-    if precision in FLOAT_DTYPES:
-        io_dtype = FLOAT_DTYPES[precision]
-    elif not cuda:
-        io_dtype = ir.DataType.FLOAT
-    else:
-        bf16 = _bool(options, "use_cuda_bf16", False)
-        io_dtype = ir.DataType.BFLOAT16 if bf16 else ir.DataType.FLOAT16
-    cuda_only = sorted({"use_cuda_bf16", "enable_cuda_graph"} & options.keys())
-    if cuda_only and not cuda:
-        raise InternLM2GraphError(
-            f"--extra_options {', '.join(cuda_only)} only applies to --execution_provider cuda"
-        )
 
-    quant = lm_head_quant = None
-    if quantized:
-        bits = 4 if precision == "int4" else 8
-        quant = QuantSpec(
-            bits=bits,
-            block_size=_int(options, "block_size", DEFAULT_BLOCK_SIZE),
-            symmetric=_bool(options, "is_symmetric", True),
-            accuracy_level=_int(options, "accuracy_level", 0 if cuda else 4),
+
+def _io_dtype(precision: str, cuda: bool, options: dict[str, str]) -> ir.DataType:
+    """The activations' type: the float precision's, float32 for int4/int8 on cpu, fp16 (or
+    bf16 by use_cuda_bf16) for int4/int8 on cuda."""
+    if precision in FLOAT_DTYPES:
+        return FLOAT_DTYPES[precision]
+    if not cuda:
+        return ir.DataType.FLOAT
+    bf16 = _bool(options, "use_cuda_bf16", False)
+    return ir.DataType.BFLOAT16 if bf16 else ir.DataType.FLOAT16
+
+
+def _quant_specs(
+    precision: str, cuda: bool, options: dict[str, str]
+) -> tuple[QuantSpec, QuantSpec | None]:
+    """The decoder linears' QuantSpec and the lm head's (None: float)."""
+    bits = 4 if precision == "int4" else 8
+    quant = QuantSpec(
+        bits=bits,
+        block_size=_int(options, "block_size", DEFAULT_BLOCK_SIZE),
+        symmetric=_bool(options, "is_symmetric", True),
+        accuracy_level=_int(options, "accuracy_level", 0 if cuda else 4),
+    )
+    head = options.get("lm_head_precision", precision)
+    if head not in ("int4", "int8", "float"):
+        raise InternLM2GraphError(
+            f"--extra_options lm_head_precision={head!r}: use int4, int8 or float"
         )
-        head = options.get("lm_head_precision", precision)
-        if head not in ("int4", "int8", "float"):
-            raise InternLM2GraphError(
-                f"--extra_options lm_head_precision={head!r}: use int4, int8 or float"
-            )
-        if head != "float":
-            lm_head_quant = replace(quant, bits=4 if head == "int4" else 8)
+    if head == "float":
+        return quant, None
+    return quant, replace(quant, bits=4 if head == "int4" else 8)
+
+
+def _algorithm(options: dict[str, str], calibrated_kv: bool) -> str:
+    """algo_config, checked, and calibration_data only where something is calibrated."""
     algorithm = options.get("algo_config", "rtn")
     if algorithm not in ALGORITHMS:
         raise InternLM2GraphError(
@@ -399,20 +443,7 @@ def resolve_target(
             "--extra_options calibration_data only applies with algo_config=gptq/gptaq/awq or a "
             "kv_cache_quant_scheme without kv_cache_scale_file (round to nearest needs no data)"
         )
-    return Target(
-        precision=precision,
-        execution_provider=execution_provider,
-        io_dtype=io_dtype,
-        quant=quant,
-        lm_head_quant=lm_head_quant,
-        enable_cuda_graph=_bool(options, "enable_cuda_graph", cuda) if cuda else False,
-        max_length=_max_length(options),
-        filename=_filename(options),
-        kv_cache=_kv_cache(options, execution_provider),
-        algorithm=algorithm,
-        calibration_data=options.get("calibration_data"),
-        paged=_paged(options, execution_provider),
-    )
+    return algorithm
 
 
 def supported_targets() -> list[Target]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.speculative import DRAFT_TOKENS, Speculative, preset, with_speculative
 
 INSTALL_CPU = 'pip install "internlm2_graph[cpu]"'
 INSTALL_CUDA = 'pip install "internlm2_graph[cuda]"'
@@ -69,7 +71,7 @@ def load_model(model_dir: str | Path, speculative: str | None = None):
     """og.Model of a built folder, after the checks whose failures the runtime words poorly.
 
     `speculative` (off, ngram, draft) overrides the folder's own speculative decoding for this
-    model only (internlm2_graph.speculative.og_config); None keeps what genai_config says.
+    model only (og_config); None keeps what genai_config says.
     """
     check_model_folder(model_dir)
     og = genai()
@@ -80,6 +82,48 @@ def load_model(model_dir: str | Path, speculative: str | None = None):
         )
     if speculative is None:
         return og.Model(str(model_dir))
-    from internlm2_graph.speculative import og_config
-
     return og.Model(og_config(model_dir, speculative))
+
+
+def og_config(folder: str | Path, spec: Speculative | str | None = None):
+    """An `onnxruntime_genai.Config` for a built folder with `spec`, leaving the folder as it is.
+
+    og's Config.overlay can add a section but not remove one, so turning off a draft that
+    genai_config names loads the model through a temporary folder of links with an edited
+    genai_config (the files are opened at load time; the links go when the process ends).
+    """
+    og = genai()
+    folder = Path(folder)
+    if spec is None:
+        return og.Config(str(folder))
+    spec = preset(spec, folder) if isinstance(spec, str) else spec
+    own = json.loads((folder / "genai_config.json").read_text("utf-8"))
+    wanted = with_speculative(own, spec, folder)
+    if "draft" in own["model"] and "draft" not in wanted["model"]:
+        return og.Config(str(_linked_copy(folder, wanted)))
+    config = og.Config(str(folder))
+    overlay = {"speculative": _all_settings(wanted.get("speculative"))}
+    if "draft" in wanted["model"]:
+        overlay["model"] = {"draft": wanted["model"]["draft"]}
+    config.overlay(json.dumps(overlay))
+    return config
+
+
+def _all_settings(section: dict | None) -> dict:
+    """Every key, so an overlay also resets what the folder's own section set."""
+    settings = {"max_draft_tokens": DRAFT_TOKENS, "ngram_size": 0, "min_adaptive_k": 0}
+    return {**settings, **(section or {})}
+
+
+_LINKED: list[tempfile.TemporaryDirectory] = []
+
+
+def _linked_copy(folder: Path, config: dict) -> Path:
+    temp = tempfile.TemporaryDirectory(prefix="internlm2-graph-")
+    _LINKED.append(temp)  # lives as long as the process (the model reads through it)
+    copy_path = Path(temp.name)
+    for path in folder.iterdir():
+        if path.name != "genai_config.json":
+            (copy_path / path.name).symlink_to(path.absolute())
+    (copy_path / "genai_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return copy_path

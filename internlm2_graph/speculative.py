@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,21 +237,6 @@ def with_speculative(genai: dict, spec: Speculative, folder: Path) -> dict:
 # --- at run time ----------------------------------------------------------------------------
 
 
-def chat_default(folder: str | Path, search: dict | None = None) -> str | None:
-    """What `chat` uses when --speculative is not given: ngram for greedy replies from a CPU
-    folder that asks for nothing itself (measured: 1.02-1.17x on free writing, 1.3-2x when
-    copying); otherwise the folder's own setting (None). Not when sampling: at InternLM2 chat's
-    temperature 0.8 / top-p 0.8 lookups are rarely accepted (0.94-1.00x measured). Not on CUDA:
-    no measurement yet. `search`: the session's og search options over genai_config's."""
-    from internlm2_graph.runtime import genai_config
-
-    genai = genai_config(folder)  # a one-line error for a folder that is not a built model
-    own = "speculative" in genai or "draft" in genai["model"]
-    sampling = {**genai["search"], **(search or {})}.get("do_sample", False)
-    cpu = provider_of(genai["model"]["decoder"]) == "cpu"
-    return "ngram" if cpu and not own and not sampling else None
-
-
 def preset(mode: str, folder: str | Path | None = None) -> Speculative:
     """The settings `chat --speculative MODE` means: this module's measured defaults."""
     if mode not in MODES:
@@ -273,49 +257,3 @@ def set_speculative(folder: str | Path, spec: Speculative | str) -> None:
     path = folder / "genai_config.json"
     genai = with_speculative(json.loads(path.read_text("utf-8")), spec, folder)
     path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
-
-
-def og_config(folder: str | Path, spec: Speculative | str | None = None):
-    """An `onnxruntime_genai.Config` for a built folder with `spec`, leaving the folder as it is.
-
-    og's Config.overlay can add a section but not remove one, so turning off a draft that
-    genai_config names loads the model through a temporary folder of links with an edited
-    genai_config (the files are opened at load time; the links go when the process ends).
-    """
-    from internlm2_graph.runtime import genai
-
-    og = genai()
-    folder = Path(folder)
-    if spec is None:
-        return og.Config(str(folder))
-    spec = preset(spec, folder) if isinstance(spec, str) else spec
-    genai = json.loads((folder / "genai_config.json").read_text("utf-8"))
-    wanted = with_speculative(genai, spec, folder)
-    if "draft" in genai["model"] and "draft" not in wanted["model"]:
-        return og.Config(str(_linked_copy(folder, wanted)))
-    config = og.Config(str(folder))
-    overlay = {"speculative": _all_settings(wanted.get("speculative"))}
-    if "draft" in wanted["model"]:
-        overlay["model"] = {"draft": wanted["model"]["draft"]}
-    config.overlay(json.dumps(overlay))
-    return config
-
-
-def _all_settings(section: dict | None) -> dict:
-    """Every key, so an overlay also resets what the folder's own section set."""
-    settings = {"max_draft_tokens": DRAFT_TOKENS, "ngram_size": 0, "min_adaptive_k": 0}
-    return {**settings, **(section or {})}
-
-
-_LINKED: list[tempfile.TemporaryDirectory] = []
-
-
-def _linked_copy(folder: Path, genai: dict) -> Path:
-    temp = tempfile.TemporaryDirectory(prefix="internlm2-graph-")
-    _LINKED.append(temp)  # lives as long as the process (the model reads through it)
-    copy_path = Path(temp.name)
-    for path in folder.iterdir():
-        if path.name != "genai_config.json":
-            (copy_path / path.name).symlink_to(path.absolute())
-    (copy_path / "genai_config.json").write_text(json.dumps(genai), encoding="utf-8")
-    return copy_path

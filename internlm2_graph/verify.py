@@ -18,6 +18,7 @@ from internlm2_graph.tokenizer import load_model as load_sentencepiece
 
 __all__ = [
     "Agreement",
+    "TokenizerVerdict",
     "Verdict",
     "WholePieces",
     "check_model_folder",
@@ -157,7 +158,36 @@ def whole_pieces(model_dir: str | Path, encode, reference) -> WholePieces:
     return WholePieces(pieces, cut)
 
 
-def check_tokenizer(model_dir: str | Path, text: str) -> tuple[Agreement, Agreement, WholePieces]:
+@dataclass(frozen=True)
+class TokenizerVerdict:
+    """`verify --text`: og.Tokenizer and the exact path against SentencePiece on a text."""
+
+    runtime: Agreement
+    exact: Agreement
+    pieces: WholePieces
+
+    @property
+    def ok(self) -> bool:
+        return not self.exact.differing and not self.runtime.differing
+
+    def __str__(self) -> str:
+        lines = [str(self.runtime), str(self.exact), str(self.pieces)]
+        if self.exact.differing:
+            # The exact path is `tokenizers` on the folder's own files: a difference is a bug.
+            lines.append(
+                "MISMATCH: exact_tokenizer should always give SentencePiece's ids; please report it"
+            )
+        elif self.runtime.differing:
+            lines.append(
+                "MISMATCH: og.Tokenizer differs on these paragraphs; encode with "
+                "internlm2_graph.tokenizer.exact_tokenizer(folder) and pass the ids to og"
+            )
+        else:
+            lines.append("OK")
+        return "\n".join(lines)
+
+
+def check_tokenizer(model_dir: str | Path, text: str) -> TokenizerVerdict:
     """og.Tokenizer's and the exact path's ids against SentencePiece's, paragraph by paragraph,
     and the vocabulary's pieces through og.Tokenizer.
 
@@ -178,7 +208,7 @@ def check_tokenizer(model_dir: str | Path, text: str) -> tuple[Agreement, Agreem
     def exactly(text: str) -> list[int]:
         return exact.encode(text, add_special_tokens=False).ids
 
-    return (
+    return TokenizerVerdict(
         agreement("og.Tokenizer", runtime, reference, blocks),
         agreement("exact_tokenizer", exactly, reference, blocks),
         whole_pieces(model_dir, runtime, reference),

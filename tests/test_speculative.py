@@ -14,15 +14,10 @@ import sentencepiece as spm
 from surgery import copy_checkpoint, steer
 
 from internlm2_graph import InternLM2GraphError, build
+from internlm2_graph.chat import default_speculative
 from internlm2_graph.cli import main
-from internlm2_graph.speculative import (
-    DRAFT_TOKENS,
-    NGRAM_SIZE,
-    chat_default,
-    og_config,
-    set_speculative,
-    split_options,
-)
+from internlm2_graph.runtime import og_config
+from internlm2_graph.speculative import DRAFT_TOKENS, NGRAM_SIZE, set_speculative, split_options
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
 NEW_TOKENS = 48
@@ -235,15 +230,15 @@ def test_chat_command_takes_speculative(self_draft, capsys):
     assert say("--speculative", "ngram") == say("--speculative", "off") == say()
 
 
-def test_chat_default_is_ngram_where_measured(tiny_fp32, self_draft, tiny_checkpoint, tmp_path):
+def test_chat_defaults_to_ngram_where_measured(tiny_fp32, self_draft, tiny_checkpoint, tmp_path):
     greedy = {"do_sample": False}
-    assert chat_default(tiny_fp32, greedy) == "ngram"  # cpu, greedy, nothing asked for
-    assert chat_default(tiny_fp32, {"do_sample": True}) is None  # sampling: measured no gain
-    assert chat_default(self_draft, greedy) is None  # its own draft
+    assert default_speculative(tiny_fp32, greedy) == "ngram"  # cpu, greedy, nothing asked for
+    assert default_speculative(tiny_fp32, {"do_sample": True}) is None  # sampling: measured no gain
+    assert default_speculative(self_draft, greedy) is None  # its own draft
     build(tiny_checkpoint, tmp_path / "cuda", "fp16", "cuda")
-    assert chat_default(tmp_path / "cuda", greedy) is None  # not measured on CUDA yet
+    assert default_speculative(tmp_path / "cuda", greedy) is None  # not measured on CUDA yet
     with pytest.raises(InternLM2GraphError, match="not a built model folder"):
-        chat_default(tmp_path)
+        default_speculative(tmp_path)
 
 
 def test_a_draft_on_cuda_is_refused(tiny_checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import onnxruntime_genai as og
 
-from internlm2_graph.speculative import og_config
+from internlm2_graph.runtime import og_config
 
 folder = sys.argv[1]
 
