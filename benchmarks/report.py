@@ -260,12 +260,17 @@ def source_link(name: str) -> str:
 
 
 def machines(found: list[rows.Row]) -> list[str]:
-    seen = {}
+    """Each machine once, with every set of versions its rows ran with."""
+    described: dict[str, str] = {}
+    versions: dict[str, list[str]] = {}
     for r in found:
-        versions = ", ".join(f"{k} {v}" for k, v in r.versions.items())
-        seen.setdefault(r.machine, f"- {r.machine}: {r.cpu}, {r.memory_gb} GB; {r.gpu or 'no GPU'}")
-        seen[r.machine + versions] = f"  - {versions}"
-    return list(seen.values())
+        described.setdefault(
+            r.machine, f"- {r.machine}: {r.cpu}, {r.memory_gb} GB; {r.gpu or 'no GPU'}"
+        )
+        line = "  - " + ", ".join(f"{k} {v}" for k, v in r.versions.items())
+        if line not in versions.setdefault(r.machine, []):
+            versions[r.machine].append(line)
+    return [text for name, head in described.items() for text in (head, *versions[name])]
 
 
 def page(found: list[rows.Row]) -> str:
