@@ -291,6 +291,11 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     (out_dir / f"{name}.md").write_text(markdown + "\n")
+    if out_dir == RESULTS:
+        from benchmarks import convert  # the rows the tables and the README are made from
+
+        if convert.kind_of(name):
+            convert.write(convert.kind_of(name))
     return path
 
 
