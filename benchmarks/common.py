@@ -291,6 +291,15 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     (out_dir / f"{name}.md").write_text(markdown + "\n")
+    if out_dir == RESULTS:
+        from benchmarks import convert  # the rows the tables and the README are made from
+
+        kind = convert.kind_of(name)
+        try:
+            if kind:
+                convert.write(kind)
+        except (KeyError, TypeError, ValueError) as err:  # the results are written: keep them
+            print(f"warning: {kind} rows not refreshed ({err!r}); fix benchmarks/convert.py")
     return path
 
 

@@ -194,11 +194,18 @@ def quality_tokens(found: list[rows.Row]) -> int:
     return pick(found, QUALITY[0], "ours", "ppl").params["eval_tokens"]
 
 
+def decode_runs(found: list[rows.Row]) -> str:
+    """How many runs the decode lines' medians are of: "5" or "3-5"."""
+    counts = sorted({r.runs for line in DECODE if (r := pick(found, line, line.ours, "gen_tok_s"))})
+    return f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+
+
 def headline(found: list[rows.Row]) -> str:
     return (
         "Export: wall time and peak RSS of the whole process tree.\n\n"
         f"{export_table(found)}\n\n"
-        "Decode: greedy, batch 1, 128 new tokens after a 128-token prompt, median of 3-5 runs\n"
+        "Decode: greedy, batch 1, 128 new tokens after a 128-token prompt, median of "
+        f"{decode_runs(found)} runs\n"
         "alternating with the builder's; the bound is memory bandwidth / bytes a step reads.\n\n"
         f"{decode_table(found)}\n\n"
         "Calibrated int4 on real weights (SmolLM2-135M-Instruct, 2-core CPU, int4 lm_head):\n"
@@ -260,12 +267,17 @@ def source_link(name: str) -> str:
 
 
 def machines(found: list[rows.Row]) -> list[str]:
-    seen = {}
+    """Each machine once, with every set of versions its rows ran with."""
+    described: dict[str, str] = {}
+    versions: dict[str, list[str]] = {}
     for r in found:
-        versions = ", ".join(f"{k} {v}" for k, v in r.versions.items())
-        seen.setdefault(r.machine, f"- {r.machine}: {r.cpu}, {r.memory_gb} GB; {r.gpu or 'no GPU'}")
-        seen[r.machine + versions] = f"  - {versions}"
-    return list(seen.values())
+        described.setdefault(
+            r.machine, f"- {r.machine}: {r.cpu}, {r.memory_gb} GB; {r.gpu or 'no GPU'}"
+        )
+        line = "  - " + ", ".join(f"{k} {v}" for k, v in r.versions.items())
+        if line not in versions.setdefault(r.machine, []):
+            versions[r.machine].append(line)
+    return [text for name, head in described.items() for text in (head, *versions[name])]
 
 
 def page(found: list[rows.Row]) -> str:

@@ -88,8 +88,10 @@ def this_machine() -> dict:
 
 
 def write(rows: list[Row], path: Path) -> Path:
+    """A JSON list with one row a line: small, and a diff shows which rows changed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    lines = ",\n".join(json.dumps(asdict(r)) for r in rows)
+    path.write_text(f"[\n{lines}\n]\n")
     return path
 
 

@@ -275,24 +275,6 @@ def _inspect(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from internlm2_graph import evaluate
-    from internlm2_graph.runtime import check_model_folder, genai
-
-    folders = [args.model, *([args.reference] if args.reference else [])]
-    for folder in folders:
-        check_model_folder(folder)
-    genai()  # no runtime: say which extra to install before reading the text
-    ids = evaluate.read_ids(args.text, args.model)
-    evaluate.check_ids(ids, *folders)
-    if args.reference is None:
-        ppl = evaluate.perplexity(args.model, ids, args.window, args.chunk)
-        print(f"ppl {ppl:.3f}, {len(ids)} tokens")
-    else:
-        print(evaluate.kl_and_top1(args.model, args.reference, ids, args.window, args.chunk))
-    return 0
-
-
 def _chat(args) -> int:
     from internlm2_graph.chat import Chat, default_speculative, repl, say, search_options
 
@@ -323,3 +305,21 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def _eval(args) -> int:
+    from internlm2_graph import evaluate
+    from internlm2_graph.runtime import check_model_folder, genai
+
+    folders = [args.model, *([args.reference] if args.reference else [])]
+    for folder in folders:
+        check_model_folder(folder)
+    genai()  # no runtime: say which extra to install before reading the text
+    ids = evaluate.read_ids(args.text, args.model)
+    evaluate.check_ids(ids, *folders)
+    if args.reference is None:
+        ppl = evaluate.perplexity(args.model, ids, args.window, args.chunk)
+        print(f"ppl {ppl:.3f}, {len(ids)} tokens")
+    else:
+        print(evaluate.kl_and_top1(args.model, args.reference, ids, args.window, args.chunk))
+    return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_steps, kernel_profile, legacy, report, rows
+from benchmarks import common, convert, gpu_steps, kernel_profile, report, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +50,22 @@ def test_benchmarks_page_is_what_the_committed_results_make():
     )
 
 
-@pytest.mark.parametrize("kind", legacy.KINDS)
+@pytest.mark.parametrize("kind", convert.KINDS)
 def test_converted_rows_are_the_measured_files(kind):
-    committed = rows.read(rows.ROWS / f"legacy-{kind}.json")
-    assert committed == legacy.convert(kind), "run `python -m benchmarks.legacy` and commit"
+    committed = rows.read(rows.ROWS / f"converted-{kind}.json")
+    assert committed == convert.convert(kind), "run `python -m benchmarks.convert` and commit"
+
+
+def test_a_study_result_refreshes_its_converted_rows(monkeypatch, tmp_path):
+    assert convert.kind_of("runtime-h100-7b-int4-cuda") == "runtime"
+    assert convert.kind_of("tokenizer_agreement-cpu2") is None
+    written = []
+    monkeypatch.setattr(convert, "write", written.append)
+    common.write_results("runtime-x", {}, "", out_dir=tmp_path)  # elsewhere: rows untouched
+    assert written == []
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.write_results("runtime-x", {}, "", out_dir=tmp_path)
+    assert written == ["runtime"]
 
 
 def test_headline_moves_with_the_results():

@@ -134,3 +134,16 @@ def test_first_commands_are_the_two_fresh_machine_commands():
     assert "python -m internlm2_graph -i ckpt" in blocks[0]
     ci = (ROOT / ".ci" / "run").read_text().replace("pip install -q ", "pip install ")
     assert blocks[1].strip() in ci
+
+
+def test_lab_notes_are_dated_and_frozen():
+    """A lab note is a dated record: its name starts with the date, it says it is frozen, and
+    the index lists it (new findings go into a new note, not into an old one)."""
+    folder = ROOT / "docs" / "lab-notes"
+    notes = sorted(p for p in folder.glob("*.md") if p.name != "README.md")
+    index = (folder / "README.md").read_text()
+    assert notes
+    for note in notes:
+        assert re.match(r"\d{4}-\d{2}-\d{2}-[\w-]+\.md$", note.name), note.name
+        assert "Never rewritten" in note.read_text(), note.name
+        assert f"]({note.name})" in index, f"{note.name} is not in lab-notes/README.md"

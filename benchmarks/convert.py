@@ -1,14 +1,15 @@
-"""Result files written before the row schema, converted into rows (the originals stay as they are).
+"""The study tools' own result files, converted into rows (the originals stay as they are).
 
-    python -m benchmarks.legacy        # rewrites benchmarks/results/rows/legacy-*.json
+    python -m benchmarks.convert       # rewrites benchmarks/results/rows/converted-*.json
 
-export-*.json (benchmarks/export.py), runtime-*.json (benchmarks/runtime.py),
-quant-quality-*.json (benchmarks/quant_quality.py) and long-context-*.json
-(benchmarks/long_context.py) hold the numbers the README's headline tables cite; speculative-*
-(benchmarks/speculative.py) and mask-count-* (benchmarks/probes/mask_count.py) those of the
-suites of the same names. Each of their measurements becomes a row, with the file's machine,
-versions, commit, load and start time, and the file as its `source`. A test checks the
-committed legacy rows equal what this makes of the committed files, so a converted number
+The longer tools write their own JSON shapes: export-*.json (benchmarks/export.py),
+runtime-*.json (benchmarks/runtime.py), quant-quality-*.json (benchmarks/quant_quality.py) and
+long-context-*.json (benchmarks/long_context.py) hold the numbers the README's headline tables
+cite; speculative-* (benchmarks/speculative.py) and mask-count-* (benchmarks/probes/
+mask_count.py) those of the suites of the same names. Each of their measurements becomes a row,
+with the file's machine, versions, commit, load and start time, and the file as its `source`.
+common.write_results refreshes the kind's rows whenever a tool writes such a file, and a test
+checks the committed rows equal what this makes of the committed files, so a converted number
 cannot drift from the measured one.
 """
 
@@ -310,10 +311,21 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def kind_of(name: str) -> str | None:
+    """The kind a results file of this name (without suffix) belongs to, if it has a converter."""
+    return next((kind for kind in KINDS if name.startswith(f"{kind}-")), None)
+
+
+def write(kind: str) -> Path:
+    made = convert(kind)
+    path = rows.write(made, rows.ROWS / f"converted-{kind}.json")
+    print(f"wrote {path}: {len(made)} rows")
+    return path
+
+
 def main() -> None:
     for kind in KINDS:
-        made = convert(kind)
-        print(f"wrote {rows.write(made, rows.ROWS / f'legacy-{kind}.json')}: {len(made)} rows")
+        write(kind)
 
 
 if __name__ == "__main__":
