@@ -626,15 +626,30 @@ def _shape(config: InternLM2Config, module: str) -> tuple[int, int]:
     return shapes[module.removeprefix("model.layers.").partition(".")[2] or module]
 
 
-def _act_order(checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int) -> bool:
-    """Whether the layer's g_idx is more than k // group (read now: the graph depends on it)."""
+def _g_idx(
+    checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int
+) -> np.ndarray | None:
+    """The layer's g_idx when it is more than k // group (act-order), else None."""
     name = f"{module}.{TENSORS[layout.format][-1]}"
     if layout.format == "awq" or name not in checkpoint:
-        return False
+        return None
     ref = _expect(checkpoint[name], (k,))
     group = k if scheme.group_size == -1 else scheme.group_size
     g_idx = ref.read_stored().astype(np.int64)
-    return _check_g_idx(g_idx, k, group, f"{checkpoint.folder}: {module}") is not None
+    return _check_g_idx(g_idx, k, group, f"{checkpoint.folder}: {module}")
+
+
+def _act_order(checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int) -> bool:
+    """Whether the layer's g_idx is more than k // group (read now: the graph depends on it)."""
+    return _g_idx(checkpoint, layout, module, scheme, k) is not None
+
+
+def read_input_order(
+    checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int
+) -> np.ndarray:
+    """An act-order layer's input_order (int64 [K]), from its g_idx alone."""
+    g_idx = _g_idx(checkpoint, layout, module, scheme, k)
+    return np.argsort(g_idx, kind="stable").astype(np.int64)
 
 
 def check_dtypes(checkpoint: Checkpoint, layout: Layout | None) -> None:
