@@ -206,11 +206,12 @@ def _require_safetensors(folder: Path, repo_id: str, revision: str | None, cache
     other = _other_weights(repo_id, commit=folder.name, cache_dir=cache_dir)
     found = f" (it has {', '.join(other[:3])}{', ...' if len(other) > 3 else ''})" if other else ""
     raise InternLM2GraphError(
-        f"{_label(repo_id, revision)} has no *.safetensors weights{found}; this converter "
-        "reads safetensors only. Use a revision that has them (the Hub's safetensors conversion "
-        "bot opens a pull request: pass it as --revision refs/pr/N), or convert the weights "
-        "once with torch + safetensors (safetensors.torch.save_file) and pass that folder to "
-        "--input"
+        f"{_label(repo_id, revision)} has no *.safetensors weights{found}; from the Hub this "
+        "converter fetches safetensors only. Use a revision that has them (the Hub's safetensors "
+        "conversion bot opens a pull request: pass it as --revision refs/pr/N), or download the "
+        "repo and pass its folder to --input (pytorch_model*.bin files are read there without "
+        "running their pickle), or convert the weights once with torch + safetensors "
+        "(safetensors.torch.save_file)"
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,8 +58,8 @@ TENSORS = {
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
     "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"),
 }
-# MatMulNBits' block sizes: a group larger than the largest (or a whole row, group_size -1) is
-# split into blocks that repeat its scale and zero point, which is still exact.
+# MatMulNBits' block sizes: a group that is not one of them (larger, a whole row with group_size
+# -1, or e.g. 96) is split into blocks that repeat its scale and zero point: still exact.
 MAX_BLOCK = 256
 MIN_BLOCK = 16
 
@@ -72,12 +73,11 @@ class Scheme:
     symmetric: bool
 
     def block_size(self, k: int, where: str) -> int:
-        """MatMulNBits' block size for K inputs: the group size, or a power of two dividing it."""
+        """MatMulNBits' block size for K inputs: the largest power of two up to MAX_BLOCK that
+        divides the group (the group size itself when it is one)."""
         group = k if self.group_size == -1 else self.group_size
-        block = group
-        while block > MAX_BLOCK and block % 2 == 0:
-            block //= 2
-        if block < MIN_BLOCK or block > MAX_BLOCK or block & (block - 1) or k % group:
+        block = math.gcd(group, MAX_BLOCK)
+        if block < MIN_BLOCK or k % group:
             raise InternLM2GraphError(
                 f"{where}: group_size {self.group_size} with {k} inputs has no exact MatMulNBits "
                 f"block (a power of two from {MIN_BLOCK} to {MAX_BLOCK} dividing the group, and "
@@ -626,15 +626,30 @@ def _shape(config: InternLM2Config, module: str) -> tuple[int, int]:
     return shapes[module.removeprefix("model.layers.").partition(".")[2] or module]
 
 
-def _act_order(checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int) -> bool:
-    """Whether the layer's g_idx is more than k // group (read now: the graph depends on it)."""
+def _g_idx(
+    checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int
+) -> np.ndarray | None:
+    """The layer's g_idx when it is more than k // group (act-order), else None."""
     name = f"{module}.{TENSORS[layout.format][-1]}"
     if layout.format == "awq" or name not in checkpoint:
-        return False
+        return None
     ref = _expect(checkpoint[name], (k,))
     group = k if scheme.group_size == -1 else scheme.group_size
     g_idx = ref.read_stored().astype(np.int64)
-    return _check_g_idx(g_idx, k, group, f"{checkpoint.folder}: {module}") is not None
+    return _check_g_idx(g_idx, k, group, f"{checkpoint.folder}: {module}")
+
+
+def _act_order(checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int) -> bool:
+    """Whether the layer's g_idx is more than k // group (read now: the graph depends on it)."""
+    return _g_idx(checkpoint, layout, module, scheme, k) is not None
+
+
+def read_input_order(
+    checkpoint: Checkpoint, layout: Layout, module: str, scheme: Scheme, k: int
+) -> np.ndarray:
+    """An act-order layer's input_order (int64 [K]), from its g_idx alone."""
+    g_idx = _g_idx(checkpoint, layout, module, scheme, k)
+    return np.argsort(g_idx, kind="stable").astype(np.int64)
 
 
 def check_dtypes(checkpoint: Checkpoint, layout: Layout | None) -> None:

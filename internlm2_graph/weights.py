@@ -288,9 +288,9 @@ class WeightBinder:
 
     def _input_order(self, path: str, module) -> np.ndarray:
         scheme = self._packed(path)
-        n, k = module.out_features, module.in_features
-        codes = prequantized.read_codes(self.checkpoint, self.layout, path, scheme, n, k)
-        return prequantized.input_order(codes).astype(np.int64)
+        return prequantized.read_input_order(
+            self.checkpoint, self.layout, path, scheme, module.in_features
+        )
 
     def _quantized(self, path: str, source: Source, module) -> QuantizedWeight:
         scheme = self._packed(path)

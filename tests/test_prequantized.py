@@ -375,3 +375,25 @@ def test_packed_tensors_without_a_quantization_config_are_refused(awq_checkpoint
 def test_inspect_names_the_format(awq_checkpoint, capsys):
     assert main(["inspect", str(awq_checkpoint)]) == 0
     assert 'pre-quantized: AWQ "gemm" (4-bit, group 32, asym)' in capsys.readouterr().out
+
+
+def test_groups_larger_than_a_block_repeat_their_scales(tmp_path):
+    """Group 512 (MatMulNBits blocks stop at 256): blocks of 256 sharing the group's scale and
+    zero point, still the file's codes and still exact."""
+    config = make_config(
+        "tiny", hidden_size=512, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
+    )
+    src = write_checkpoint(tmp_path / "float", config, seed=4)
+    packed = write_prequantized(
+        src, tmp_path / "gptq", "gptq", group=512, dequantized=tmp_path / "dequantized"
+    )
+    build(packed, tmp_path / "int4", "int4", "cpu", {"accuracy_level": "0"})
+    build(tmp_path / "dequantized", tmp_path / "oracle", "fp32", "cpu")
+    np.testing.assert_allclose(
+        _logits(tmp_path / "int4"), _logits(tmp_path / "oracle"), rtol=0, atol=1e-4
+    )
+    import onnx
+
+    graph = onnx.load(tmp_path / "int4" / "model.onnx", load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {256}
