@@ -176,28 +176,36 @@ def check_graphs(source: Path, paged: Path, gqa: Path, precision: str) -> dict:
     runner, gqa_runner = PagedRunner(session, config), GQARunner(gqa, config)
     rng = np.random.default_rng(11)
     caches = {name: Cache() for name in PROMPTS}
-    steps = []
+    steps, gqa_error = [], None
     for batch in STEPS:
         tokens = [(name, rng.integers(100, config.vocab_size, n)) for name, n in batch]
         logits = runner.step(tokens)
         row, worst = 0, {}
         for name, ids in tokens:
             want, caches[name] = reference.forward(ids, caches[name])
-            got_gqa = gqa_runner.forward(name, ids)
             got = logits[row : row + len(ids)]
             row += len(ids)
-            for key, value in (
-                ("paged_vs_reference", compare(got, want)),
-                ("gqa_vs_reference", compare(got_gqa, want)),
-                ("paged_vs_gqa", compare(got, got_gqa)),
-            ):
+            found = [("paged_vs_reference", compare(got, want))]
+            if gqa_error is None:
+                try:  # the GQA graph is a second opinion; its failure must not hide the first
+                    got_gqa = gqa_runner.forward(name, ids)
+                    found += [
+                        ("gqa_vs_reference", compare(got_gqa, want)),
+                        ("paged_vs_gqa", compare(got, got_gqa)),
+                    ]
+                except Exception as err:
+                    gqa_error = f"{type(err).__name__}: {err}"
+            for key, value in found:
                 old = worst.get(key)
                 worst[key] = value if old is None or value["rel"] > old["rel"] else old
         steps.append({"batch": [(n, k) for n, k in batch], **worst})
+    # fp16 logits: within twice the GQA graph's error (or 5e-3 relative without it), plus slack.
     ok = all(
-        s["paged_vs_reference"]["rel"] <= 2 * s["gqa_vs_reference"]["rel"] + 2e-3 for s in steps
+        s["paged_vs_reference"]["rel"]
+        <= 2 * s.get("gqa_vs_reference", {"rel": 2.5e-3})["rel"] + 2e-3
+        for s in steps
     )
-    return {"steps": steps, "ok": ok}
+    return {"steps": steps, "ok": ok, "gqa_error": gqa_error}
 
 
 def check_engine(source: Path, paged: Path, output: int = 8) -> dict:
@@ -237,15 +245,18 @@ def main(argv: list[str] | None = None) -> None:
             key = f"{shape}-{precision}"
             start = time.perf_counter()
             try:
-                paged = built(
-                    source, work / f"{key}-paged", precision, ["use_paged_attention=true"]
-                )
+                # A small pool: og.Engine would otherwise take 0.6 of the GPU for a tiny model.
+                options = ["use_paged_attention=true", "num_blocks=64"]
+                paged = built(source, work / f"{key}-paged", precision, options)
                 gqa = built(source, work / f"{key}-gqa", precision, [])
                 results[key] = check_graphs(source, paged, gqa, precision)
-                if precision == "fp16":
-                    results[key]["engine"] = check_engine(source, paged)
             except Exception as err:  # one failing shape must not hide the others
                 results[key] = {"error": f"{type(err).__name__}: {err}"}
+            if precision == "fp16" and "error" not in results[key]:
+                try:
+                    results[key]["engine"] = check_engine(source, paged)
+                except Exception as err:
+                    results[key]["engine"] = {"error": f"{type(err).__name__}: {err}"}
             results[key]["seconds"] = time.perf_counter() - start
             print(key, json.dumps(results[key])[:600], flush=True)
     info = common.machine_info()
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"- {key}: ERROR {result['error']}")
             continue
         worst = {
-            k: max(s[k]["rel"] for s in result["steps"])
+            k: max((s[k]["rel"] for s in result["steps"] if k in s), default=float("nan"))
             for k in ("paged_vs_reference", "gqa_vs_reference", "paged_vs_gqa")
         }
         engine = result.get("engine", {}).get("identical_share")

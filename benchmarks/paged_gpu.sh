@@ -2,12 +2,13 @@
 # og.Engine on paged folders, on the GPU machine (kit from ../shared/gpu/pack.sh; a 7B takes
 # ~45 GB of /tmp: checkpoint, Llama copy, three folders).
 #   bash benchmarks/paged_gpu.sh check            # paged graph vs reference vs GQA, og.Engine greedy
-#   bash benchmarks/paged_gpu.sh prepare 7b int4  # returns at once: builds in the background
+#   bash benchmarks/paged_gpu.sh prepare 7b int4 [fp16]  # returns at once: builds in the background
 #       (setsid, so it outlives the call): checkpoint, our paged and GQA folders, the builder's
 #       paged folder (same weights, through the Llama copy) and a copy of it with its CUDA graph on
 #   bash benchmarks/paged_gpu.sh load 7b int4 [engine_load args]   # waits for prepare, then
 #       og.Engine closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our
 #       GQA folder's single-stream og.Generator decode
+#   bash benchmarks/paged_gpu.sh clean 7b         # frees the disk for the next size
 # Both tools' folders get the same pool: max_batch_size=128 num_blocks=$NUM_BLOCKS (400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,28 +42,33 @@ timed() {  # timed LABEL COMMAND...
     if "$@"; then echo "$label: $(( $(date +%s) - t0 )) s"; else echo "$label: FAILED"; fi
 }
 
-prepare_now() {
-    local size=$1 p=$2 ck=$W/$1-internlm2
+prepare_now() {  # prepare_now SIZE PRECISION...: one checkpoint, each precision's folders
+    local size=$1 ck=$W/$1-internlm2 p
+    shift
     [ -f "$ck/config.json" ] || timed "checkpoint $size" python3 -m internlm2_graph.synthetic \
         "$ck" --size "$size"
     (
         [ -f "$ck-llama/config.json" ] || timed "llama copy" python3 -c "from pathlib import Path
 from benchmarks.llama_layout import write_llama_copy
 write_llama_copy(Path('$ck'), Path('$ck-llama'))"
-        timed "builder $size $p paged" python3 -m onnxruntime_genai.models.builder -i "$ck-llama" \
-            -o "$W/$size-$p-builder" -p "$p" -e cuda -c "$W/cache-$size-$p" \
-            --extra_options use_paged_attention=true $POOL > "$W/$size-$p-builder.log" 2>&1
-        tail -3 "$W/$size-$p-builder.log"
-        rm -rf "$W/cache-$size-$p"
-        cuda_graph_copy "$W/$size-$p-builder" "$W/$size-$p-builder-cg"
+        for p in "$@"; do
+            timed "builder $size $p paged" python3 -m onnxruntime_genai.models.builder \
+                -i "$ck-llama" -o "$W/$size-$p-builder" -p "$p" -e cuda -c "$W/cache-$size-$p" \
+                --extra_options use_paged_attention=true $POOL > "$W/$size-$p-builder.log" 2>&1
+            tail -3 "$W/$size-$p-builder.log"
+            rm -rf "$W/cache-$size-$p"
+            cuda_graph_copy "$W/$size-$p-builder" "$W/$size-$p-builder-cg"
+        done
     ) &
-    timed "ours $size $p paged" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-ours" \
-        -p "$p" -e cuda -q --overwrite --extra_options use_paged_attention=true $POOL
-    timed "ours $size $p gqa" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-gqa" -p "$p" \
-        -e cuda -q --overwrite
+    for p in "$@"; do
+        timed "ours $size $p paged" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-ours" \
+            -p "$p" -e cuda -q --overwrite --extra_options use_paged_attention=true $POOL
+        timed "ours $size $p gqa" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-gqa" \
+            -p "$p" -e cuda -q --overwrite
+    done
     wait
     df -h /tmp | tail -1
-    touch "$W/$size-$p.ready"
+    for p in "$@"; do touch "$W/$size-$p.ready"; done
 }
 
 wait_ready() {  # wait_ready SIZE PRECISION: until prepare is done (at most 9 minutes)
@@ -71,7 +77,7 @@ wait_ready() {  # wait_ready SIZE PRECISION: until prepare is done (at most 9 mi
         [ -f "$W/$1-$2.ready" ] && break
         sleep 1
     done
-    cat "$W/prepare-$1-$2.log" || true
+    cat "$W"/prepare-"$1"-*.log || true
     [ -f "$W/$1-$2.ready" ]
 }
 
@@ -80,12 +86,18 @@ check)
     python3 -m benchmarks.paged_gpu --workdir "$W/check" --machine "$GPU"
     copy_out benchmarks/results/paged-check-"$GPU".*
     ;;
-prepare)
-    setsid nohup bash "$0" prepare-now "$2" "$3" > "$W/prepare-$2-$3.log" 2>&1 < /dev/null &
-    echo "preparing $2 $3 in the background: $W/prepare-$2-$3.log"
+prepare)  # prepare SIZE PRECISION...
+    size=$2
+    shift 2
+    setsid nohup bash "$0" prepare-now "$size" "$@" > "$W/prepare-$size-$1.log" 2>&1 < /dev/null &
+    echo "preparing $size $* in the background: $W/prepare-$size-$1.log"
     ;;
 prepare-now)
-    prepare_now "$2" "$3"
+    shift
+    prepare_now "$@"
+    ;;
+clean)  # clean SIZE: its checkpoint, Llama copy and folders (the disk holds one 7B at a time)
+    rm -rf "$W/$2"-*
     ;;
 load)
     size=$2 p=$3
