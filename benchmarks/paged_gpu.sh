@@ -49,7 +49,7 @@ prepare_now() {  # prepare_now SIZE PRECISION...: one checkpoint, each precision
         "$ck" --size "$size"
     (
         [ -f "$ck-llama/config.json" ] || timed "llama copy" python3 -c "from pathlib import Path
-from benchmarks.llama_layout import write_llama_copy
+from fixtures.llama_layout import write_llama_copy
 write_llama_copy(Path('$ck'), Path('$ck-llama'))"
         for p in "$@"; do
             timed "builder $size $p paged" python3 -m onnxruntime_genai.models.builder \

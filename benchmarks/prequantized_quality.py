@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import load_average, machine_info, markdown_table, median, write_results
-from benchmarks.quality import kl_and_top1, perplexity
 from benchmarks.runtime import load, one_run
-from benchmarks.smollm2 import DEFAULT_WORKDIR, code_text, encode, eval_text, smollm2_checkpoint
+from fixtures.smollm2 import DEFAULT_WORKDIR, code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph import build
+from internlm2_graph.evaluate import kl_and_top1, perplexity
 from internlm2_graph.synthetic.prequantized import write_prequantized
 
 VARIANTS = {  # name -> (format, symmetric, act_order)

@@ -75,7 +75,7 @@ def build(
     """
     start = time.perf_counter()
     progress = progress or Progress(quiet=True)
-    spec, target, draft_target = _targets(precision, execution_provider, extra_options)
+    spec, options, target, draft_target = _targets(precision, execution_provider, extra_options)
     recipe = _recipe(target, recipe)
     output = Path(output)
     package.check_output(output, overwrite)  # before a download that could take an hour
@@ -141,14 +141,15 @@ def build(
 
 def _targets(
     precision: str, execution_provider: str, extra_options: dict | list | None
-) -> tuple[speculative.Speculative, Target, Target | None]:
-    """The options decided: speculative decoding's, the model's Target, the self-draft's."""
+) -> tuple[speculative.Speculative, dict[str, str], Target, Target | None]:
+    """The options decided: speculative decoding's, the model's own, its Target, the
+    self-draft's."""
     if not isinstance(extra_options, dict):
         extra_options = parse_extra_options(extra_options)
     spec, options = speculative.split_options(extra_options)
     speculative.check_provider(spec, execution_provider)
     target = resolve_target(precision, execution_provider, options, speculative.OPTIONS)
-    return spec, target, _draft_target(spec, precision, execution_provider, options)
+    return spec, options, target, _draft_target(spec, precision, execution_provider, options)
 
 
 def _recipe(target: Target, recipe: Recipe | None) -> Recipe | None:
