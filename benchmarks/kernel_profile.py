@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def matmulnbits_bytes(folder: Path) -> int:
     """Bytes of every MatMulNBits weight input (packed B, scales, zero points)."""
     graph = runtime.graph_of(folder)
-    sizes = {init.name: runtime._initializer_bytes(init) for init in graph.initializer}
+    sizes = {init.name: runtime.initializer_bytes(init) for init in graph.initializer}
     names = {name for n in graph.node if n.op_type == "MatMulNBits" for name in n.input[1:] if name}
     return sum(sizes.get(name, 0) for name in names)
 

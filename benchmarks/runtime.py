@@ -158,7 +158,7 @@ def weight_bytes_per_step(folder: Path) -> tuple[int, int]:
     }
     total = 0
     for init in graph.initializer:
-        size = _initializer_bytes(init)
+        size = initializer_bytes(init)
         rows = init.dims[0] if init.dims else 1
         total += size // max(rows, 1) if init.name in gathered else size
     kv_dtype = next(
@@ -178,7 +178,7 @@ def graph_of(folder: Path):
     return onnx.load(str(folder / genai["filename"]), load_external_data=False).graph
 
 
-def _initializer_bytes(init) -> int:
+def initializer_bytes(init) -> int:
     for entry in init.external_data:
         if entry.key == "length":
             return int(entry.value)

@@ -160,7 +160,7 @@ class Chat:
         keep = 0
         if self._generator is not None:
             # At least one token is appended: its logits start the reply.
-            keep = min(_common_prefix(self._cached, prompt), len(prompt) - 1)
+            keep = min(common_prefix(self._cached, prompt), len(prompt) - 1)
         if keep:
             try:
                 self._generator.rewind_to(keep)
@@ -241,7 +241,8 @@ def repl(chat: Chat, name: str) -> int:
                 print(f"error: {err}", file=sys.stderr)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

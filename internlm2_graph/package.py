@@ -297,7 +297,7 @@ def _move_into_place(staging: Path, output: Path) -> None:
         return
     # The new folder is in place once the swap is done: failing to delete the old one after
     # that must not fail the build.
-    if _exchange(staging, output):
+    if exchange(staging, output):
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
         return
     # No atomic swap here (not Linux, or a filesystem without it): two renames, undone on error.
@@ -311,7 +311,7 @@ def _move_into_place(staging: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step with Linux's renameat2(RENAME_EXCHANGE); False if unavailable."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2

@@ -57,7 +57,7 @@ _FLOAT_DTYPES = (
 # float32 elements per work item: big enough that numpy's per-call overhead vanishes and the GIL
 # is released for most of the time, small enough that a thread's temporaries (~5 chunk-sized
 # arrays) stay in L2/L3 and peak memory stays far below the packed output.
-_CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS = 1 << 19
 _MAX_THREADS = 8
 
 
@@ -190,7 +190,8 @@ def _quantize_into(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start:
         q.zero_points[start:stop] = zp_codes
 
 
-def _num_threads() -> int:
+def num_threads() -> int:
+    """Threads quantize works in: the cores this process may use, at most _MAX_THREADS."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -208,13 +209,13 @@ def quantize(weight_out_in: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     n, k = _check_weight(weight_out_in)
     q = _empty_outputs(n, k, spec)
     k_padded = q.k_blocks * spec.block_size
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // k_padded)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // k_padded)
     starts = range(0, n, rows_per_chunk)
 
     def work(start: int) -> None:
         _quantize_into(weight_out_in[start : start + rows_per_chunk], spec, q, start)
 
-    threads = min(_num_threads(), len(starts))
+    threads = min(num_threads(), len(starts))
     if threads <= 1:
         for start in starts:
             work(start)
@@ -242,7 +243,7 @@ def quantize_ort(weight_out_in: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     q = _empty_outputs(n, k, spec)
     # With symmetric=True the kernel never touches zero points but still wants a uint8 buffer.
     zp = q.zero_points if q.zero_points is not None else np.zeros((n, 1), np.uint8)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (q.k_blocks * spec.block_size))
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // (q.k_blocks * spec.block_size))
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         # Chunked transpose: a whole-matrix one is 2-3x slower (cache misses) and as big as W.

@@ -266,7 +266,7 @@ class WeightBinder:
         if source.shape[0] * source.shape[1] * NUMPY_DTYPES[weight.dtype].itemsize > STREAM_BYTES:
             weight.const_value = TransposedStreamedTensor(source, weight)
         else:
-            _attach(weight, lambda: _transposed(source, weight))
+            _attach(weight, lambda: transposed(source, weight))
         self._bind_bias(path, module)
 
     def _bind_bias(self, path: str, module: modules.Linear | modules.QuantizedLinear) -> None:
@@ -322,7 +322,7 @@ def _slice_rows(shape: tuple[int, ...]) -> int:
     return max(1, SLICE_BYTES // max(row_bytes, 1))
 
 
-def _transposed(source: Source, param: ir.Value) -> np.ndarray:
+def transposed(source: Source, param: ir.Value) -> np.ndarray:
     """[out, in] checkpoint rows -> [in, out] for MatMul, a slice of rows at a time."""
     out_rows, in_features = source.shape
     result = np.empty((in_features, out_rows), NUMPY_DTYPES[param.dtype])
@@ -405,7 +405,7 @@ class TransposedStreamedTensor(ir.LazyTensor):
         self._source = source
         self._np_dtype = NUMPY_DTYPES[param.dtype]
         super().__init__(
-            lambda: ir.tensor(_transposed(source, param)),
+            lambda: ir.tensor(transposed(source, param)),
             dtype=param.dtype,
             shape=param.shape,
             name=param.name,

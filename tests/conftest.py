@@ -19,6 +19,40 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The test being set up or run, for the guard below (set before its fixtures are).
+_RUNNING: dict = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING["item"] = item
+
+
+@pytest.fixture(scope="session", autouse=True)
+def models_only_in_model_tests():
+    """`-m "not model"` must run only the fast numpy tests: a test (or a fixture it asks for)
+    that writes a model folder or opens one in onnxruntime-genai without the `model` marker
+    fails here, naming the marker. (Subprocesses are out of reach: tests that build through
+    one carry the marker by hand.)"""
+    import onnxruntime_genai as og
+
+    from internlm2_graph import package
+
+    def guarded(f, what):
+        def checked(*args, **kwargs):
+            item = _RUNNING.get("item")
+            if item is not None and item.get_closest_marker("model") is None:
+                raise AssertionError(f"{item.nodeid} {what}: mark it @pytest.mark.model")
+            return f(*args, **kwargs)
+
+        return checked
+
+    save_model, og_model = package.save_model, og.Model
+    package.save_model = guarded(save_model, "writes a model")
+    og.Model = guarded(og_model, "runs a model")
+    yield
+    package.save_model, og.Model = save_model, og_model
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:

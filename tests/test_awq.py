@@ -96,6 +96,7 @@ def test_search_rows_measure_the_output_error_of_all_tokens():
 # --- whole builds ----------------------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "precision, options",
     [

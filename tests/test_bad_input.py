@@ -293,6 +293,7 @@ def assert_nothing_left(folder: Path, *allowed: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(allowed)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
 def test_bad_input_is_refused_in_one_line(case, checkpoint, tmp_path, capsys):
     case.damage(checkpoint)
@@ -342,6 +343,7 @@ def test_real_command_prints_no_traceback(tmp_path):
     assert_one_line(result.stderr, "does not exist")
 
 
+@pytest.mark.model
 def test_nonfinite_weights_build_with_a_warning_when_allowed(checkpoint, tmp_path, capsys):
     _poke(W2, np.nan)(checkpoint)
     output = tmp_path / "out"
@@ -367,6 +369,7 @@ def test_existing_output_is_kept_without_overwrite(tiny_checkpoint, tmp_path, ca
     assert_nothing_left(tmp_path, "out")
 
 
+@pytest.mark.model
 def test_overwrite_replaces_an_old_build(tiny_checkpoint, tiny_fp32, tmp_path, capsys):
     output = tmp_path / "out"
     copy_checkpoint(tiny_fp32, output)
@@ -378,9 +381,10 @@ def test_overwrite_replaces_an_old_build(tiny_checkpoint, tiny_fp32, tmp_path, c
     assert_nothing_left(tmp_path, "out")
 
 
+@pytest.mark.model
 def test_overwrite_without_an_atomic_swap(tiny_checkpoint, tiny_fp32, tmp_path, monkeypatch):
     """Where renameat2 is missing (macOS, some filesystems) two renames do the same job."""
-    monkeypatch.setattr(package, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(package, "exchange", lambda a, b: False)
     output = tmp_path / "out"
     copy_checkpoint(tiny_fp32, output)
     (output / "stale.txt").write_text("from an older build")
@@ -389,6 +393,7 @@ def test_overwrite_without_an_atomic_swap(tiny_checkpoint, tiny_fp32, tmp_path, 
     assert_nothing_left(tmp_path, "out")
 
 
+@pytest.mark.model
 def test_failed_overwrite_keeps_the_old_build(checkpoint, tiny_fp32, tmp_path, capsys):
     _poke(W2, np.inf)(checkpoint)
     output = tmp_path / "out"
@@ -468,6 +473,7 @@ def test_disk_too_small_is_refused_before_writing(tiny_checkpoint, small_disk, c
     assert_nothing_left(small_disk)
 
 
+@pytest.mark.model
 def test_disk_filling_up_while_writing(tiny_checkpoint, small_disk, capsys, monkeypatch):
     """The estimate can be wrong (or another process fills the disk): fail cleanly mid-write."""
     monkeypatch.setattr(convert, "graph_bytes", lambda *args: 0)
@@ -512,6 +518,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.model
 def test_ctrl_c_leaves_no_half_written_folder(tiny_checkpoint, tmp_path):
     output = tmp_path / "out"
     process = subprocess.Popen(
@@ -531,6 +538,7 @@ def test_ctrl_c_leaves_no_half_written_folder(tiny_checkpoint, tmp_path):
     assert_nothing_left(tmp_path)
 
 
+@pytest.mark.model
 def test_staging_folder_is_readable_like_any_folder(tiny_checkpoint, tmp_path):
     """mkdtemp would make the model folder private (0700); users share model folders."""
     output = tmp_path / "out"

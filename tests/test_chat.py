@@ -75,11 +75,13 @@ def rockets(tiny_checkpoint, tmp_path_factory) -> Path:
     return steered_model(tiny_checkpoint, tmp_path_factory.mktemp("rockets"), rocket[0], rocket)
 
 
+@pytest.mark.model
 def test_runtime_renders_the_internlm2_chatml_prompt(tokenizer):
     prompt = tokenizer.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True)
     assert prompt == CHATML
 
 
+@pytest.mark.model
 def test_chat_prompt_tokens(tokenizer, tiny_fp32):
     ids = special_ids(tiny_fp32)
     tokens = list(tokenizer.encode(CHATML))
@@ -88,11 +90,13 @@ def test_chat_prompt_tokens(tokenizer, tiny_fp32):
     assert tokens[-1] == tokenizer.encode("\n")[-1]
 
 
+@pytest.mark.model
 def test_eos_includes_the_end_of_turn(tiny_fp32):
     ids = special_ids(tiny_fp32)
     assert eos_token_ids(tiny_fp32) == [ids["</s>"], ids["<|im_end|>"]]
 
 
+@pytest.mark.model
 def test_end_of_turn_is_added_when_generation_config_omits_it(tiny_checkpoint, tmp_path):
     """Older chat fine-tunes ship generation_config.json with eos 2 only."""
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
@@ -101,12 +105,14 @@ def test_end_of_turn_is_added_when_generation_config_omits_it(tiny_checkpoint, t
     assert eos_token_ids(tmp_path / "out") == [2, special_ids(folder)["<|im_end|>"]]
 
 
+@pytest.mark.model
 def test_base_model_stops_on_eos_alone(tmp_path):
     folder = write_checkpoint(tmp_path / "base", make_config("tiny"), chat=False)
     build(folder, tmp_path / "out")
     assert eos_token_ids(tmp_path / "out") == [2]
 
 
+@pytest.mark.model
 def test_reply_stops_at_the_end_of_its_turn(always_ends_turn):
     model = og.Model(str(always_ends_turn))
     tokenizer = og.Tokenizer(model)
@@ -127,6 +133,7 @@ def run_chat_example(model: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.model
 def test_chat_example_streams_the_reply(rockets, tokenizer):
     """TokenizerStream must hold a character's first bytes back until it is complete."""
     prompt_tokens = len(tokenizer.encode(CHATML))
@@ -134,10 +141,12 @@ def test_chat_example_streams_the_reply(rockets, tokenizer):
     assert run_chat_example(rockets) == "🚀" * (reply_tokens // 4) + "\n"
 
 
+@pytest.mark.model
 def test_chat_example_prints_nothing_past_the_end_of_turn(always_ends_turn):
     assert run_chat_example(always_ends_turn) == "\n"
 
 
+@pytest.mark.model
 def test_chat_hands_og_sentencepieces_ids_with_whole_chat_tokens(always_ends_turn):
     """What examples/chat.py and `internlm2-graph chat` send: the rendered prompt (it starts
     with <s>) through the exact tokenizer with add_special_tokens=False. One <s>, each chat
@@ -180,26 +189,31 @@ def run_chat(model: Path, *args: str, stdin: str = "") -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.model
 def test_chat_prompt_answers_one_turn(says_a, capsys):
     assert main(["chat", str(says_a), "--prompt", "Hello", "--greedy"]) == 0
     assert capsys.readouterr().out == "A\n"
 
 
+@pytest.mark.model
 def test_chat_prompt_streams_until_max_new_tokens(rockets, capsys):
     assert main(["chat", str(rockets), "--prompt", "Hi", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == "🚀" * 3 + "\n"  # 12 byte tokens, 4 per rocket
 
 
+@pytest.mark.model
 def test_chat_reads_turns_from_stdin_until_eof(says_a):
     result = run_chat(says_a, "--system", "Be brief.", stdin="Hello\n\nAnd again?\n/clear\nHi\n")
     assert (result.returncode, result.stdout) == (0, "A\nA\nA\n"), result.stderr
 
 
+@pytest.mark.model
 def test_chat_bye_ends_the_session(says_a):
     result = run_chat(says_a, stdin="Hello\n/bye\nnever answered\n")
     assert (result.returncode, result.stdout) == (0, "A\n"), result.stderr
 
 
+@pytest.mark.model
 def test_later_turns_reuse_the_cache_exactly(tiny_fp32, monkeypatch):
     """A turn continued from the KV cache decodes as the whole conversation encoded afresh."""
     turns = ["Hello there, how are you?", "Tell me about rivers.", "And lakes?"]
@@ -209,10 +223,11 @@ def test_later_turns_reuse_the_cache_exactly(tiny_fp32, monkeypatch):
         return [conversation.reply(text) for text in turns]
 
     cached = replies()
-    monkeypatch.setattr(chat_module, "_common_prefix", lambda cached, prompt: 0)
+    monkeypatch.setattr(chat_module, "common_prefix", lambda cached, prompt: 0)
     assert replies() == cached
 
 
+@pytest.mark.model
 def test_ctrl_c_ends_the_reply_and_keeps_what_was_said(rockets):
     conversation = Chat(rockets, max_new_tokens=40)
     pieces = []
@@ -228,6 +243,7 @@ def test_ctrl_c_ends_the_reply_and_keeps_what_was_said(rockets):
     assert conversation.reply("More") == "🚀" * 10  # the session goes on
 
 
+@pytest.mark.model
 def test_a_full_context_is_one_line_and_the_session_goes_on(says_a):
     result = run_chat(says_a, stdin="word " * 300 + "\nHi\n")
     assert result.returncode == 0 and result.stdout == "A\n"
@@ -261,6 +277,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("command", ["chat", "verify"])
 def test_no_runtime_is_one_line_naming_the_extra(command, says_a, tiny_checkpoint):
     args = {"chat": ["--prompt", "Hi"], "verify": ["--against", str(tiny_checkpoint)]}[command]
@@ -274,6 +291,7 @@ def test_no_runtime_is_one_line_naming_the_extra(command, says_a, tiny_checkpoin
     assert "[cuda]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.model
 def test_chat_example_without_runtime(says_a):
     script = HIDE_RUNTIME.replace(
         "from internlm2_graph.cli import main\nsys.exit(main(sys.argv[1:]))",
@@ -287,6 +305,7 @@ def test_chat_example_without_runtime(says_a):
     assert result.stderr.startswith("error: ") and NO_RUNTIME in result.stderr
 
 
+@pytest.mark.model
 @pytest.mark.skipif(og.is_cuda_available(), reason="this runtime has CUDA")
 def test_cuda_folder_under_the_cpu_runtime_names_the_extra(tiny_checkpoint, tmp_path, capsys):
     build(tiny_checkpoint, tmp_path / "cuda", "fp16", "cuda")  # building needs no GPU

@@ -69,6 +69,7 @@ def test_quiet_progress_writes_nothing():
     assert run_task(Terminal(), 20, quiet=True) == ""
 
 
+@pytest.mark.model
 def test_build_reports_progress_and_a_summary(tiny_checkpoint, tmp_path, capsys):
     code, out, err = run_cli(capsys, "-i", tiny_checkpoint, "-o", tmp_path / "out")
     assert code == 0
@@ -81,11 +82,13 @@ def test_build_reports_progress_and_a_summary(tiny_checkpoint, tmp_path, capsys)
     assert re.match(pattern, out.strip()), out
 
 
+@pytest.mark.model
 def test_quiet_build_prints_nothing(tiny_checkpoint, tmp_path, capsys):
     code, out, err = run_cli(capsys, "-i", tiny_checkpoint, "-o", tmp_path / "out", "--quiet")
     assert (code, out, err) == (0, "", "")
 
 
+@pytest.mark.model
 def test_quiet_build_from_a_hub_id(tiny_checkpoint, tmp_path):
     """--quiet silences huggingface_hub's download bars as well as ours."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "home")}
@@ -127,6 +130,7 @@ def test_console_script_is_installed():
 # --- verify ---------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_verify_reports_ok_for_a_faithful_build(tiny_fp32, tiny_checkpoint, capsys):
     code, out, _ = run_cli(capsys, "verify", tiny_fp32, "--against", tiny_checkpoint)
     assert code == 0, out
@@ -136,6 +140,7 @@ def test_verify_reports_ok_for_a_faithful_build(tiny_fp32, tiny_checkpoint, caps
     assert out.strip().endswith("OK")
 
 
+@pytest.mark.model
 def test_verify_catches_a_model_built_from_other_weights(
     tiny_fp32, tiny_checkpoint, tmp_path, capsys
 ):
@@ -153,6 +158,7 @@ def test_verify_needs_a_built_folder(tiny_checkpoint, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.model
 def test_verify_text_reports_agreement_per_paragraph(tiny_fp32, tmp_path, capsys):
     text = tmp_path / "text.md"
     text.write_text("# 标题\n\n中文模型，分词器。Hello, world!\n\n \ndef f(x):\n    return x\n")
@@ -180,6 +186,7 @@ def test_verify_text_names_the_paragraphs_og_gets_wrong(internlm_v1_tokenizer, t
     assert verdict.startswith("MISMATCH") and "exact_tokenizer(folder)" in verdict
 
 
+@pytest.mark.model
 def test_verify_text_and_logits_together(tiny_fp32, tiny_checkpoint, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("Hello\n")
@@ -189,6 +196,7 @@ def test_verify_text_and_logits_together(tiny_fp32, tiny_checkpoint, tmp_path, c
     assert "greedy tokens agree" in out and "1/1 paragraphs" in out
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -15,6 +15,8 @@ import pytest
 
 from internlm2_graph import build
 
+pytestmark = pytest.mark.model  # every test here builds or runs a model
+
 
 def contents(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}

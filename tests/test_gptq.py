@@ -8,6 +8,7 @@ the fp32 reference on text that calibration did not see.
 
 import ast
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from internlm2_graph.calibration.gptq import (
     hessian_factor,
     searched_grid,
 )
+from internlm2_graph.calibration.recipes import RECIPES, recipe_for
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.quantize import dequantize, quantize
 from internlm2_graph.reference import Reference
@@ -239,6 +241,7 @@ def split_text(tiny_checkpoint, tmp_path_factory):
     return calibration, sequences[-4:]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "options, algorithm",
     [
@@ -315,3 +318,36 @@ def test_bad_calibration_data_is_one_line_naming_the_option(
         build(tiny_checkpoint, tmp_path / "out", "int4", "cpu", options)
     assert "\n" not in str(info.value) and "calibration_data=" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_a_recipe_replaces_the_algo_configs_own(tiny_checkpoint, split_text, tmp_path):
+    calibration, _ = split_text
+    options = ["algo_config=gptq", f"calibration_data={calibration}"]
+
+    def weights(name, recipe=None):
+        build(tiny_checkpoint, tmp_path / name, "int4", "cpu", options, recipe=recipe)
+        return (tmp_path / name / "model.onnx.data").read_bytes()
+
+    default = weights("default")
+    assert weights("same", recipe_for("gptq")) == default
+    assert weights("ablation", replace(recipe_for("gptq"), act_order=False)) != default
+
+
+@pytest.mark.parametrize(
+    "options, recipe, message",
+    [
+        (["algo_config=gptq"], RECIPES["awq"], "recipe awq does not calibrate algo_config=gptq"),
+        (["algo_config=gptaq"], RECIPES["gptq"], "pass algo_config=gptq"),
+        ([], RECIPES["gptaq"], "recipe gptaq needs --extra_options algo_config=gptaq"),
+    ],
+)
+def test_a_recipe_of_another_method_fails_before_writing(
+    tiny_checkpoint, tmp_path, options, recipe, message
+):
+    with pytest.raises(InternLM2GraphError, match=message):
+        build(tiny_checkpoint, tmp_path / "out", "int4", "cpu", options, recipe=recipe)
+    assert list(tmp_path.iterdir()) == []

@@ -70,6 +70,7 @@ def teacher_forced(folder) -> np.ndarray:
     return Decoder(folder).logits(IDS, chunk=1)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "scheme, tolerance",
     # Of logits ~10 in size (random weights amplify): int8 keeps ~7 bits of each key and
@@ -85,6 +86,7 @@ def test_quantized_cache_follows_the_float_one(
     assert np.median(errors) < tolerance / 3 and errors.max() < tolerance
 
 
+@pytest.mark.model
 def test_cache_tensors_are_codes_of_the_scheme(tiny_checkpoint, scale_files, tmp_path):
     options = {"kv_cache_quant_scheme": "int4_per_channel"}
     options["kv_cache_scale_file"] = scale_files["int4_per_channel"]
@@ -98,6 +100,7 @@ def test_cache_tensors_are_codes_of_the_scheme(tiny_checkpoint, scale_files, tmp
     assert attributes["k_quant_type"] == b"PER_CHANNEL" and attributes["kv_cache_bit_width"] == 4
 
 
+@pytest.mark.model
 def test_runtime_and_chat_run_a_quantized_cache(tiny_checkpoint, scale_files, tmp_path, capsys):
     options = {"kv_cache_quant_scheme": "int8_per_channel"}
     options["kv_cache_scale_file"] = scale_files["int8_per_channel"]
@@ -189,6 +192,7 @@ def test_bad_scale_files_are_one_line(content, message, tiny_checkpoint, tmp_pat
     assert "kv_cache_scale_file" in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.model
 def test_the_scales_are_what_the_kernel_uses(tiny_checkpoint, tiny_fp32, scale_files, tmp_path):
     """Coarser scales (x8) cost more: the scale inputs reach the kernel."""
     data = json.loads(Path(scale_files["int8_per_tensor"]).read_text())
@@ -223,6 +227,7 @@ def test_scales_calibrated_in_the_build_are_the_reference_ones(tiny_checkpoint):
         np.testing.assert_allclose(got[attention_path(layer)][1], want[1], rtol=1e-4)
 
 
+@pytest.mark.model
 def test_one_command_gives_a_quantized_kv_model(tiny_checkpoint, tiny_fp32, tmp_path):
     """kv_cache_quant_scheme alone: scales calibrated on calibration_data (here id lists drawn
     like IDS but others; by default text every Python install ships), no scale file."""

@@ -46,6 +46,7 @@ def _stdout(nb: dict) -> str:
     )
 
 
+@pytest.mark.model
 def test_sizes_notebook_runs_in_quick_mode():
     pytest.importorskip("nbclient", reason="needs the test extra: pip install -e .[test]")
     pytest.importorskip("ipykernel", reason="needs the test extra: pip install -e .[test]")

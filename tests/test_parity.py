@@ -16,6 +16,7 @@ FP32_TOLERANCE = 1e-4
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73]
 
 
+@pytest.mark.model
 def test_prompt_and_decode_steps_match_reference(tiny_fp32, tiny_checkpoint):
     steps = 12
     expected_tokens, expected_logits = Reference(tiny_checkpoint).greedy(
@@ -29,6 +30,7 @@ def test_prompt_and_decode_steps_match_reference(tiny_fp32, tiny_checkpoint):
     assert tokens == expected_tokens
 
 
+@pytest.mark.model
 def test_batch_of_different_lengths_gives_each_prompt_its_own_tokens(tiny_fp32, tiny_checkpoint):
     reference = Reference(tiny_checkpoint)
     prompts = [PROMPT, [1, 900, 31, 4]]
@@ -38,6 +40,7 @@ def test_batch_of_different_lengths_gives_each_prompt_its_own_tokens(tiny_fp32, 
         assert got[: len(want)] == want
 
 
+@pytest.mark.model
 def test_genai_config_describes_the_model(tiny_fp32, tiny_checkpoint):
     genai = json.loads((tiny_fp32 / "genai_config.json").read_text())
     ckpt = json.loads((tiny_checkpoint / "config.json").read_text())
@@ -72,6 +75,7 @@ def configs(draw):
     )
 
 
+@pytest.mark.model
 @given(config=configs())
 @example(config=make_config("tiny", num_attention_heads=4, num_key_value_heads=4))  # MHA
 @example(config=make_config("tiny", num_attention_heads=4, num_key_value_heads=1))  # MQA
@@ -101,6 +105,7 @@ def test_any_config_matches_reference(config, tmp_path_factory):
     assert tokens == expected_tokens
 
 
+@pytest.mark.model
 def test_prompt_longer_than_trained_window_matches_token_by_token_decoding(tmp_path):
     """Dynamic NTK past max_position_embeddings: the graph's per-position table equals what the
     reference computes when it is fed one token at a time (see rope.py for why)."""
@@ -126,6 +131,7 @@ def test_reference_greedy_without_steps_returns_prompt_logits(tiny_checkpoint, b
     assert tokens == [] and len(logits) == 1
 
 
+@pytest.mark.model
 def test_dynamic_ntk_decodes_past_the_trained_context(tmp_path):
     """max_length beyond max_position_embeddings x factor is honoured for dynamic NTK (defined
     at any length): the rotary table grows to it, and decoding past the old end still matches

@@ -29,6 +29,7 @@ def cosine(a, b):
     return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "precision, options",
     [
@@ -53,6 +54,7 @@ def test_quantized_graph_computes_exactly_with_its_dequantized_weights(
     assert tokens == expected_tokens
 
 
+@pytest.mark.model
 def test_int4_accuracy_level_4_quantizes_activations_within_int8_error(tiny_checkpoint, tmp_path):
     # Level 4 (the cpu default) rounds activations to int8 per block: relative error of order
     # 1/127 per product, a few percent of the logit range after a couple of layers.
@@ -66,6 +68,7 @@ def test_int4_accuracy_level_4_quantizes_activations_within_int8_error(tiny_chec
     assert cosine(logits[0], expected[-1]) >= 0.999
 
 
+@pytest.mark.model
 def test_fp16_is_within_half_precision_rounding(tiny_checkpoint, tmp_path):
     # fp16 keeps 11 significant bits (unit roundoff 4.9e-4). Weights convert from bf16 exactly;
     # rounding of activations through ~20 ops per layer leaves a few 1e-3 of the logit range.
@@ -79,6 +82,7 @@ def test_fp16_is_within_half_precision_rounding(tiny_checkpoint, tmp_path):
     assert tokens == expected_tokens
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("precision, min_cosine", [("int8", 0.999), ("int4", 0.9)])
 def test_quantization_cost_against_fp32(tiny_checkpoint, tmp_path, precision, min_cosine):
     """A swapped scale or nibble order drives the cosine towards 0; quantization noise does not."""
@@ -100,6 +104,7 @@ def test_combinations_that_cannot_run_are_refused(precision, provider, advice):
         resolve_target(precision, provider)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "precision, options, io_type",
     [

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 
 from internlm2_graph.cli import main
 from internlm2_graph.evaluate import Decoder, kl_and_top1, log_softmax, perplexity, windows
@@ -28,18 +29,21 @@ def test_windows_cover_every_token_once():
     assert [(p.start, p.stop) for p in windows(9, 4)] == [(0, 4), (4, 8)]  # 1 token: no target
 
 
+@pytest.mark.model
 def test_perplexity_matches_the_reference(tiny_checkpoint, tiny_fp32):
     ids = np.random.default_rng(0).integers(3, 1000, 40)
     expected = reference_perplexity(tiny_checkpoint, ids, window=16)
     assert abs(perplexity(tiny_fp32, ids, window=16) / expected - 1) < 1e-4
 
 
+@pytest.mark.model
 def test_chunked_feeding_carries_the_kv_cache(tiny_fp32):
     ids = np.random.default_rng(1).integers(3, 1000, 24)
     decoder = Decoder(tiny_fp32)
     np.testing.assert_allclose(decoder.logits(ids, chunk=5), decoder.logits(ids), atol=1e-4)
 
 
+@pytest.mark.model
 def test_a_model_against_itself(tiny_fp32):
     ids = np.random.default_rng(2).integers(3, 1000, 30)
     quality = kl_and_top1(tiny_fp32, tiny_fp32, ids, window=16, chunk=7)

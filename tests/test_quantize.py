@@ -267,8 +267,8 @@ def test_chunks_and_threads_do_not_change_the_result(monkeypatch, bits):
     w = make_weight(9, "outliers", 300, 200, 1.0)  # k_blocks = 13: odd, ragged
     spec = QuantSpec(bits=bits, block_size=16, symmetric=False)
     whole = quantize(w, spec)
-    monkeypatch.setattr("internlm2_graph.quantize._CHUNK_ELEMENTS", 7 * 208)
-    monkeypatch.setattr("internlm2_graph.quantize._num_threads", lambda: 3)
+    monkeypatch.setattr("internlm2_graph.quantize.CHUNK_ELEMENTS", 7 * 208)
+    monkeypatch.setattr("internlm2_graph.quantize.num_threads", lambda: 3)
     chunked = quantize(w, spec)
     for a, b in [(whole.packed, chunked.packed), (whole.scales, chunked.scales)]:
         np.testing.assert_array_equal(a, b)
@@ -372,7 +372,7 @@ def test_node_attributes_and_inputs():
 def test_peak_memory_stays_far_below_the_weight(monkeypatch):
     """Chunked: no whole-weight float32 copy, transposed or widened, ever exists."""
     # Each thread holds a few chunk-sized temporaries; pin the count so the bound is portable.
-    monkeypatch.setattr("internlm2_graph.quantize._num_threads", lambda: 2)
+    monkeypatch.setattr("internlm2_graph.quantize.num_threads", lambda: 2)
     w = (
         np.random.default_rng(8)
         .standard_normal((4096, 4096), np.float32)

@@ -33,6 +33,7 @@ def test_published_parameter_counts():
         }  # fmt: skip
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "precision, provider, options",
     [

@@ -68,6 +68,7 @@ def copy_prompt(cycle: list[int]) -> list[int]:
     return [1, *cycle, *cycle, cycle[0], cycle[1], 7, 8, cycle[0]]
 
 
+@pytest.mark.model
 def test_ngram_writes_the_speculative_section(tiny_checkpoint, tmp_path):
     options = {"speculative": "ngram", "ngram_size": "4", "max_draft_tokens": "8"}
     build(tiny_checkpoint, tmp_path / "out", extra_options=options)
@@ -75,10 +76,12 @@ def test_ngram_writes_the_speculative_section(tiny_checkpoint, tmp_path):
     assert "draft" not in genai(tmp_path / "out")["model"]
 
 
+@pytest.mark.model
 def test_off_writes_no_section(tiny_fp32):
     assert "speculative" not in genai(tiny_fp32)
 
 
+@pytest.mark.model
 def test_ngram_greedy_output_is_plain_decoding(copier, cycle, tmp_path):
     build(copier, tmp_path / "plain")
     build(copier, tmp_path / "ngram", extra_options={"speculative": "ngram"})
@@ -91,6 +94,7 @@ def test_ngram_greedy_output_is_plain_decoding(copier, cycle, tmp_path):
     assert stats["draft_tokens_accepted"] > NEW_TOKENS // 2  # and the lookup finds it
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("adaptive", [0, 2])
 def test_ngram_on_random_weights_changes_no_token(tiny_fp32, adaptive):
     """Random weights: most proposals are wrong, so this exercises rejection and rewinding."""
@@ -105,6 +109,7 @@ def test_ngram_on_random_weights_changes_no_token(tiny_fp32, adaptive):
     assert stats["rounds"] > 0
 
 
+@pytest.mark.model
 def test_self_draft_is_one_folder_og_runs_as_target_and_draft(self_draft, tiny_fp32):
     config = genai(self_draft)
     assert config["model"]["draft"]["filename"] == "draft/model.onnx"
@@ -121,6 +126,7 @@ def test_self_draft_is_one_folder_og_runs_as_target_and_draft(self_draft, tiny_f
     assert stats["draft_forward_passes"] > 0 and stats["draft_tokens_accepted"] > 0
 
 
+@pytest.mark.model
 def test_draft_from_another_built_folder(tiny_checkpoint, tiny_fp32, tmp_path):
     build(tiny_checkpoint, tmp_path / "small", "int8", "cpu")
     assert main(["-i", str(tiny_checkpoint), "-o", str(tmp_path / "big"), "-q",
@@ -132,6 +138,7 @@ def test_draft_from_another_built_folder(tiny_checkpoint, tiny_fp32, tmp_path):
     assert fast == plain and stats["draft_forward_passes"] > 0
 
 
+@pytest.mark.model
 def test_draft_with_another_vocabulary_is_refused(tiny_checkpoint, tmp_path, capsys):
     other = write_checkpoint(tmp_path / "other", make_config("tiny", vocab_size=1280), chat=True)
     build(other, tmp_path / "small", "int4", "cpu")
@@ -143,6 +150,7 @@ def test_draft_with_another_vocabulary_is_refused(tiny_checkpoint, tmp_path, cap
     assert not (tmp_path / "big").exists()
 
 
+@pytest.mark.model
 def test_draft_for_another_device_is_refused(tiny_checkpoint, tmp_path):
     build(tiny_checkpoint, tmp_path / "small", "int4", "cuda")
     with pytest.raises(InternLM2GraphError, match="rebuild the draft with -e cpu"):
@@ -167,6 +175,7 @@ def test_bad_speculative_options(options, message):
         split_options(options)
 
 
+@pytest.mark.model
 def test_switch_at_run_time_without_touching_the_folder(self_draft):
     before = (self_draft / "genai_config.json").read_bytes()
     prompt = [1, *range(200, 210), *range(200, 210)]
@@ -178,6 +187,7 @@ def test_switch_at_run_time_without_touching_the_folder(self_draft):
     assert (self_draft / "genai_config.json").read_bytes() == before
 
 
+@pytest.mark.model
 def test_set_speculative_rewrites_genai_config(tiny_checkpoint, tmp_path):
     build(tiny_checkpoint, tmp_path / "out", extra_options={"draft": "int4"})
     set_speculative(tmp_path / "out", "ngram")
@@ -191,6 +201,7 @@ def test_set_speculative_rewrites_genai_config(tiny_checkpoint, tmp_path):
         set_speculative(tmp_path / "out" / "draft", "draft")
 
 
+@pytest.mark.model
 def test_benchmark_runs_every_setting_with_plain_decodings_tokens(self_draft, monkeypatch):
     from argparse import Namespace
 
@@ -208,6 +219,7 @@ def test_benchmark_runs_every_setting_with_plain_decodings_tokens(self_draft, mo
     assert {k["kind"] for k in bench.by_kind(rows)} == {"copy", "free"}
 
 
+@pytest.mark.model
 def test_chat_turns_are_the_same_in_every_mode(self_draft):
     """Multi-turn, so later turns rewind the cache that speculative rounds wrote."""
     from internlm2_graph.chat import Chat
@@ -221,6 +233,7 @@ def test_chat_turns_are_the_same_in_every_mode(self_draft):
     assert replies("off") == replies("ngram") == replies("draft") == replies(None)
 
 
+@pytest.mark.model
 def test_chat_command_takes_speculative(self_draft, capsys):
     def say(*flags: str) -> str:
         args = ["chat", str(self_draft), "--prompt", "Hi", "--greedy", "--max-new-tokens", "8"]
@@ -230,6 +243,7 @@ def test_chat_command_takes_speculative(self_draft, capsys):
     assert say("--speculative", "ngram") == say("--speculative", "off") == say()
 
 
+@pytest.mark.model
 def test_chat_defaults_to_ngram_where_measured(tiny_fp32, self_draft, tiny_checkpoint, tmp_path):
     greedy = {"do_sample": False}
     assert default_speculative(tiny_fp32, greedy) == "ngram"  # cpu, greedy, nothing asked for

@@ -43,6 +43,7 @@ def test_transposed_tensor_is_written_a_band_of_columns_at_a_time(dtype, monkeyp
     assert tensor.tobytes() == expected
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "precision, provider, options",
     [("fp32", "cpu", {}), ("bf16", "cuda", {}), ("int4", "cuda", {"lm_head_precision": "float"})],

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import sys
 
@@ -29,6 +31,7 @@ def run_probe(body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
+@pytest.mark.model
 def test_build_imports_neither_torch_nor_transformers(tiny_checkpoint, tmp_path):
     body = f"""
 from internlm2_graph import build

@@ -124,4 +124,4 @@ def test_sliced_transforms_equal_whole_ones(monkeypatch):
     class Param:
         dtype = weights.ir.DataType.FLOAT16
 
-    np.testing.assert_array_equal(weights._transposed(rows, Param()), w.T.astype(np.float16))
+    np.testing.assert_array_equal(weights.transposed(rows, Param()), w.T.astype(np.float16))

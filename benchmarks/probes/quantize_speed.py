@@ -68,12 +68,12 @@ def machine() -> str:
 
 def ort_whole_transpose(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     """One full-size contiguous float32 W.T, then one kernel call (chunk size = all rows)."""
-    saved = quant._CHUNK_ELEMENTS
-    quant._CHUNK_ELEMENTS = w.size  # one chunk: quantize_ort makes exactly one transposed copy
+    saved = quant.CHUNK_ELEMENTS
+    quant.CHUNK_ELEMENTS = w.size  # one chunk: quantize_ort makes exactly one transposed copy
     try:
         return quantize_ort(w, spec)
     finally:
-        quant._CHUNK_ELEMENTS = saved
+        quant.CHUNK_ELEMENTS = saved
 
 
 def kernel_only(w_t: np.ndarray, spec: QuantSpec) -> Callable[[], object]:
@@ -91,12 +91,12 @@ def kernel_only(w_t: np.ndarray, spec: QuantSpec) -> Callable[[], object]:
 
 def numpy_threads(threads: int) -> Callable[[np.ndarray, QuantSpec], QuantizedWeight]:
     def run(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-        saved = quant._num_threads
-        quant._num_threads = lambda: threads
+        saved = quant.num_threads
+        quant.num_threads = lambda: threads
         try:
             return quantize(w, spec)
         finally:
-            quant._num_threads = saved
+            quant.num_threads = saved
 
     return run
 
@@ -141,7 +141,7 @@ def bench_shape(n: int, k: int, spec: QuantSpec, repeats: int, full: bool) -> No
     w16 = w32.astype(ml_dtypes.bfloat16)
     ref = quantize(w32, spec)
     out_bytes = sum(a.nbytes for a in (ref.packed, ref.scales, ref.zero_points) if a is not None)
-    threads = quant._num_threads()
+    threads = quant.num_threads()
     print(
         f"\n{n} x {k} ({n * k / 1e6:.1f} M weights, float32 {w32.nbytes / MiB:.0f} MiB), "
         f"int{spec.bits} block {spec.block_size} {'sym' if spec.symmetric else 'asym'}; "
@@ -184,7 +184,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     # Other work on the box skews wall times: cpu/wall below the thread count shows it.
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    print(f"numpy path threads: {quant._num_threads()}; ORT kernel: own pool, one per core")
+    print(f"numpy path threads: {quant.num_threads()}; ORT kernel: own pool, one per core")
     default = QuantSpec(bits=4, block_size=32)
     for n, k in [(2048, 8192), (92544, 2048)]:
         bench_shape(n, k, default, args.repeats, full=True)
