@@ -18,7 +18,7 @@ from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
 
-SUBCOMMANDS = ("build", "verify", "inspect", "chat")
+SUBCOMMANDS = ("build", "verify", "inspect", "chat", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an InternLM2/InternLM2.5 checkpoint into an ONNX Runtime GenAI "
         "folder.",
         epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT --text FILE`, "
-        "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`.",
+        "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`, "
+        "`internlm2-graph serve OUTPUT`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", required=True, help="checkpoint folder or hub id")
@@ -129,11 +130,33 @@ def chat_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph serve",
+        description="Serve a built folder over HTTP with OpenAI's API (/v1/chat/completions, "
+        "/v1/completions, /v1/models) and InternLM2's tool calls. Needs "
+        'pip install "internlm2_graph[serve]" beside a runtime ([cpu] or [cuda]).',
+    )
+    parser.add_argument("model", help="the built folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=_positive_int, default=8000, help="port (8000)")
+    parser.add_argument("--model-name", help="the model id clients send (default: folder name)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=None,
+        help="requests batched together by a folder without a paged graph (16)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
 PARSERS = {
     "build": build_parser,
     "verify": verify_parser,
     "inspect": inspect_parser,
     "chat": chat_parser,
+    "serve": serve_parser,
 }
 
 
@@ -141,7 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     args = PARSERS[command]().parse_args(argv)
-    run = {"build": _build, "verify": _verify, "inspect": _inspect, "chat": _chat}[command]
+    run = {
+        "build": _build,
+        "verify": _verify,
+        "inspect": _inspect,
+        "chat": _chat,
+        "serve": _serve,
+    }[command]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -301,6 +330,27 @@ def _chat(args) -> int:
                 _say(chat, text)
             except ContextFull as err:
                 print(f"error: {err}", file=sys.stderr)
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from internlm2_graph.serve.app import create_app
+    except ModuleNotFoundError as err:
+        raise InternLM2GraphError(
+            f'serve needs {err.name}, which is not installed: pip install "internlm2_graph[serve]"'
+        ) from None
+    from internlm2_graph.serve.engine import EngineBackend
+
+    backend = EngineBackend(args.model, max_batch_size=args.max_batch_size)
+    name = args.model_name or Path(args.model).resolve().name
+    print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(backend, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        backend.close()
+    return 0
 
 
 def _say(chat, text: str) -> bool:
