@@ -147,6 +147,13 @@ def serve_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests batched together by a folder without a paged graph (16)",
     )
+    parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        help="tokens per request, prompt and reply (default: genai_config search.max_length); "
+        "a static batch holds a KV cache of max-batch-size x max-length tokens",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -343,7 +350,9 @@ def _serve(args) -> int:
         ) from None
     from internlm2_graph.serve.engine import EngineBackend
 
-    backend = EngineBackend(args.model, max_batch_size=args.max_batch_size)
+    backend = EngineBackend(
+        args.model, max_batch_size=args.max_batch_size, max_length=args.max_length
+    )
     name = args.model_name or Path(args.model).resolve().name
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:

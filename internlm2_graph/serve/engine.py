@@ -57,6 +57,7 @@ class Sampling:
     """One turn's settings; None keeps the folder's genai_config `search` value."""
 
     max_tokens: int
+    min_tokens: int = 0  # eos ids masked until this many (fixed-length benchmarks)
     do_sample: bool | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -191,6 +192,8 @@ class _Driver(threading.Thread):
     def _options(self, request, sampling: Sampling):
         options = self.og.TurnOptions(request)
         options.set_max_generated_tokens(sampling.max_tokens)
+        if sampling.min_tokens:
+            options.set_min_generated_tokens(sampling.min_tokens)
         if sampling.do_sample is not None:
             options.set_do_sample(sampling.do_sample)
         if sampling.temperature is not None:
@@ -238,18 +241,26 @@ class EngineBackend:
     """A built folder served by og.Engine (module doc).
 
     `max_batch_size`: rows of a static batch (folders without a paged graph); None: 16.
+    `max_length`: tokens per request (prompt and reply) instead of genai_config's
+    search.max_length; a static batch holds a KV cache of max_batch_size * max_length tokens.
     """
 
-    def __init__(self, model_dir: str | Path, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+    ):
         og = genai()
         self.model_dir = Path(model_dir)
         config = genai_config(model_dir)
         self.continuous = "dynamic_batching" in config.get("engine", {})
+        self.max_length = max_length or int(config["search"]["max_length"])
         self.model = self._load(max_batch_size or DEFAULT_MAX_BATCH_SIZE)
         self.tokenizer = og.Tokenizer(self.model)
         self._encoder = exact_tokenizer(model_dir)
         self.stop_ids = frozenset(eos_ids(model_dir))
-        self.max_length = int(config["search"]["max_length"])
+        self.vocab_size = int(config["model"]["vocab_size"])
         self.default_do_sample = bool(config["search"].get("do_sample", False))
         self.special_ids = SpecialIds.from_vocabulary(self._encoder.token_to_id)
         self._driver = _Driver(og, self.model)
@@ -257,10 +268,10 @@ class EngineBackend:
         self.max_batch_size = self._driver.max_batch_size
 
     def _load(self, max_batch_size: int):
-        if self.continuous:
-            return load_model(self.model_dir)
-        static = {"static_batching": {"max_batch_size": max_batch_size}}
-        return load_model(self.model_dir, overlay={"engine": static})
+        overlay: dict = {"search": {"max_length": self.max_length}}
+        if not self.continuous:
+            overlay["engine"] = {"static_batching": {"max_batch_size": max_batch_size}}
+        return load_model(self.model_dir, overlay=overlay)
 
     # Prompts: the folder's chat template, encoded by the exact tokenizer (as `chat` does).
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

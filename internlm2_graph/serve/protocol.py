@@ -134,6 +134,7 @@ class _Sampling(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's; vLLM and others take it
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # not OpenAI's either; vLLM's name
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
@@ -197,7 +198,12 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # One prompt: text, or token ids (OpenAI takes both; ids skip the tokenizer)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool | None = None
     logprobs: int | None = None
@@ -216,8 +222,11 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix: not served here (leave it out)")
         return self
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def text(self) -> str | list[int]:
+        """The prompt's text, or its ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return self.prompt
+        return self.prompt[0]
 
 
 def parse(model: type[BaseModel], body: object):
