@@ -409,3 +409,18 @@ def test_stop_matcher_holds_back_a_stop_string_start():
 def test_cli_serve_without_a_folder_is_one_line(capsys, tmp_path):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a built model folder" in capsys.readouterr().err
+
+
+def test_serving_benchmark_counts_every_token(folder):
+    from benchmarks import serving
+
+    params = {"folder": folder, "clients": [3], "paths": ["engine", "http", "chat"], "rounds": 1}
+    rows = serving.run({**params, "prompt_tokens": 8, "output_tokens": 6, "max_length": 64})
+    assert [row["path"] for row in rows] == ["engine", "http"]  # chat is one client only
+    for row in rows:
+        assert (row["requests"], row["output_tokens"]) == (3, 18)  # min_tokens fixes lengths
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] <= row["wall_s"]
+    lengths = serving.mixed_requests(200, serving.random.Random(1))
+    assert lengths == serving.mixed_requests(200, serving.random.Random(1))
+    assert all(8 <= len(p) <= 256 and 8 <= n <= 128 for p, n in lengths)
+    assert len({len(p) for p, _ in lengths}) > 20
