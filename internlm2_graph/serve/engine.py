@@ -128,6 +128,7 @@ class _Driver(threading.Thread):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.active: dict = {}  # og.Request -> (Turn, turn id)
         self.finished: Counter[str] = Counter()  # turns ended, by og FinishReason name
+        self.finished_copy: dict[str, int] = {}
         self._flags = og.EngineEventFlags
         self.ready = threading.Event()
         self.error: Exception | None = None
@@ -160,7 +161,11 @@ class _Driver(threading.Thread):
                 self._handle(*message)
                 message = self._next()
             if self.engine.has_pending_requests():
-                self._step()
+                try:
+                    self._step()
+                except Exception as err:  # og raised: fail the batch, keep the server up
+                    for request in list(self.active):
+                        self._end(request, Failed(f"the engine failed: {err}", 500))
 
     def _next(self):
         try:
@@ -230,6 +235,7 @@ class _Driver(threading.Thread):
         turn, _ = self.active.pop(request)
         request.close()
         self.finished[event.reason if isinstance(event, Finished) else "FAILED"] += 1
+        self.finished_copy = dict(self.finished)  # for other threads: replaced, never changed
         turn.put(event)
 
     def _close_all(self) -> None:
@@ -321,7 +327,7 @@ class EngineBackend:
         """Turns holding a cache now (0 when idle: every og.Request was closed) and the turns
         finished so far by og's reason (EOS, MAX_GENERATED_TOKENS, CANCELLED...)."""
         driver = self._driver
-        return {"active_requests": len(driver.active), "finished": dict(driver.finished)}
+        return {"active_requests": len(driver.active), "finished": driver.finished_copy}
 
     def close(self) -> None:
         self._driver.inbox.put(("stop", None))
