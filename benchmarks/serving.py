@@ -220,7 +220,10 @@ def run(params: dict) -> list[dict]:
 
     p = {**DEFAULTS, **params}
     backend = EngineBackend(
-        p["folder"], max_batch_size=p["max_batch_size"], max_length=p["max_length"]
+        p["folder"],
+        max_batch_size=p["max_batch_size"],
+        max_length=p["max_length"],
+        batch_wait_ms=p.get("batch_wait_ms"),
     )
     server = Server(backend) if "http" in p["paths"] else None
     rows = []
@@ -419,6 +422,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="serve's default")
     parser.add_argument("--mixed-scale", type=float, default=1.0)
     parser.add_argument("--load", action="store_true", help="the robustness run instead")
     parser.add_argument("--name", default="serving", help="results file name")
@@ -439,6 +443,7 @@ def main(argv=None) -> None:
             "rounds": args.rounds,
             "max_batch_size": args.max_batch_size,
             "max_length": args.max_length,
+            "batch_wait_ms": args.batch_wait_ms,
             "mixed_scale": args.mixed_scale,
         }
         rows = run(params)

@@ -154,6 +154,13 @@ def serve_parser() -> argparse.ArgumentParser:
         help="tokens per request, prompt and reply (default: genai_config search.max_length); "
         "a static batch holds a KV cache of max-batch-size x max-length tokens",
     )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="a static batch waits this long after each request for another before it starts "
+        "(20; 0 for a paged folder)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -351,7 +358,10 @@ def _serve(args) -> int:
     from internlm2_graph.serve.engine import EngineBackend
 
     backend = EngineBackend(
-        args.model, max_batch_size=args.max_batch_size, max_length=args.max_length
+        args.model,
+        max_batch_size=args.max_batch_size,
+        max_length=args.max_length,
+        batch_wait_ms=args.batch_wait_ms,
     )
     name = args.model_name or Path(args.model).resolve().name
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)

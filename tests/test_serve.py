@@ -424,3 +424,39 @@ def test_serving_benchmark_counts_every_token(folder):
     assert lengths == serving.mixed_requests(200, serving.random.Random(1))
     assert all(8 <= len(p) <= 256 and 8 <= n <= 128 for p, n in lengths)
     assert len({len(p) for p, _ in lengths}) > 20
+
+
+def test_requests_arriving_together_share_one_static_batch(folder):
+    """A static batch takes no request after its first step: the driver waits for the next
+    request (batch_wait_ms) before starting one, so a burst runs as one batch, every first
+    token before any reply ends (without the wait the first would run alone, the rest after)."""
+    import asyncio
+
+    from internlm2_graph.serve.engine import Finished, Sampling, Token
+
+    backend = EngineBackend(folder, max_batch_size=8, batch_wait_ms=300)
+
+    async def burst():
+        log = []
+
+        async def one(i):
+            turn = backend.submit([1, 100 + i, 200 + i], Sampling(max_tokens=40, min_tokens=40))
+            async for event in turn:
+                if isinstance(event, Token) and not any(e == ("first", i) for e in log):
+                    log.append(("first", i))
+                elif isinstance(event, Finished):
+                    log.append(("end", i))
+
+        async def later(i):
+            await asyncio.sleep(0.01 * i)
+            await one(i)
+
+        await asyncio.gather(*(later(i) for i in range(4)))
+        return log
+
+    try:
+        log = asyncio.run(burst())
+    finally:
+        backend.close()
+    kinds = [kind for kind, _ in log]
+    assert kinds == ["first"] * 4 + ["end"] * 4, log
