@@ -238,8 +238,17 @@ def test_tool_turns_render_in_internlm2_format(server):
     assert backend.special_ids.action_start in ids and backend.special_ids.plugin in ids
 
 
+CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
 BAD = [
     # (body or raw bytes, status, param)
+    (
+        {
+            "model": MODEL,
+            "messages": [{"role": "assistant", "tool_calls": [CALL]}],
+        },
+        400,
+        "messages.0.tool_calls.0.function.arguments",
+    ),
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
     ({"model": MODEL}, 400, "messages"),

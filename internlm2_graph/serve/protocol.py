@@ -7,9 +7,17 @@ a 400 that names the field rather than an answer that silently ignored it.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class OpenAIError(Exception):
@@ -55,6 +63,18 @@ class TextPart(_Strict):
 class FunctionCall(_Strict):
     name: str
     arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        # Written back into the prompt as InternLM2's call JSON (tools.render_call).
+        try:
+            parsed = json.loads(value or "{}")
+        except ValueError:
+            raise ValueError("not JSON: arguments is the call's JSON object, as a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return value
 
 
 class ToolCall(_Strict):
