@@ -17,7 +17,7 @@ from internlm2_graph import speculative
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import EXECUTION_PROVIDERS, OPTIONS, PRECISIONS
 
-SUBCOMMANDS = ("build", "verify", "inspect", "chat", "eval")
+SUBCOMMANDS = ("build", "verify", "inspect", "chat", "eval", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         "folder.",
         epilog="Also: `internlm2-graph verify OUTPUT --against CHECKPOINT --text FILE`, "
         "`internlm2-graph inspect CHECKPOINT`, `internlm2-graph chat OUTPUT`, "
-        "`internlm2-graph eval OUTPUT --text FILE [--reference FOLDER]`.",
+        "`internlm2-graph eval OUTPUT --text FILE [--reference FOLDER]`, "
+        "`internlm2-graph serve OUTPUT`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", required=True, help="checkpoint folder or hub id")
@@ -156,12 +157,48 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internlm2-graph serve",
+        description="Serve a built folder over HTTP with OpenAI's API (/v1/chat/completions, "
+        "/v1/completions, /v1/models) and InternLM2's tool calls. Needs "
+        'pip install "internlm2_graph[serve]" beside a runtime ([cpu] or [cuda]).',
+    )
+    parser.add_argument("model", help="the built folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=_positive_int, default=8000, help="port (8000)")
+    parser.add_argument("--model-name", help="the model id clients send (default: folder name)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=None,
+        help="requests batched together by a folder without a paged graph (16)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        help="tokens per request, prompt and reply (default: genai_config search.max_length); "
+        "a static batch holds a KV cache of max-batch-size x max-length tokens",
+    )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="a static batch waits this long after each request for another before it starts "
+        "(20; 0 for a paged folder)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
 PARSERS = {
     "build": build_parser,
     "verify": verify_parser,
     "inspect": inspect_parser,
     "chat": chat_parser,
     "eval": eval_parser,
+    "serve": serve_parser,
 }
 
 
@@ -169,9 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "build"
     args = PARSERS[command]().parse_args(argv)
-    run = {"build": _build, "verify": _verify, "inspect": _inspect, "chat": _chat, "eval": _eval}[
-        command
-    ]
+    run = {
+        "build": _build,
+        "verify": _verify,
+        "inspect": _inspect,
+        "chat": _chat,
+        "eval": _eval,
+        "serve": _serve,
+    }[command]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -295,6 +337,32 @@ def _chat(args) -> int:
     if args.prompt is not None:
         return 0 if say(chat, args.prompt) else 130
     return repl(chat, args.model)
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from internlm2_graph.serve.app import create_app
+    except ModuleNotFoundError as err:
+        raise InternLM2GraphError(
+            f'serve needs {err.name}, which is not installed: pip install "internlm2_graph[serve]"'
+        ) from None
+    from internlm2_graph.serve.engine import EngineBackend
+
+    backend = EngineBackend(
+        args.model,
+        max_batch_size=args.max_batch_size,
+        max_length=args.max_length,
+        batch_wait_ms=args.batch_wait_ms,
+    )
+    name = args.model_name or Path(args.model).resolve().name
+    print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(backend, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        backend.close()
+    return 0
 
 
 def _positive_int(text: str) -> int:

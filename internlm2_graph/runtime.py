@@ -67,11 +67,12 @@ def built_for_cuda(model_dir: str | Path) -> bool:
     return any("cuda" in provider for provider in options)
 
 
-def load_model(model_dir: str | Path, speculative: str | None = None):
+def load_model(model_dir: str | Path, speculative: str | None = None, overlay: dict | None = None):
     """og.Model of a built folder, after the checks whose failures the runtime words poorly.
 
     `speculative` (off, ngram, draft) overrides the folder's own speculative decoding for this
     model only (og_config); None keeps what genai_config says.
+    `overlay`: genai_config sections to add or change for this model only (og.Config.overlay).
     """
     check_model_folder(model_dir)
     og = genai()
@@ -80,9 +81,12 @@ def load_model(model_dir: str | Path, speculative: str | None = None):
             f"{model_dir} was built for CUDA (-e cuda) and this onnxruntime-genai has no CUDA: "
             f"{INSTALL_CUDA} in an environment without the [cpu] packages"
         )
-    if speculative is None:
+    if speculative is None and overlay is None:
         return og.Model(str(model_dir))
-    return og.Model(og_config(model_dir, speculative))
+    config = og_config(model_dir, speculative)
+    if overlay:
+        config.overlay(json.dumps(overlay))
+    return og.Model(config)
 
 
 def og_config(folder: str | Path, spec: Speculative | str | None = None):
