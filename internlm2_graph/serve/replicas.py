@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,6 +361,7 @@ def serve_replicas(options: ServeOptions, where: Placement) -> int:
 
     import uvicorn
 
+    listener = _listen(options.host, options.port)  # before Ray, whose workers take ports
     handle, address = start(options, where)
     try:
         kind = "joined" if options.address else "local"
@@ -377,20 +379,36 @@ def serve_replicas(options: ServeOptions, where: Placement) -> int:
             lifespan="off",
             log_level="warning",
         )
-        _run_draining(uvicorn.Server(config))
+        _run_draining(uvicorn.Server(config), listener)
     finally:
+        listener.close()
         stop(options)
     return 0
 
 
-def _run_draining(server) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        listener.close()
+        raise InternLM2GraphError(
+            f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host"
+        ) from None
+    listener.listen(2048)
+    return listener
+
+
+def _run_draining(server, listener: socket.socket) -> None:
     """uvicorn's own shutdown drains: on a signal it stops listening and waits for the requests
     in flight. It then raises the signal again for the handler it found; that handler is a no-op
     here, so the command goes on to stop the replicas instead of dying mid-cleanup."""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in signals}
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
