@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from internlm2_graph.errors import InternLM2GraphError
 
-APP_NAME = "internlm2-graph"
+APP_PREFIX = "internlm2-graph-"  # + the model name: one app per model on a shared cluster
 DEPLOYMENT = "engine"
 REPLICA_HEADER = "x-replica"  # which replica answered: Ray's replica id (its actor's name ends so)
 # A local Ray started by the command listens on loopback only: Ray resolves 127.0.0.1 to the
@@ -296,6 +297,11 @@ class ServeOptions:
     max_ongoing_requests: int = 256
     address: str | None = None  # join this Ray cluster; None: start a local one
 
+    @property
+    def app_name(self) -> str:
+        # Ray names a replica's actor app#deployment#id: keep separators out of the app's name
+        return APP_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "-", self.model_name)
+
 
 def deployment(options: ServeOptions, where: Placement):
     """The bound Ray Serve application: `where.replicas` replicas of Replica."""
@@ -328,18 +334,34 @@ def start(options: ServeOptions, where: Placement):
         if where.devices is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = where.devices
         cpus = max(os.cpu_count() or 1, int(where.replicas * where.num_cpus + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+        _start_local_ray(ray, cpus)
     else:
         ray.init(address=options.address, logging_level="WARNING")
     try:
         serve.start(http_options={"host": None})  # no Ray proxy: the front door is ours
         handle = serve.run(
-            deployment(options, where), name=APP_NAME, route_prefix=None, blocking=False
+            deployment(options, where), name=options.app_name, route_prefix=None, blocking=False
         )
     except BaseException:
         stop(options)
         raise
     return handle, ray.get_runtime_context().gcs_address
+
+
+def _start_local_ray(ray, cpus: int, attempts: int = 2) -> None:
+    """ray.init of a one-host Ray. Ray gives its raylet a fixed 30 s to register, which a busy
+    host can miss: one more try, then a one-line error."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception as err:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise InternLM2GraphError(
+                    f"the local Ray did not start ({err}): retry, or start one with "
+                    "`ray start --head` and pass its address with --address"
+                ) from None
 
 
 def stop(options: ServeOptions) -> None:
@@ -348,7 +370,7 @@ def stop(options: ServeOptions) -> None:
     from ray import serve
 
     with contextlib.suppress(Exception):
-        serve.delete(APP_NAME)
+        serve.delete(options.app_name)
     if options.address is None:
         with contextlib.suppress(Exception):
             serve.shutdown()
@@ -362,7 +384,11 @@ def serve_replicas(options: ServeOptions, where: Placement) -> int:
     import uvicorn
 
     listener = _listen(options.host, options.port)  # before Ray, whose workers take ports
-    handle, address = start(options, where)
+    try:
+        handle, address = start(options, where)
+    except BaseException:
+        listener.close()
+        raise
     try:
         kind = "joined" if options.address else "local"
         print(f"ray: {kind} cluster at {address}", file=sys.stderr)
