@@ -148,6 +148,20 @@ def serve_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests batched together by a folder without a paged graph (16)",
     )
+    parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        help="tokens per request, prompt and reply (default: genai_config search.max_length); "
+        "a static batch holds a KV cache of max-batch-size x max-length tokens",
+    )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="a static batch waits this long after each request for another before it starts "
+        "(20; 0 for a paged folder)",
+    )
     ray = parser.add_argument_group(
         'replicas on Ray Serve (one engine per GPU; needs pip install "internlm2_graph[cluster]")'
     )
@@ -367,7 +381,7 @@ def _serve(args) -> int:
         return _serve_replicas(args)
     from internlm2_graph.serve.engine import EngineBackend
 
-    backend = EngineBackend(args.model, max_batch_size=args.max_batch_size)
+    backend = EngineBackend(args.model, **_backend_options(args))
     name = args.model_name or Path(args.model).resolve().name
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
@@ -375,6 +389,15 @@ def _serve(args) -> int:
     finally:
         backend.close()
     return 0
+
+
+def _backend_options(args) -> dict:
+    """EngineBackend's settings from the flags: one engine, or each replica's."""
+    return {
+        "max_batch_size": args.max_batch_size,
+        "max_length": args.max_length,
+        "batch_wait_ms": args.batch_wait_ms,
+    }
 
 
 def _serve_replicas(args) -> int:
@@ -395,7 +418,7 @@ def _serve_replicas(args) -> int:
         model_name=args.model_name or Path(args.model).resolve().name,
         host=args.host,
         port=args.port,
-        max_batch_size=args.max_batch_size,
+        backend=_backend_options(args),
         max_ongoing_requests=args.max_ongoing_requests,
         address=args.address,
     )

@@ -238,8 +238,17 @@ def test_tool_turns_render_in_internlm2_format(server):
     assert backend.special_ids.action_start in ids and backend.special_ids.plugin in ids
 
 
+CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
 BAD = [
     # (body or raw bytes, status, param)
+    (
+        {
+            "model": MODEL,
+            "messages": [{"role": "assistant", "tool_calls": [CALL]}],
+        },
+        400,
+        "messages.0.tool_calls.0.function.arguments",
+    ),
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
     ({"model": MODEL}, 400, "messages"),
@@ -409,3 +418,54 @@ def test_stop_matcher_holds_back_a_stop_string_start():
 def test_cli_serve_without_a_folder_is_one_line(capsys, tmp_path):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a built model folder" in capsys.readouterr().err
+
+
+def test_serving_benchmark_counts_every_token(folder):
+    from benchmarks import serving
+
+    params = {"folder": folder, "clients": [3], "paths": ["engine", "http", "chat"], "rounds": 1}
+    rows = serving.run({**params, "prompt_tokens": 8, "output_tokens": 6, "max_length": 64})
+    assert [row["path"] for row in rows] == ["engine", "http"]  # chat is one client only
+    for row in rows:
+        assert (row["requests"], row["output_tokens"]) == (3, 18)  # min_tokens fixes lengths
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] <= row["wall_s"]
+    lengths = serving.mixed_requests(200, serving.random.Random(1))
+    assert lengths == serving.mixed_requests(200, serving.random.Random(1))
+    assert all(8 <= len(p) <= 256 and 8 <= n <= 128 for p, n in lengths)
+    assert len({len(p) for p, _ in lengths}) > 20
+
+
+def test_requests_arriving_together_share_one_static_batch(folder):
+    """A static batch takes no request after its first step: the driver waits for the next
+    request (batch_wait_ms) before starting one, so a burst runs as one batch, every first
+    token before any reply ends (without the wait the first would run alone, the rest after)."""
+    import asyncio
+
+    from internlm2_graph.serve.engine import Finished, Sampling, Token
+
+    backend = EngineBackend(folder, max_batch_size=8, batch_wait_ms=300)
+
+    async def burst():
+        log = []
+
+        async def one(i):
+            turn = backend.submit([1, 100 + i, 200 + i], Sampling(max_tokens=40, min_tokens=40))
+            async for event in turn:
+                if isinstance(event, Token) and not any(e == ("first", i) for e in log):
+                    log.append(("first", i))
+                elif isinstance(event, Finished):
+                    log.append(("end", i))
+
+        async def later(i):
+            await asyncio.sleep(0.01 * i)
+            await one(i)
+
+        await asyncio.gather(*(later(i) for i in range(4)))
+        return log
+
+    try:
+        log = asyncio.run(burst())
+    finally:
+        backend.close()
+    kinds = [kind for kind, _ in log]
+    assert kinds == ["first"] * 4 + ["end"] * 4, log

@@ -79,7 +79,12 @@ def create_app(backend, model_name: str) -> FastAPI:
     async def completions(request: Request):
         body = parse(CompletionRequest, await _json(request))
         _check_model(body.model, model_name)
-        prompt = backend.encode(body.text(), add_special_tokens=True)
+        text = body.text()
+        prompt = backend.encode(text, add_special_tokens=True) if isinstance(text, str) else text
+        if max(prompt) >= backend.vocab_size:
+            raise OpenAIError(
+                400, f"prompt: token ids must be below {backend.vocab_size}", param="prompt"
+            )
         plan = Plan(prompt, _sampling(backend, body, body.max_tokens, prompt), body.stop_strings())
         return await _respond(request, backend, plan, body, model_name, chat=False)
 
@@ -150,6 +155,7 @@ def _sampling(backend, body, limit: int | None, prompt: list[int], guidance=None
         do_sample = True
     return Sampling(
         max_tokens=limit if limit is not None else max(room, 1),
+        min_tokens=body.min_tokens,
         do_sample=do_sample,
         temperature=body.temperature or None,
         top_p=body.top_p,
@@ -413,17 +419,26 @@ async def _racing(items: AsyncIterator, watcher: asyncio.Future, limit: int | No
     while limit is None or limit > 0:
         limit = None if limit is None else limit - 1
         step = asyncio.ensure_future(items.__anext__())
-        await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not step.done():
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await step
-            await items.aclose()
+        try:
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # whoever reads this was cancelled
+            await _abandon(step, items)
+            raise
+        if not step.done():  # the client left
+            await _abandon(step, items)
             return
         try:
-            yield step.result()
+            item = step.result()
         except StopAsyncIteration:
             return
+        yield item
+
+
+async def _abandon(step: asyncio.Future, items: AsyncIterator) -> None:
+    step.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await step
+    await items.aclose()
 
 
 async def _disconnect(request: Request) -> None:

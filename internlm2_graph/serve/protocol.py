@@ -7,9 +7,17 @@ a 400 that names the field rather than an answer that silently ignored it.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class OpenAIError(Exception):
@@ -55,6 +63,18 @@ class TextPart(_Strict):
 class FunctionCall(_Strict):
     name: str
     arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        # Written back into the prompt as InternLM2's call JSON (tools.render_call).
+        try:
+            parsed = json.loads(value or "{}")
+        except ValueError:
+            raise ValueError("not JSON: arguments is the call's JSON object, as a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return value
 
 
 class ToolCall(_Strict):
@@ -134,6 +154,7 @@ class _Sampling(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's; vLLM and others take it
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # not OpenAI's either; vLLM's name
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
@@ -197,7 +218,12 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # One prompt: text, or token ids (OpenAI takes both; ids skip the tokenizer)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool | None = None
     logprobs: int | None = None
@@ -216,8 +242,11 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix: not served here (leave it out)")
         return self
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def text(self) -> str | list[int]:
+        """The prompt's text, or its ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return self.prompt
+        return self.prompt[0]
 
 
 def parse(model: type[BaseModel], body: object):

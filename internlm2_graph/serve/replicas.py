@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from internlm2_graph.errors import InternLM2GraphError
@@ -91,11 +91,11 @@ def placement(
 class Replica:
     """A Ray Serve replica: EngineBackend + create_app, called with whole HTTP requests."""
 
-    def __init__(self, model_dir: str, model_name: str, max_batch_size: int | None):
+    def __init__(self, model_dir: str, model_name: str, backend: dict):
         from internlm2_graph.serve.app import create_app
         from internlm2_graph.serve.engine import EngineBackend
 
-        self.backend = EngineBackend(model_dir, max_batch_size=max_batch_size)
+        self.backend = EngineBackend(model_dir, **backend)
         self.app = create_app(self.backend, model_name)
         self.id = _replica_id()
         self._tasks: set[asyncio.Task] = set()
@@ -293,7 +293,7 @@ class ServeOptions:
     model_name: str
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int | None = None
+    backend: dict = field(default_factory=dict)  # EngineBackend's keyword arguments
     max_ongoing_requests: int = 256
     address: str | None = None  # join this Ray cluster; None: start a local one
 
@@ -319,7 +319,7 @@ def deployment(options: ServeOptions, where: Placement):
         logging_config={"log_level": "WARNING", "enable_access_log": False},
     )
     model_dir = str(Path(options.model_dir).resolve())
-    return engine.bind(model_dir, options.model_name, options.max_batch_size)
+    return engine.bind(model_dir, options.model_name, options.backend)
 
 
 def start(options: ServeOptions, where: Placement):
