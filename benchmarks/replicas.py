@@ -15,8 +15,8 @@ request (its usage) over the wall time from the first request to the last reply;
 token is per request, from sending to the first text. Rounds alternate the settings' order (ABBA);
 "vs first" is, per round, a setting's tok/s over the first setting's, then the median of those.
 
-Random weights can end a reply early (EOS), so replies are at most --output tokens; both settings
-see the same prompts, and the rows count the tokens actually generated.
+Replies are exactly --output tokens (min_tokens: random weights would otherwise end some early
+at EOS); the rows count the tokens the server reports (usage), so a short reply would show.
 
 Results: markdown on stdout and benchmarks/results/replicas-<machine>.{json,md}.
 """
@@ -175,6 +175,7 @@ async def _complete(http, url: str, prompt: str, output: int) -> Reply:
         "model": "bench",
         "prompt": prompt,
         "max_tokens": output,
+        "min_tokens": output,  # the server's (vLLM's) field: EOS masked, every reply full length
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
