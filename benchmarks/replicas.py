@@ -1,10 +1,11 @@
 """Replicas on Ray Serve: output tok/s and time to first token of `internlm2-graph serve
 --replicas R` at S concurrent streams, settings side by side in one run.
 
-    python -m benchmarks.replicas                                   # cpu: tiny model, 1x4 vs 2x8
+    python -m benchmarks.replicas                           # cpu: a small model, 1x4 vs 2x8
     python -m benchmarks.replicas --synthetic 7b --precision int4 --ep cuda \\
         --devices 0,1 --settings 1x64,2x128 --prompt 128 --output 256   # the 2-GPU goal
     python -m benchmarks.replicas --folder DIR --devices 0 --settings 1x64,2x64  # 2 on one GPU
+    python -m benchmarks.replicas --serve-flags="--max-batch-size 64" ...  # flags for `serve`
 
 A setting RxS is R replicas (the real command, in a subprocess with its own local Ray) driven by
 S concurrent streams. On CUDA, R replicas take the first R of --devices, or share them all when
@@ -86,9 +87,9 @@ def parse_settings(text: str) -> list[Setting]:
     return settings
 
 
-def serve_flags(setting: Setting, devices: list[int] | None) -> list[str]:
-    """The command's placement flags for a setting (module doc)."""
-    flags = ["--replicas", str(setting.replicas)]
+def serve_flags(setting: Setting, devices: list[int] | None, extra: str = "") -> list[str]:
+    """The command's flags for a setting: placement (module doc), then `extra` as given."""
+    flags = [*extra.split(), "--replicas", str(setting.replicas)]
     if devices:
         used = devices[: setting.replicas] if setting.replicas <= len(devices) else devices
         flags += ["--devices", ",".join(map(str, used))]
@@ -239,7 +240,7 @@ def run(params: dict) -> list[dict]:
     for round_index in range(params["rounds"]):
         order = settings if round_index % 2 == 0 else list(reversed(settings))
         for setting in order:
-            flags = serve_flags(setting, params.get("devices"))
+            flags = serve_flags(setting, params.get("devices"), params.get("serve_flags", ""))
             server = Server(folder, flags, params["startup_s"])
             try:
                 warm = texts[: setting.streams]
@@ -341,6 +342,7 @@ def parse_args(argv):
     parser.add_argument("--requests", type=int, default=2, help="requests per stream (2)")
     parser.add_argument("--warmup", type=int, default=8, help="tokens of the warm-up replies")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, orders alternating (2)")
+    parser.add_argument("--serve-flags", default="", help="more flags for the serve command")
     parser.add_argument("--startup-s", type=float, default=600)
     parser.add_argument("--workdir", default="/tmp/internlm2-bench-replicas")
     parser.add_argument("--keep", action="store_true", help="keep the built folder")
@@ -384,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "startup_s": args.startup_s,
+        "serve_flags": args.serve_flags,
     }
     try:
         rows = run(params)
