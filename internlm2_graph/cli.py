@@ -8,6 +8,7 @@ subcommands, and `eval` scores a folder on your text.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
@@ -188,6 +189,27 @@ def serve_parser() -> argparse.ArgumentParser:
         help="a static batch waits this long after each request for another before it starts "
         "(20; 0 for a paged folder)",
     )
+    ray = parser.add_argument_group(
+        'replicas on Ray Serve (one engine per GPU; needs pip install "internlm2_graph[cluster]")'
+    )
+    ray.add_argument(
+        "--replicas", type=_positive_int, help="engines to run (default: one per --devices GPU)"
+    )
+    ray.add_argument(
+        "--devices", type=_devices, help="GPUs of this host for the replicas, e.g. 0,1 (CUDA)"
+    )
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=_gpu_share,
+        help="GPU share of a replica, e.g. 0.5: two on one card (default: GPUs / replicas, or 1)",
+    )
+    ray.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    ray.add_argument(
+        "--max-ongoing-requests",
+        type=_positive_int,
+        default=256,
+        help="requests a replica takes at once before Ray queues more for it (256)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -348,14 +370,11 @@ def _serve(args) -> int:
         raise InternLM2GraphError(
             f'serve needs {err.name}, which is not installed: pip install "internlm2_graph[serve]"'
         ) from None
+    if args.replicas or args.devices or args.gpus_per_replica or args.address:
+        return _serve_replicas(args)
     from internlm2_graph.serve.engine import EngineBackend
 
-    backend = EngineBackend(
-        args.model,
-        max_batch_size=args.max_batch_size,
-        max_length=args.max_length,
-        batch_wait_ms=args.batch_wait_ms,
-    )
+    backend = EngineBackend(args.model, **_backend_options(args))
     name = args.model_name or Path(args.model).resolve().name
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
@@ -363,6 +382,60 @@ def _serve(args) -> int:
     finally:
         backend.close()
     return 0
+
+
+def _backend_options(args) -> dict:
+    """EngineBackend's settings from the flags: one engine, or each replica's."""
+    return {
+        "max_batch_size": args.max_batch_size,
+        "max_length": args.max_length,
+        "batch_wait_ms": args.batch_wait_ms,
+    }
+
+
+def _serve_replicas(args) -> int:
+    from internlm2_graph.runtime import built_for_cuda, check_model_folder
+    from internlm2_graph.serve import replicas
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: replicas.start sets it up
+        raise InternLM2GraphError(
+            "--replicas, --devices and --address run on Ray Serve, which is not installed: "
+            'pip install "internlm2_graph[cluster]"'
+        )
+    check_model_folder(args.model)
+    where = replicas.placement(
+        built_for_cuda(args.model), args.replicas, args.devices, args.gpus_per_replica, args.address
+    )
+    options = replicas.ServeOptions(
+        model_dir=args.model,
+        model_name=args.model_name or Path(args.model).resolve().name,
+        host=args.host,
+        port=args.port,
+        backend=_backend_options(args),
+        max_ongoing_requests=args.max_ongoing_requests,
+        address=args.address,
+    )
+    return replicas.serve_replicas(options, where)
+
+
+def _devices(text: str) -> list[int]:
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        devices = [-1]
+    if any(device < 0 for device in devices):
+        raise argparse.ArgumentTypeError(f"expected GPU numbers such as 0,1, got {text!r}")
+    return devices
+
+
+def _gpu_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a GPU share in (0, 1], got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
