@@ -89,7 +89,11 @@ check)
 prepare)  # prepare SIZE PRECISION...
     size=$2
     shift 2
-    setsid nohup bash "$0" prepare-now "$size" "$@" > "$W/prepare-$size-$1.log" 2>&1 < /dev/null &
+    # From a copy: the device tool replaces the carried tree at the next call, which took
+    # `python -m internlm2_graph` away from a build still running (seen: the GQA build failed).
+    rm -rf "$W/src" && cp -r . "$W/src"
+    setsid nohup bash "$W/src/benchmarks/paged_gpu.sh" prepare-now "$size" "$@" \
+        > "$W/prepare-$size-$1.log" 2>&1 < /dev/null &
     echo "preparing $size $* in the background: $W/prepare-$size-$1.log"
     ;;
 prepare-now)

@@ -61,6 +61,7 @@ def genai_config(config: InternLM2Config, target: Target, eos_token_ids: list[in
                 "session_options": {
                     "log_id": "onnxruntime-genai",
                     "provider_options": provider_options,
+                    **({"ep.cuda.fpa_intb_gemm": "1"} if target.fpa_intb_gemm else {}),
                 },
                 "filename": target.filename,
                 "head_size": config.head_dim,

@@ -36,6 +36,8 @@ OPTIONS = {
     "lm_head_precision": "int4/int8/float: the output projection's weights (default: as the body)",
     "use_cuda_bf16": "true/false: bf16 activations for int4 on cuda (default false: fp16)",
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
+    "enable_cuda_fpa_intb_gemm": "true/false: int4/int8 weights through onnxruntime's fpA_intB "
+    "GEMM on cuda: faster for many og.Engine streams, slower for one (default false)",
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
     "kv_cache_quant_scheme": "int8|int4|fp8 x _per_tensor|_per_channel: a quantized KV cache "
     "(default none); scales from kv_cache_scale_file, else calibrated on calibration_data",
@@ -65,6 +67,7 @@ QUANT_OPTIONS = (
     "is_symmetric",
     "lm_head_precision",
     "use_cuda_bf16",
+    "enable_cuda_fpa_intb_gemm",
     "algo_config",
     "calibration_data",
 )
@@ -275,6 +278,11 @@ class Target:
     # in float), and its format's name; set by prequantized.target, never by options.
     layer_specs: Mapping[str, QuantSpec | None] | None = field(default=None, compare=False)
     prequantized: str | None = None
+    # MatMulNBits through the fpA_intB GEMM (session option ep.cuda.fpa_intb_gemm): at 64
+    # og.Engine streams of a 7B int4 1.6x the output tok/s of the default path, which
+    # dequantizes every weight to fp16 each step; 0.73x at one stream (H100,
+    # benchmarks/results/engine-load-h100-7b-int4-fpa.md).
+    fpa_intb_gemm: bool = False
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
@@ -342,7 +350,9 @@ def resolve_target(
             f"--extra_options {', '.join(misplaced)} only apply to --precision int4/int8"
         )
     io_dtype = _io_dtype(precision, cuda, options)
-    cuda_only = sorted({"use_cuda_bf16", "enable_cuda_graph"} & options.keys())
+    cuda_only = sorted(
+        {"use_cuda_bf16", "enable_cuda_graph", "enable_cuda_fpa_intb_gemm"} & options.keys()
+    )
     if cuda_only and not cuda:
         raise InternLM2GraphError(
             f"--extra_options {', '.join(cuda_only)} only applies to --execution_provider cuda"
@@ -362,6 +372,7 @@ def resolve_target(
         algorithm=algorithm,
         calibration_data=options.get("calibration_data"),
         paged=_paged(options, execution_provider),
+        fpa_intb_gemm=quantized and _bool(options, "enable_cuda_fpa_intb_gemm", False),
     )
 
 

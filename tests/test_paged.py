@@ -424,6 +424,15 @@ def test_genai_config_engine_section():
     assert runtime["model"]["decoder"]["inputs"][LOGITS_INDICES] == LOGITS_INDICES
 
 
+def test_fpa_intb_gemm_is_a_session_option_off_by_default():
+    config = config_for(4, 2)
+    session = genai_config(config, resolve_target("int4", "cuda", PAGED), [2])["model"]["decoder"]
+    assert "ep.cuda.fpa_intb_gemm" not in session["session_options"]
+    on = resolve_target("int8", "cuda", {"enable_cuda_fpa_intb_gemm": "true"})
+    session = genai_config(config, on, [2])["model"]["decoder"]["session_options"]
+    assert session["ep.cuda.fpa_intb_gemm"] == "1"
+
+
 def test_plain_graph_is_unchanged_by_paged_code():
     """Without use_paged_attention: attention_mask, no engine section, GroupQueryAttention."""
     config = config_for(4, 2)
@@ -457,6 +466,8 @@ def test_plain_graph_is_unchanged_by_paged_code():
         ("fp16", "cuda", {**PAGED, "kv_cache_rotation": "hadamard"}, "has no KV rotation"),
         ("fp16", "cuda", {"kv_cache_quant_scheme": "int8_per_token"}, "per-token scales are not"),
         ("fp32", "cuda", PAGED, "CUDA GroupQueryAttention runs fp16/bf16 only"),
+        ("int4", "cpu", {"enable_cuda_fpa_intb_gemm": "true"}, "only applies to --execution_pro"),
+        ("fp16", "cuda", {"enable_cuda_fpa_intb_gemm": "true"}, "only apply to --precision int4"),
     ],
 )
 def test_refusals(precision, provider, options, message):
@@ -479,9 +490,10 @@ def test_cuda_build_writes_a_paged_folder(tiny_checkpoint, tmp_path):
 
     out = tmp_path / "paged"
     options = ["use_paged_attention=true", "max_batch_size=8", "paged_chunk_size=512"]
-    build(tiny_checkpoint, out, "int4", "cuda", options)
+    build(tiny_checkpoint, out, "int4", "cuda", [*options, "enable_cuda_fpa_intb_gemm=true"])
     og.Config(str(out))  # og 0.18 parses genai_config strictly: an unknown field is an error
     runtime = json.loads((out / "genai_config.json").read_text())
+    assert runtime["model"]["decoder"]["session_options"]["ep.cuda.fpa_intb_gemm"] == "1"
     assert runtime["engine"]["dynamic_batching"]["max_batch_size"] == 8
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     assert sum(n.op_type == "PagedAttention" for n in proto.graph.node) == 2
