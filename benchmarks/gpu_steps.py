@@ -6,6 +6,8 @@
     python -m benchmarks.gpu_steps builder-best FOLDER [--max-length N]
     python -m benchmarks.gpu_steps buffer-decode FOLDER      # decode with 1,048,576-token buffers
     python -m benchmarks.gpu_steps checkpoint DIR SIZE       # calibrated_synthetic's checkpoint
+    python -m benchmarks.gpu_steps linked-copy SRC DST       # SRC's files linked, its config copied
+    python -m benchmarks.gpu_steps llama-copy CHECKPOINT DST # the builder's Llama-layout input
 """
 
 from __future__ import annotations
@@ -86,6 +88,24 @@ def builder_best(args) -> None:
     path.write_text(json.dumps(genai, indent=4))
 
 
+def linked_copy(args) -> None:
+    """DST: links to SRC's files and a copy of its genai_config.json, so a setting can change
+    (builder-best) without a second copy of the weights."""
+    src, dst = Path(args.src).resolve(), Path(args.dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.name != "genai_config.json" and not (dst / path.name).exists():
+            (dst / path.name).symlink_to(path)
+    (dst / "genai_config.json").write_text((src / "genai_config.json").read_text())
+
+
+def llama_copy(args) -> None:
+    """The checkpoint in the Llama layout the builder reads (same weights)."""
+    from fixtures.llama_layout import write_llama_copy
+
+    write_llama_copy(Path(args.checkpoint), Path(args.dst))
+
+
 def buffer_decode(args) -> None:
     """Prefill and 64 decode steps after 1k and 131k prompts with the KV buffer for 1,048,576
     tokens in place, and the GPU memory in use after each."""
@@ -144,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     step = steps.add_parser("buffer-decode")
     step.add_argument("folder")
     step.set_defaults(run=buffer_decode)
+    step = steps.add_parser("linked-copy")
+    step.add_argument("src")
+    step.add_argument("dst")
+    step.set_defaults(run=linked_copy)
+    step = steps.add_parser("llama-copy")
+    step.add_argument("checkpoint")
+    step.add_argument("dst")
+    step.set_defaults(run=llama_copy)
     step = steps.add_parser("checkpoint")
     step.add_argument("workdir")
     step.add_argument("size")
