@@ -11,6 +11,8 @@ from benchmarks import rows
 from benchmarks.__main__ import main
 from benchmarks.suites import SUITES
 
+pytestmark = pytest.mark.model  # every test here builds or runs a model
+
 METRICS = {
     "export": {"seconds", "peak_rss_gb", "output_gb"},
     "decode": {"prompt_tok_s", "gen_tok_s"},

@@ -485,6 +485,7 @@ def test_cpu_build_refused_in_one_line_before_any_write(tiny_checkpoint, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.model
 def test_cuda_build_writes_a_paged_folder(tiny_checkpoint, tmp_path):
     import onnxruntime_genai as og
 
@@ -526,6 +527,7 @@ def test_inspect_shows_the_paged_cache(tmp_path):
 # --- the load harness (benchmarks/engine_load.py), on the CPU's static engine ------------------
 
 
+@pytest.mark.model
 def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
     """Closed loop and chat rows add up (streams x requests x output tokens), and greedy replies
     alone equal the same replies run together on the CPU's deterministic kernels."""

@@ -223,6 +223,7 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("fmt", "symmetric", "act_order"), VARIANTS)
 def test_int4_logits_equal_the_dequantized_float_model(
     fmt, symmetric, act_order, float_checkpoint, tmp_path
@@ -257,6 +258,7 @@ def test_int4_logits_equal_the_dequantized_float_model(
     assert len(gathers) == (10 if act_order else 0)
 
 
+@pytest.mark.model
 def test_modules_left_in_float_are_honoured(float_checkpoint, tmp_path):
     """GPTQModel's `dynamic` "-:" rule, AWQ's modules_to_not_convert, compressed-tensors'
     ignore: those layers stay float MatMul (from their float tensors), the rest import."""
@@ -337,6 +339,7 @@ def test_unsupported_variants_are_refused_in_one_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.model
 def test_zero_point_sixteen_is_refused(float_checkpoint, tmp_path, capsys):
     """GPTQ v1 stores z - 1, so a zero point of 0 wraps to 16: no 4-bit zero point holds it."""
     import shutil
@@ -377,6 +380,7 @@ def test_inspect_names_the_format(awq_checkpoint, capsys):
     assert 'pre-quantized: AWQ "gemm" (4-bit, group 32, asym)' in capsys.readouterr().out
 
 
+@pytest.mark.model
 def test_groups_larger_than_a_block_repeat_their_scales(tmp_path):
     """Group 512 (MatMulNBits blocks stop at 256): blocks of 256 sharing the group's scale and
     zero point, still the file's codes and still exact."""

@@ -30,6 +30,8 @@ from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.serve.replicas import LOOPBACK_ENV, REPLICA_HEADER, Placement, placement
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
+pytestmark = pytest.mark.model  # every test here builds or runs a model
+
 MODEL = "tiny-chat"
 PROMPTS = [f"Question {i}: what is {i} + {2 * i}?" * (1 + i % 3) for i in range(12)]
 STARTUP_S = 240  # a local Ray and two engines on a loaded 2-core box: ~40 s seen

@@ -26,6 +26,8 @@ from internlm2_graph.serve.app import StopMatcher, create_app
 from internlm2_graph.serve.engine import EngineBackend
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
+pytestmark = pytest.mark.model  # every test here builds or runs a model
+
 MODEL = "tiny-chat"
 WEATHER = {
     "type": "object",

@@ -81,6 +81,7 @@ def _onnx_bytes(folder: Path) -> bytes:
     return (folder / "model.onnx.data").read_bytes()
 
 
+@pytest.mark.model
 def test_bin_checkpoints_build_like_their_safetensors_twins(float_checkpoint, tmp_path):
     """Float (old .bin-only InternLM2 repos) and AWQ (lmdeploy's .bin output): the same bytes."""
     awq = write_prequantized(float_checkpoint, tmp_path / "awq", "awq", group=32)
