@@ -19,6 +19,10 @@ METRICS = {
     "quality": {"ppl", "kl", "top1", "reference_ppl"},
     "speculative": {"tok_s", "speedup"},
     "kernels": {"us_per_run"},
+    "serving": {
+        "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+        "speedup_vs_1_client",
+    },  # fmt: skip
 }
 
 
