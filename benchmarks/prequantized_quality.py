@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument(
+        "--levels", nargs="+", default=["0", "4"], help="accuracy_level values to score"
+    )
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--name", default="prequantized-quality-smollm2-cpu2")
     args = parser.parse_args()
@@ -87,12 +90,12 @@ def main() -> None:
         )
         fp32 = work / f"{name}-fp32"
         build(packed, fp32, "fp32", "cpu")
-        for level in ("0", "4"):
+        for level in sorted({*args.levels, "4"}):  # level 4 builds are also timed below
             out = work / f"{name}-int4-acc{level}"
             start = time.perf_counter()
             summary = build(packed, out, "int4", "cpu", {"accuracy_level": level})
             folders[(name, level)] = out
-            if name not in VARIANTS:
+            if name not in VARIANTS or level not in args.levels:
                 continue
             for text, ids in texts.items():
                 q = kl_and_top1(out, fp32, ids, args.window)
