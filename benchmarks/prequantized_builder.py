@@ -7,9 +7,9 @@ run with that interpreter:
 
 1. The builder's command line on a tiny InternLM2 checkpoint in each format (AWQ gemm, GPTQ,
    GPTQ act-order, compressed-tensors), written by synthetic.prequantized. The folder gets a
-   minimal `configuration_internlm2.py` (the hub repos ship their own remote code), so that
-   AutoConfig gets past the config and the builder reaches its quantized loader. Recorded: exit
-   status and the error line.
+   minimal `configuration_internlm2.py` and a Llama tokenizer class (the hub repos ship their own
+   remote code), so that AutoConfig and AutoTokenizer get past and the builder reaches its
+   quantized loader. Recorded: exit status and the error line.
 2. Its requantization, on the same codes: the loader's own unpack -> dequantize (fp16) ->
    quantize -> pack path (loaders/awq.py, gptq.py: `repack_quantized_tensor`) applied to one
    packed layer with the tensor names it understands, its output codes compared with the
@@ -75,10 +75,17 @@ def builder_cli(workdir: Path) -> dict:
     for name, (fmt, symmetric, act_order) in VARIANTS.items():
         folder = write_prequantized(src, workdir / name, fmt, 32, symmetric, act_order)
         (folder / "configuration_internlm2.py").write_text(CONFIGURATION)
+        # Nor does the tokenizer's remote code come along: a Llama tokenizer reads the same
+        # tokenizer.model, and the builder loads the tokenizer before the weights.
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer_config.pop("auto_map", None)
+        tokenizer_config["tokenizer_class"] = "LlamaTokenizer"
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
         out = workdir / f"{name}-builder-out"
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder)]
         command += ["-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(workdir / "cache")]
+        command += ["--extra_options", "hf_remote=true"]  # the folder ships its config code
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         error = next(

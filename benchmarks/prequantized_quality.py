@@ -65,34 +65,41 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
+    parser.add_argument(
+        "--levels", nargs="+", default=["0", "4"], help="accuracy_level values to score"
+    )
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--name", default="prequantized-quality-smollm2-cpu2")
     args = parser.parse_args()
     checkpoint = smollm2_checkpoint(args.workdir)
     work = args.workdir / "prequantized"
     shutil.rmtree(work, ignore_errors=True)
-    texts = {"prose": encode(checkpoint, eval_text(), args.tokens)}
-    texts["code"] = encode(checkpoint, code_text(), args.tokens)
+    sources = {"prose": eval_text, "code": code_text}
+    texts = {name: encode(checkpoint, sources[name](), args.tokens) for name in args.texts}
     float_dir = work / "float-fp32"
     build(checkpoint, float_dir, "fp32", "cpu")
     float_ppl = {name: perplexity(float_dir, ids, args.window) for name, ids in texts.items()}
     rows, results = [], {"float_ppl": float_ppl, "load": [load_average()]}
     folders = {}
+    chosen = {name: VARIANTS[name] for name in args.variants}
     for name, (fmt, symmetric, act_order) in {
-        **VARIANTS,
+        **chosen,
         "gptq-asym": ("gptq", False, False),
+        "gptq-asym-act": VARIANTS["gptq-asym-act"],  # the act-order decode cost below
     }.items():
         packed = write_prequantized(
             checkpoint, work / name, fmt, GROUP, symmetric, act_order, seed=1
         )
         fp32 = work / f"{name}-fp32"
         build(packed, fp32, "fp32", "cpu")
-        for level in ("0", "4"):
+        for level in sorted({*args.levels, "4"}):  # level 4 builds are also timed below
             out = work / f"{name}-int4-acc{level}"
             start = time.perf_counter()
             summary = build(packed, out, "int4", "cpu", {"accuracy_level": level})
             folders[(name, level)] = out
-            if name not in VARIANTS:
+            if name not in chosen or level not in args.levels:
                 continue
             for text, ids in texts.items():
                 q = kl_and_top1(out, fp32, ids, args.window)
@@ -144,7 +151,8 @@ def main() -> None:
     spread = {n: f"{min(v):.1f}-{max(v):.1f}" for n, v in cost["tok_s"].items()}
     markdown = (
         f"SmolLM2-135M (InternLM2 layout) packed by synthetic.prequantized, group {GROUP}, "
-        f"{len(texts['prose'])} prose / {len(texts['code'])} code tokens, window "
+        + ", ".join(f"{len(ids)} {name} tokens" for name, ids in texts.items())
+        + f", window "
         f"{args.window}; machine {machine_info()}; load {results['load']}\n\n{table}\n\n"
         f"Act-order decode cost (int4, accuracy_level 4, {args.prompt}-token prompt, "
         f"{args.gen} tokens, {args.repeat} alternating runs): plain GPTQ {tok['gptq-asym']:.1f} "
