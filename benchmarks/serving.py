@@ -8,7 +8,9 @@
   prompt ids, timed at each server-sent event) or straight on the engine (`engine`:
   EngineBackend.submit, timed at each token event);
 - `chat`: one client on og.Generator exactly as `internlm2-graph chat` drives it (the baseline
-  for one client's time per output token).
+  for one client's time per output token);
+- `og-engine`: og's own static og.Engine (scheduler="engine"; a second copy of the model)
+  beside the default scheduler (on the CPU: batched og.Generator, serve/batched.py).
 Client counts and paths alternate within each round, so a shared machine's load falls on all.
 Output lengths are fixed with min_tokens (eos masked), so random weights cannot end early.
 
@@ -219,12 +221,19 @@ def run(params: dict) -> list[dict]:
     from internlm2_graph.serve.engine import EngineBackend
 
     p = {**DEFAULTS, **params}
-    backend = EngineBackend(
-        p["folder"],
-        max_batch_size=p["max_batch_size"],
-        max_length=p["max_length"],
-        batch_wait_ms=p.get("batch_wait_ms"),
-    )
+
+    def backend_for(scheduler: str) -> EngineBackend:
+        return EngineBackend(
+            p["folder"],
+            max_batch_size=p["max_batch_size"],
+            max_length=p["max_length"],
+            batch_wait_ms=p.get("batch_wait_ms"),
+            scheduler=scheduler,
+        )
+
+    backend = backend_for(p.get("scheduler", "auto"))
+    # og's own static engine beside the default scheduler (a second copy of the model)
+    og_engine = backend_for("engine") if "og-engine" in p["paths"] else None
     server = Server(backend) if "http" in p["paths"] else None
     rows = []
     try:
@@ -242,6 +251,8 @@ def run(params: dict) -> list[dict]:
                             continue
                         if path == "engine":
                             records, wall = run_engine(backend, clients, requests)
+                        elif path == "og-engine":
+                            records, wall = run_engine(og_engine, clients, requests)
                         elif path == "http":
                             records, wall = run_http(server.url, clients, requests)
                         else:
@@ -253,6 +264,8 @@ def run(params: dict) -> list[dict]:
         if server:
             server.close()
         backend.close()
+        if og_engine:
+            og_engine.close()
     return rows
 
 
