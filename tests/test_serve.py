@@ -461,3 +461,17 @@ def test_requests_arriving_together_share_one_static_batch(folder):
         backend.close()
     kinds = [kind for kind, _ in log]
     assert kinds == ["first"] * 4 + ["end"] * 4, log
+
+
+def test_seed_where_the_scheduler_takes_one(server, client):
+    """og's static engine refuses a per-turn seed (a 400 naming it); generator batches take one,
+    and the same seed gives the same sample."""
+    options = {"max_tokens": 12, "temperature": 0.9, "seed": 7}
+    if server[1].scheduler == "engine":
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, "Tell me a story.", **options)
+        assert err.value.body["param"] == "seed"
+    else:
+        assert ask(client, "Tell me a story.", **options) == ask(
+            client, "Tell me a story.", **options
+        )

@@ -10,13 +10,16 @@ runs a step, and hands each event to its turn's asyncio queue. A request's og.Re
 as soon as its turn ends, which frees its cache.
 
 Batching: a folder built with a paged-attention graph (CUDA) carries `engine.dynamic_batching`
-in genai_config and batches continuously. Any other folder batches statically: the requests
-begun before a batch's first step run as one batch of up to `max_batch_size` rows, and one that
-arrives later waits for the whole batch to finish (og 0.18). So when the engine is idle and a
-request comes, the driver waits `batch_wait_ms` for the next before starting: clients that
-send together (a closed loop, a burst) share one batch instead of one request running alone
-while the rest queue behind it (measured: 8 clients of the 1.8B int4 without the wait gave
-0.85 output tok/s against one client's 0.91, TTFT p50 202 s, p99 349 s: docs/serving.md).
+in genai_config and og.Engine batches continuously. Any other folder batches statically: the
+requests begun before a batch's first step run together, and one that arrives later waits for
+the whole batch to finish. og 0.18's static engine runs at most 4 together (whatever
+`engine.static_batching.max_batch_size` says), so on such folders the default scheduler is
+batched og.Generator (batched.py: up to `max_batch_size`), which shares this module's driver
+loop, turns and events. Either way, when the driver is idle and a request comes, it waits
+`batch_wait_ms` for the next before starting: clients that send together (a closed loop, a
+burst) share one batch instead of one request running alone while the rest queue behind it
+(measured: 8 clients of the 1.8B int4 without the wait gave 0.85 output tok/s against one
+client's 0.91, TTFT p50 202 s, p99 349 s: docs/serving.md).
 """
 
 from __future__ import annotations
