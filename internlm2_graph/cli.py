@@ -183,6 +183,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "a static batch holds a KV cache of max-batch-size x max-length tokens",
     )
     parser.add_argument(
+        "--scheduler",
+        choices=("auto", "engine", "generator"),
+        default="auto",
+        help="engine: og.Engine; generator: batches of og.Generator; auto (default): og.Engine "
+        "for a paged folder, generator batches otherwise (og's static engine batches 4 at most)",
+    )
+    parser.add_argument(
         "--batch-wait-ms",
         type=float,
         default=None,
