@@ -174,7 +174,7 @@ def serve_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--gpus-per-replica",
         type=_gpu_share,
-        help="GPU share of a replica, e.g. 0.5: two on one card (default: GPUs / replicas, or 1)",
+        help="GPU share of a replica, e.g. 0.5: two on one card (default: what packs, or 1)",
     )
     ray.add_argument("--address", help="join this Ray cluster (default: start a local one)")
     ray.add_argument(

@@ -59,6 +59,8 @@ def test_placement_of_cpu_replicas():
         (dict(replicas=4, devices=[2, 3]), Placement(4, 0.5, 1.0, "2,3")),
         (dict(replicas=2, devices=[0]), Placement(2, 0.5, 1.0, "0")),
         (dict(replicas=2, gpus_per_replica=0.5), Placement(2, 0.5, 1.0)),
+        (dict(replicas=3, devices=[0, 1]), Placement(3, 0.5, 1.0, "0,1")),  # 2 + 1: it packs
+        (dict(replicas=4, devices=[0, 1], gpus_per_replica=0.3), Placement(4, 0.3, 1.0, "0,1")),
         (dict(replicas=8, address="10.0.0.1:6379"), Placement(8, 1.0, 1.0)),
     ],
 )
@@ -70,7 +72,8 @@ def test_placement_of_gpu_replicas(flags, expected):
     ("flags", "message"),
     [
         (dict(replicas=1, devices=[0, 1]), "og 0.18 runs a model on one GPU"),
-        (dict(replicas=3, devices=[0], gpus_per_replica=0.5), "need 1.5 GPUs"),
+        (dict(replicas=3, devices=[0], gpus_per_replica=0.5), "do not fit on the 1 GPU"),
+        (dict(replicas=3, devices=[0, 1], gpus_per_replica=0.6), "a replica stays on one GPU"),
         (dict(devices=[0, 0]), "names a GPU twice"),
         (dict(devices=[0], address="10.0.0.1:6379"), "with --address Ray places"),
     ],
