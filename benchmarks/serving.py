@@ -8,7 +8,9 @@
   prompt ids, timed at each server-sent event) or straight on the engine (`engine`:
   EngineBackend.submit, timed at each token event);
 - `chat`: one client on og.Generator exactly as `internlm2-graph chat` drives it (the baseline
-  for one client's time per output token).
+  for one client's time per output token);
+- `og-engine`: og's own static og.Engine (scheduler="engine"; a second copy of the model)
+  beside the default scheduler (on the CPU: batched og.Generator, serve/batched.py).
 Client counts and paths alternate within each round, so a shared machine's load falls on all.
 Output lengths are fixed with min_tokens (eos masked), so random weights cannot end early.
 
@@ -219,12 +221,19 @@ def run(params: dict) -> list[dict]:
     from internlm2_graph.serve.engine import EngineBackend
 
     p = {**DEFAULTS, **params}
-    backend = EngineBackend(
-        p["folder"],
-        max_batch_size=p["max_batch_size"],
-        max_length=p["max_length"],
-        batch_wait_ms=p.get("batch_wait_ms"),
-    )
+
+    def backend_for(scheduler: str) -> EngineBackend:
+        return EngineBackend(
+            p["folder"],
+            max_batch_size=p["max_batch_size"],
+            max_length=p["max_length"],
+            batch_wait_ms=p.get("batch_wait_ms"),
+            scheduler=scheduler,
+        )
+
+    backend = backend_for(p.get("scheduler", "auto"))
+    # og's own static engine beside the default scheduler (a second copy of the model)
+    og_engine = backend_for("engine") if "og-engine" in p["paths"] else None
     server = Server(backend) if "http" in p["paths"] else None
     rows = []
     try:
@@ -242,6 +251,8 @@ def run(params: dict) -> list[dict]:
                             continue
                         if path == "engine":
                             records, wall = run_engine(backend, clients, requests)
+                        elif path == "og-engine":
+                            records, wall = run_engine(og_engine, clients, requests)
                         elif path == "http":
                             records, wall = run_http(server.url, clients, requests)
                         else:
@@ -253,6 +264,8 @@ def run(params: dict) -> list[dict]:
         if server:
             server.close()
         backend.close()
+        if og_engine:
+            og_engine.close()
     return rows
 
 
@@ -299,7 +312,15 @@ def load(params: dict) -> list[dict]:
 
     from internlm2_graph.serve.engine import EngineBackend
 
-    p = {"requests": 1000, "clients": 64, "drop": 0.10, "malformed": 0.05, "seed": 0, **params}
+    p = {
+        "requests": 1000,
+        "clients": 64,
+        "drop": 0.10,
+        "malformed": 0.05,
+        "drop_tokens": 1000,  # needs a context of 1,040 tokens or more (tests' tiny: 2,048)
+        "seed": 0,
+        **params,
+    }
     rng = random.Random(p["seed"])
     prompts = [[rng.randrange(100, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(50)]
     kinds = ["drop"] * int(p["requests"] * p["drop"]) + ["bad"] * int(
@@ -331,7 +352,8 @@ def load(params: dict) -> list[dict]:
             return
         if kind == "drop" or stream:
             if kind == "drop":  # long enough that the reply is still running when it leaves
-                body = {**body, "max_tokens": 200, "min_tokens": 200}
+                long = p["drop_tokens"]
+                body = {**body, "max_tokens": long, "min_tokens": long}
             async with http.stream(
                 "POST", url + "/v1/completions", json={**body, "stream": True}
             ) as response:
@@ -351,7 +373,6 @@ def load(params: dict) -> list[dict]:
 
     async def main():
         results: list = []
-        queue = list(reversed(plan))
         limits = httpx.Limits(max_connections=p["clients"] + 4, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=None, limits=limits) as http:
             alone = {}
@@ -361,17 +382,22 @@ def load(params: dict) -> list[dict]:
                 alone[index] = response.json()["choices"][0]["text"]
             idle_rss = process.memory_info().rss
 
-            async def client():
+            async def client(queue, into):
                 while queue:
-                    await one(http, *queue.pop(), results)
+                    await one(http, *queue.pop(), into)
 
             start = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(p["clients"])))
+            queue = list(reversed(plan))
+            await asyncio.gather(*(client(queue, results) for _ in range(p["clients"])))
             wall = time.perf_counter() - start
-        return results, alone, idle_rss, wall
+            first_rss = process.memory_info().rss
+            # The same run again: memory that grows with traffic would grow again here.
+            queue, again = list(reversed(plan)), []
+            await asyncio.gather(*(client(queue, again) for _ in range(p["clients"])))
+        return results, alone, idle_rss, wall, first_rss, again
 
     try:
-        results, alone, idle_rss, wall = asyncio.run(main())
+        results, alone, idle_rss, wall, first_rss, again = asyncio.run(main())
         deadline = time.monotonic() + 30
         while backend.stats()["active_requests"] and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -398,7 +424,13 @@ def load(params: dict) -> list[dict]:
         "active_requests_after": after["active_requests"],
         "finished_by_reason": after["finished"],
         "rss_idle_mb": idle_rss / 2**20,
-        "rss_after_mb": after_rss / 2**20,
+        "rss_after_first_run_mb": first_rss / 2**20,
+        "rss_after_second_run_mb": after_rss / 2**20,
+        "second_run_5xx": sum(1 for r in again if r[1] >= 500),
+        "second_run_greedy_differing": sum(
+            1 for kind, _, text, index in again if kind == "ok" and text != alone[index]
+        ),
+        "note": "RSS is this process's: the server and its 64 clients (httpx) together",
     }
     print(json.dumps(row, indent=1))
     return [row]

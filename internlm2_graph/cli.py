@@ -156,6 +156,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "a static batch holds a KV cache of max-batch-size x max-length tokens",
     )
     parser.add_argument(
+        "--scheduler",
+        choices=("auto", "engine", "generator"),
+        default="auto",
+        help="engine: og.Engine; generator: batches of og.Generator; auto (default): og.Engine "
+        "for a paged folder, generator batches otherwise (og's static engine batches 4 at most)",
+    )
+    parser.add_argument(
         "--batch-wait-ms",
         type=float,
         default=None,
@@ -397,6 +404,7 @@ def _backend_options(args) -> dict:
         "max_batch_size": args.max_batch_size,
         "max_length": args.max_length,
         "batch_wait_ms": args.batch_wait_ms,
+        "scheduler": args.scheduler,
     }
 
 

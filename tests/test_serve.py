@@ -2,7 +2,8 @@
 
 Random weights write gibberish, so tool calls are proven twice: the parser on crafted token
 streams (unit level), and guidance on the real server (forced tool_choice, json_schema), whose
-output must parse. One server per module (the tests share it, as clients share a server).
+output must parse. One server per scheduler for the module (the tests share it, as clients
+share a server): batched og.Generator (the CPU default) and og's static og.Engine.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def folder(tmp_path_factory) -> Path:
     return root / "fp32"
 
 
-@pytest.fixture(scope="module")
-def server(folder):
-    backend = EngineBackend(folder, max_batch_size=16)
+@pytest.fixture(scope="module", params=["generator", "engine"])
+def server(folder, request):
+    """The server, on each scheduler: batched og.Generator (the CPU's) and og.Engine."""
+    backend = EngineBackend(folder, max_batch_size=16, scheduler=request.param)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(create_app(backend, MODEL), log_level="warning")
@@ -293,16 +295,6 @@ BAD = [
         {
             "model": MODEL,
             "messages": [{"role": "user", "content": "x"}],
-            "seed": 3,
-            "temperature": 0.7,
-        },
-        400,
-        "seed",
-    ),
-    (
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "x"}],
             "stream": True,
             "response_format": {"type": "json_schema"},
         },
@@ -469,3 +461,17 @@ def test_requests_arriving_together_share_one_static_batch(folder):
         backend.close()
     kinds = [kind for kind, _ in log]
     assert kinds == ["first"] * 4 + ["end"] * 4, log
+
+
+def test_seed_where_the_scheduler_takes_one(server, client):
+    """og's static engine refuses a per-turn seed (a 400 naming it); generator batches take one,
+    and the same seed gives the same sample."""
+    options = {"max_tokens": 12, "temperature": 0.9, "seed": 7}
+    if server[1].scheduler == "engine":
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, "Tell me a story.", **options)
+        assert err.value.body["param"] == "seed"
+    else:
+        assert ask(client, "Tell me a story.", **options) == ask(
+            client, "Tell me a story.", **options
+        )

@@ -10,13 +10,16 @@ runs a step, and hands each event to its turn's asyncio queue. A request's og.Re
 as soon as its turn ends, which frees its cache.
 
 Batching: a folder built with a paged-attention graph (CUDA) carries `engine.dynamic_batching`
-in genai_config and batches continuously. Any other folder batches statically: the requests
-begun before a batch's first step run as one batch of up to `max_batch_size` rows, and one that
-arrives later waits for the whole batch to finish (og 0.18). So when the engine is idle and a
-request comes, the driver waits `batch_wait_ms` for the next before starting: clients that
-send together (a closed loop, a burst) share one batch instead of one request running alone
-while the rest queue behind it (measured: 8 clients of the 1.8B int4 without the wait gave
-0.85 output tok/s against one client's 0.91, TTFT p50 202 s, p99 349 s: docs/serving.md).
+in genai_config and og.Engine batches continuously. Any other folder batches statically: the
+requests begun before a batch's first step run together, and one that arrives later waits for
+the whole batch to finish. og 0.18's static engine runs at most 4 together (whatever
+`engine.static_batching.max_batch_size` says), so on such folders the default scheduler is
+batched og.Generator (batched.py: up to `max_batch_size`), which shares this module's driver
+loop, turns and events. Either way, when the driver is idle and a request comes, it waits
+`batch_wait_ms` for the next before starting: clients that send together (a closed loop, a
+burst) share one batch instead of one request running alone while the rest queue behind it
+(measured: 8 clients of the 1.8B int4 without the wait gave 0.85 output tok/s against one
+client's 0.91, TTFT p50 202 s, p99 349 s: docs/serving.md).
 """
 
 from __future__ import annotations
@@ -262,6 +265,9 @@ class EngineBackend:
     search.max_length; a static batch holds a KV cache of max_batch_size * max_length tokens.
     `batch_wait_ms`: before a static batch starts, how long to wait for one more request after
     the last (at most 5 times that in all); None: 20 ms, 0 with continuous batching.
+    `scheduler`: `engine` (og.Engine), `generator` (batched og.Generator, batched.py) or
+    `auto`: og.Engine for a paged folder, og.Generator batches for the rest (og's static
+    engine runs at most 4 requests together).
     """
 
     def __init__(
@@ -270,6 +276,7 @@ class EngineBackend:
         max_batch_size: int | None = None,
         max_length: int | None = None,
         batch_wait_ms: float | None = None,
+        scheduler: str = "auto",
     ):
         og = genai()
         self.model_dir = Path(model_dir)
@@ -283,11 +290,26 @@ class EngineBackend:
         self.vocab_size = int(config["model"]["vocab_size"])
         self.default_do_sample = bool(config["search"].get("do_sample", False))
         self.special_ids = SpecialIds.from_vocabulary(self._encoder.token_to_id)
+        self.pad_id = int(config["model"].get("pad_token_id", self.bos_or_eos(config)))
         if batch_wait_ms is None:
             batch_wait_ms = 0 if self.continuous else DEFAULT_BATCH_WAIT_MS
-        self._driver = _Driver(og, self.model, batch_wait_ms / 1000)
+        if scheduler == "auto":
+            scheduler = "engine" if self.continuous else "generator"
+        self.scheduler = scheduler
+        if scheduler == "generator":
+            from internlm2_graph.serve.batched import GeneratorDriver
+
+            size = max_batch_size or DEFAULT_MAX_BATCH_SIZE
+            self._driver = GeneratorDriver(og, self.model, batch_wait_ms / 1000, size, self)
+        else:
+            self._driver = _Driver(og, self.model, batch_wait_ms / 1000)
         self._driver.start_engine()
         self.max_batch_size = self._driver.max_batch_size
+
+    @staticmethod
+    def bos_or_eos(config: dict) -> int:
+        eos = config["model"]["eos_token_id"]
+        return eos[0] if isinstance(eos, list) else eos
 
     def _load(self, max_batch_size: int):
         overlay: dict = {"search": {"max_length": self.max_length}}
@@ -327,10 +349,16 @@ class EngineBackend:
                 code="context_length_exceeded",
             )
         sampled = self.default_do_sample if sampling.do_sample is None else sampling.do_sample
-        if sampling.seed is not None and sampled and not self.continuous:
+        if (
+            sampling.seed is not None
+            and sampled
+            and self.scheduler == "engine"
+            and not self.continuous
+        ):
             raise Refused(
-                "seed needs continuous batching (a paged-attention CUDA folder); this folder "
-                "batches statically: leave seed out, or ask for greedy output (temperature 0)",
+                "seed needs continuous batching (a paged-attention CUDA folder) or the "
+                "generator scheduler; og's static engine takes none: leave seed out, or ask "
+                "for greedy output (temperature 0)",
                 param="seed",
             )
         if not sampled:
