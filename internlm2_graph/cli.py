@@ -208,7 +208,7 @@ def serve_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--gpus-per-replica",
         type=_gpu_share,
-        help="GPU share of a replica, e.g. 0.5: two on one card (default: GPUs / replicas, or 1)",
+        help="GPU share of a replica, e.g. 0.5: two on one card (default: what packs, or 1)",
     )
     ray.add_argument("--address", help="join this Ray cluster (default: start a local one)")
     ray.add_argument(
@@ -397,6 +397,7 @@ def _backend_options(args) -> dict:
         "max_batch_size": args.max_batch_size,
         "max_length": args.max_length,
         "batch_wait_ms": args.batch_wait_ms,
+        "scheduler": args.scheduler,
     }
 
 

@@ -8,6 +8,7 @@ the command with SIGINT while a reply streams, so it also proves the shutdown.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -27,7 +28,13 @@ import pytest
 from internlm2_graph import build
 from internlm2_graph.cli import main
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.serve.replicas import LOOPBACK_ENV, REPLICA_HEADER, Placement, placement
+from internlm2_graph.serve.replicas import (
+    LOOPBACK_ENV,
+    REPLICA_HEADER,
+    FrontDoor,
+    Placement,
+    placement,
+)
 from internlm2_graph.synthetic import make_config, write_checkpoint
 
 pytestmark = pytest.mark.model  # every test here builds or runs a model
@@ -54,6 +61,8 @@ def test_placement_of_cpu_replicas():
         (dict(replicas=4, devices=[2, 3]), Placement(4, 0.5, 1.0, "2,3")),
         (dict(replicas=2, devices=[0]), Placement(2, 0.5, 1.0, "0")),
         (dict(replicas=2, gpus_per_replica=0.5), Placement(2, 0.5, 1.0)),
+        (dict(replicas=3, devices=[0, 1]), Placement(3, 0.5, 1.0, "0,1")),  # 2 + 1: it packs
+        (dict(replicas=4, devices=[0, 1], gpus_per_replica=0.3), Placement(4, 0.3, 1.0, "0,1")),
         (dict(replicas=8, address="10.0.0.1:6379"), Placement(8, 1.0, 1.0)),
     ],
 )
@@ -65,7 +74,8 @@ def test_placement_of_gpu_replicas(flags, expected):
     ("flags", "message"),
     [
         (dict(replicas=1, devices=[0, 1]), "og 0.18 runs a model on one GPU"),
-        (dict(replicas=3, devices=[0], gpus_per_replica=0.5), "need 1.5 GPUs"),
+        (dict(replicas=3, devices=[0], gpus_per_replica=0.5), "do not fit on the 1 GPU"),
+        (dict(replicas=3, devices=[0, 1], gpus_per_replica=0.6), "a replica stays on one GPU"),
         (dict(devices=[0, 0]), "names a GPU twice"),
         (dict(devices=[0], address="10.0.0.1:6379"), "with --address Ray places"),
     ],
@@ -73,6 +83,83 @@ def test_placement_of_gpu_replicas(flags, expected):
 def test_placement_refusals(flags, message):
     with pytest.raises(InternLM2GraphError, match=message):
         placement(True, **flags)
+
+
+class _DyingReplica:
+    """A DeploymentHandle whose replica sends `batches` of ASGI messages, then dies."""
+
+    def __init__(self, batches: list[list[dict]]):
+        self.batches, self.http = batches, self
+
+    def options(self, stream: bool):
+        return self
+
+    def remote(self, request: dict):
+        async def replies():
+            for batch in self.batches:
+                yield batch
+            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+        return replies()
+
+
+def _call(front_door, body: bytes = b"{}") -> list[dict]:
+    """The messages the front door sends for one POST, its client staying connected."""
+    import asyncio
+
+    sent, stay = [], asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await stay.wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    asyncio.run(front_door(scope, receive, send))
+    return sent
+
+
+JSON_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"application/json")],
+}
+SSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream")],
+}
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [],
+        [[JSON_START]],
+        [[JSON_START], [{"type": "http.response.body", "body": b'{"id"', "more_body": True}]],
+    ],
+)
+def test_a_dying_replica_gives_an_unstarted_reply_openai_502(batches):
+    sent = _call(FrontDoor(_DyingReplica(batches)))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 502  # no half-sent JSON: a held reply is dropped whole
+    error = json.loads(sent[1]["body"])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "replica_failed")
+    assert "The actor died" in error["message"] and "retry" in error["message"]
+
+
+def test_a_dying_replica_ends_a_started_stream_with_an_error_event():
+    event = {"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True}
+    sent = _call(FrontDoor(_DyingReplica([[SSE_START, event]])))
+    assert sent[:2] == [SSE_START, event]
+    tail = sent[2]["body"].decode()
+    assert tail.endswith("data: [DONE]\n\n") and not sent[2].get("more_body")
+    error = json.loads(tail.split("\n\n")[0].removeprefix("data: "))["error"]
+    assert error["code"] == "replica_failed"
 
 
 def test_serve_package_does_not_import_ray():
@@ -116,7 +203,6 @@ def test_og_engine_refuses_a_layer_split(folder, tmp_path):
     """Why several GPUs serve as replicas (docs/multi-gpu.md): og.Engine, which continuous
     batching needs, takes no decoder-pipeline model, the only multi-session layout og has,
     while og.Generator runs the same pipeline. If a later og accepts it, this fails: revisit."""
-    import json
     import shutil
 
     import onnx
@@ -306,6 +392,26 @@ def test_concurrent_replies_equal_one_process(client, alone):
     assert [text for text, _ in answers] == alone
     assert len(set(alone)) > 1  # different prompts, different replies: the test can fail
     assert len({replica for _, replica in answers}) == 2  # both replicas served
+
+
+def test_a_client_that_leaves_cancels_its_turn_on_the_replica(command, client):
+    """The front door cancels the Ray call, the replica tells the app the client left, and the
+    engine cancels the turn: no replica keeps generating for nobody."""
+    url = f"http://127.0.0.1:{command.port}"
+    body = _request("Tell me a long story, number 1.", stream=True, max_tokens=1800)
+    body["min_tokens"] = 1800  # no early EOS: only the cancel can end it
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as reply:
+        replica = reply.headers[REPLICA_HEADER]
+        next(reply.iter_lines())
+    deadline = time.monotonic() + 60
+    while True:  # /health of that replica (the router picks one per request)
+        health = httpx.get(url + "/health", timeout=30)
+        stats = health.json()
+        mine = health.headers[REPLICA_HEADER] == replica
+        if mine and stats["active_requests"] == 0 and stats["finished"].get("CANCELLED"):
+            break
+        assert time.monotonic() < deadline, f"the turn was not cancelled: {stats}"
+        time.sleep(0.1)
 
 
 def test_killed_replica_fails_only_its_requests_and_comes_back(client, ray_session, alone):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -70,16 +71,18 @@ def placement(
     if devices and len(set(devices)) != len(devices):
         raise InternLM2GraphError(f"--devices names a GPU twice: {devices}")
     count = replicas or (len(devices) if devices else 1)
-    share = gpus_per_replica or (len(devices) / count if devices else 1.0)
-    if share > 1:
+    if devices and count < len(devices):
         raise InternLM2GraphError(
-            f"{count} replica(s) on {len(devices or [])} GPUs would give each {share:g} GPUs, "
+            f"{count} replica(s) on {len(devices)} GPUs would give a replica several GPUs, "
             "and og 0.18 runs a model on one GPU: ask for at least one replica per GPU"
         )
-    if devices and count * share > len(devices) + 1e-9:
+    # A fractional replica must fit on one card (Ray does not split it over two), so the
+    # default share is what packs: 3 replicas on 2 GPUs take half a GPU each, not two thirds.
+    share = gpus_per_replica or (1 / math.ceil(count / len(devices)) if devices else 1.0)
+    if devices and count > len(devices) * math.floor(1 / share + 1e-9):
         raise InternLM2GraphError(
-            f"{count} replicas of {share:g} GPU need {count * share:g} GPUs and --devices "
-            f"gives {len(devices)}: lower --replicas or --gpus-per-replica"
+            f"{count} replicas of {share:g} GPU do not fit on the {len(devices)} GPU(s) of "
+            "--devices (a replica stays on one GPU): lower --replicas or --gpus-per-replica"
         )
     visible = ",".join(str(d) for d in devices) if devices else None
     return Placement(count, share, 1.0, visible)
