@@ -814,7 +814,8 @@ def calibrate(
 ) -> Calibrated:
     """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
 
-    `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
+    `body` is the spec of the decoder's linears, or a function of a linear's checkpoint path
+    giving its spec (tensor_precision); `head` the lm_head's (None: kept float or tied).
     `order` (act_order) and `search` (searched_grid) default to ACT_ORDER and SEARCH. `device`
     runs the products (compute.py). `float_target`: GPTAQ, each linear aimed at the float
     model's output (float_target_map).
@@ -822,6 +823,7 @@ def calibrate(
     order = ACT_ORDER if order is None else order
     search = SEARCH if search is None else search
     result = Calibrated(scratch)
+    spec_of = body if callable(body) else lambda _path: body
 
     floats = {}  # float_target: the float model's hidden states, a second stream beside x
 
@@ -855,7 +857,7 @@ def calibrate(
             config,
             cos,
             sin,
-            body,
+            spec_of,
             result,
             order,
             search,
@@ -974,6 +976,7 @@ def _quantize_layer(
     targets=None,
 ):  # fmt: skip
     """GPTQ the layer's linears in the order they run; returns the quantized layer's output.
+    `spec(path)` is the format of the linear at checkpoint path `path`.
     `targets` maps each group of names to the float model's input to it, or FloatOutputs
     (float_target_map)."""
 
@@ -996,7 +999,7 @@ def _quantize_layer(
         del gram
         out = []
         for i, each in enumerate(names):
-            q = gptq(ws[i], factor, spec, perm, importance, device)
+            q = gptq(ws[i], factor, spec(f"{prefix}.{each}"), perm, importance, device)
             ws[i] = None
             result.save(f"{prefix}.{each}", q)
             out.append(dequantize(q))
@@ -1103,10 +1106,12 @@ def calibrated_weights(
     progress: Progress | None = None,
 ) -> Calibrated:
     """The weights of a calibrated algo_config (gptq, awq; "rtn" is the saver's own)."""
-    body, head = target.quant, target.lm_head_quant
+    # A tied head reads the embedding's codes (rounded to nearest): nothing to calibrate.
+    body, head = target.quant, None if target.tied_head else target.lm_head_quant
     if target.algorithm in ("gptq", "gptaq"):
         device = for_execution_provider(target.execution_provider)
-        return calibrate(checkpoint, config, sequences, body, head, scratch, progress,
+        specs = target.linear_spec if target.tensor_rules else body
+        return calibrate(checkpoint, config, sequences, specs, head, scratch, progress,
                          device=device, float_target=target.algorithm == "gptaq")  # fmt: skip
     # A quantized KV cache stores the values with scales taken from the float model's values
     # (calibrate_kv_cache, or a scale file): AWQ must leave them, and so wo, unscaled.

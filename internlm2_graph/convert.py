@@ -6,7 +6,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from internlm2_graph import calibrate, package, speculative
@@ -16,6 +16,7 @@ from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
 from internlm2_graph.kv_scales import scales_from_file
 from internlm2_graph.precision import (
+    LM_HEAD,
     QUANT_OPTIONS,
     Target,
     parse_extra_options,
@@ -24,7 +25,9 @@ from internlm2_graph.precision import (
 from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.sizes import graph_bytes, parameter_count
 from internlm2_graph.tokenizer import prepare_tokenizer
-from internlm2_graph.weights import WeightBinder
+from internlm2_graph.weights import WeightBinder, tied
+
+EMBEDDING = "model.tok_embeddings.weight"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ def build(
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
     speculative.check_draft(spec, vocab, config.vocab_size, execution_provider)
     checkpoint = Checkpoint(folder)
+    target = for_checkpoint(target, checkpoint, config)
     model, module = build_graph(config, target)
     calibrated_kv = target.kv_cache is not None and target.kv_cache.scale_file is None
     if target.algorithm != "rtn" or calibrated_kv:  # bad data fails here, before any write
@@ -99,6 +103,7 @@ def build(
     expected_bytes = graph_bytes(model)
     draft_model = None
     if draft_target is not None:  # the self-draft: the same weights, quantized
+        draft_target = for_checkpoint(draft_target, checkpoint, config)
         draft_model, draft_module = build_graph(config, draft_target)
         draft_scales = scales_from_file(config, draft_target)
         WeightBinder(checkpoint, config, allow_nonfinite, draft_scales).bind(draft_module)
@@ -142,6 +147,15 @@ def build(
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss(),
     )
+
+
+def for_checkpoint(target: Target, checkpoint: Checkpoint, config: InternLM2Config) -> Target:
+    """The target for this checkpoint: tensor_precision bound to its depth; the lm_head on the
+    embedding's codes where the checkpoint ties them (the same values under both names)."""
+    target = target.for_layers(config.num_hidden_layers)
+    if target.can_tie and tied(checkpoint, EMBEDDING, f"{LM_HEAD}.weight"):
+        target = replace(target, tied_head=True)
+    return target
 
 
 def _draft_target(
