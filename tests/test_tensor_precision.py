@@ -234,3 +234,16 @@ def test_embedding_block_must_divide_hidden(tiny_checkpoint, tmp_path):
     with pytest.raises(InternLM2GraphError, match="does not divide hidden_size 64"):
         build(tiny_checkpoint, tmp_path / "m", "int4", "cpu", ["embedding_precision=int8-b128"])
     assert not (tmp_path / "m").exists()
+
+
+def test_inspect_lists_each_tensor_format(tiny_checkpoint, capsys):
+    from internlm2_graph.cli import main
+
+    options = ["embedding_precision=int8", "tensor_precision=feed_forward.w2@last1:int8"]
+    assert main(["inspect", str(tiny_checkpoint), "-p", "int4", "--extra_options", *options]) == 0
+    out = capsys.readouterr().out
+    assert "model.tok_embeddings: int8-b32-sym" in out
+    assert "output: int4-b32-sym" in out
+    assert "feed_forward.w2: int4-b32-sym in layers 0, " in out
+    assert "; int8-b32-sym in layers 1, " in out
+    assert "attention.wqkv: int4-b32-sym in layers 0-1, " in out
