@@ -48,13 +48,40 @@ TEXTS = ("prose", "code")
 CTX = 512
 
 
+class CachedLogits:
+    """The bed's fp32 logits of each evaluation window, computed once and kept on disk (every
+    row is compared with the same windows: this halves the cost of scoring a row)."""
+
+    def __init__(self, model_dir: Path, folder: Path, threads: int | None) -> None:
+        self.model_dir, self.folder, self.threads = model_dir, folder, threads
+        self._decoder = None
+
+    def logits(self, ids: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        import hashlib
+
+        key = hashlib.sha1(np.asarray(ids, np.int64).tobytes()).hexdigest()[:16]
+        path = self.folder / f"{key}.npy"
+        if not path.is_file():
+            if self._decoder is None:
+                from benchmarks.quality import Decoder
+
+                self._decoder = Decoder(self.model_dir, self.threads)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial.npy")
+            np.save(partial, self._decoder.logits(ids, chunk))
+            partial.rename(path)
+        return np.load(path, mmap_mode="r")
+
+
 def mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
 class Bench:
-    def __init__(self, workdir: Path, eval_tokens: int) -> None:
-        self.workdir = workdir
+    def __init__(
+        self, workdir: Path, eval_tokens: int, threads: int | None = None, sequences: int = 32
+    ) -> None:
+        self.workdir, self.threads, self.sequences = workdir, threads, sequences
         workdir.mkdir(parents=True, exist_ok=True)
         self.bed = llamacpp.untilted_gguf(workdir)
         self.checkpoint = llamacpp.checkpoint_of(self.bed, workdir)
@@ -68,13 +95,17 @@ class Bench:
         self.rows_dir = workdir / "rows"
         self.rows_dir.mkdir(exist_ok=True)
         self._calibration: tuple[Path, Path] | None = None
+        self.reference = CachedLogits(self.fp32, workdir / "fp32-logits", threads)
 
     # --- the shared calibration text ----------------------------------------------------------
 
     def calibration(self) -> tuple[Path, Path]:
-        """(ids JSON for our builds, text file for llama-imatrix): the same sequences."""
+        """(ids JSON for our builds, text file for llama-imatrix): the same sequences, all 32
+        of GPTAQ's budget or `sequences` of them, evenly spaced."""
         if self._calibration is None:
-            ids_file, text_file = self.workdir / "calibration-ids.json", self.workdir / "calib.txt"
+            tag = "" if self.sequences == 32 else f"-{self.sequences}"
+            ids_file = self.workdir / f"calibration-ids{tag}.json"
+            text_file = self.workdir / f"calib{tag}.txt"
             if not ids_file.is_file():
                 from internlm2_graph.calibrate import token_budget
 
@@ -82,6 +113,8 @@ class Bench:
                 ids, _ = quant_quality.calibration_ids(
                     self.checkpoint, held_out, token_budget("gptaq")
                 )
+                picks = np.linspace(0, len(ids) - 1, min(self.sequences, len(ids)))
+                ids = [ids[i] for i in picks.round().astype(int)]
                 ids_file.write_text(json.dumps(ids))
                 tokenizer = smollm2.smollm2_tokenizer(self.checkpoint)
                 # Each sequence starts with <s>; llama-imatrix adds its own BOS per chunk.
@@ -95,7 +128,7 @@ class Bench:
     def score(self, model_dir: Path) -> dict:
         out = {}
         for text, ids in self.texts.items():
-            q = kl_and_top1(model_dir, self.fp32, ids, window=1024)
+            q = kl_and_top1(model_dir, self.reference, ids, window=1024, threads=self.threads)
             out[text] = {"perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "tokens": q.tokens,
                          "reference_perplexity": q.reference_perplexity}  # fmt: skip
         count = sum(out[t]["tokens"] for t in TEXTS)
@@ -127,7 +160,8 @@ class Bench:
         return self.cached("fp32", make)
 
     def llamacpp_row(self, kind: str, with_imatrix: bool) -> dict:
-        name = f"llama.cpp-{kind}" + ("-imatrix" if with_imatrix else "")
+        tag = "" if self.sequences == 32 else f"{self.sequences}"
+        name = f"llama.cpp-{kind}" + (f"-imatrix{tag}" if with_imatrix else "")
 
         def make():
             bin_dir = llamacpp.tools(self.workdir)
@@ -135,8 +169,8 @@ class Bench:
             if with_imatrix:
                 ids_file, text_file = self.calibration()
                 chunks = len(json.loads(ids_file.read_text()))
-                matrix = llamacpp.imatrix(bin_dir, self.bed, text_file,
-                                          self.workdir / "imatrix.gguf", CTX, chunks)  # fmt: skip
+                out = self.workdir / f"imatrix{tag}.gguf"
+                matrix = llamacpp.imatrix(bin_dir, self.bed, text_file, out, CTX, chunks)
             ggufs = self.workdir / "ggufs"
             ggufs.mkdir(exist_ok=True)
             gguf = llamacpp.quantize(bin_dir, self.bed, ggufs / f"{name}.gguf", kind, matrix)
@@ -159,7 +193,9 @@ class Bench:
     def our_row(self, name: str, options: dict) -> dict:
         def make():
             ids_file, _ = self.calibration()
-            full = {**BASE, **options, "calibration_data": str(ids_file)}
+            full = {**BASE, **options}
+            if full["algo_config"] != "rtn":
+                full["calibration_data"] = str(ids_file)
             build = self.builds / name
             stats = quant_quality.measured_build(self.checkpoint, build, "int4", full)
             return {
@@ -230,11 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                         help="an ad-hoc row: NAME='KEY=VALUE KEY=VALUE' (ablations)")  # fmt: skip
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calibration-sequences", type=int, default=32,
+                        help="of 512 tokens, for GPTAQ and llama-imatrix alike")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime threads when scoring")  # fmt: skip
     parser.add_argument("--machine", default=common.default_machine_name())
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args(argv)
 
-    bench = Bench(args.workdir, args.eval_tokens)
+    bench = Bench(args.workdir, args.eval_tokens, args.threads, args.calibration_sequences)
     rows = [bench.fp32_row()]
     imatrix = {"both": (True, False), "with": (True,), "without": (False,)}[args.imatrix]
     for kind in filter(None, args.llamacpp.split(",")):
