@@ -1,6 +1,6 @@
 """Quality per byte on the untilted SmolLM2 bed: llama.cpp's types beside our layouts.
 
-    python -m benchmarks.quality_per_byte [--workdir DIR] [--llamacpp Q4_K_M,...]
+    python -m benchmarks.quality_per_byte [--workdir DIR] [--llamacpp Q4_K_M+imatrix,Q4_1,...]
         [--ours q4_mixed,...] [--variant NAME='KEY=VALUE ...'] [--name RESULTS]
 
 The bed (benchmarks/llamacpp.py) is SmolLM2-135M-Instruct moved off its Q4_1 grid, as an F32
@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
 from benchmarks import common, llamacpp, quant_quality, smollm2  # noqa: E402
-from benchmarks.quality import kl_and_top1  # noqa: E402
+from benchmarks.quality import kl_and_top1, log_softmax, windows  # noqa: E402
 
 LLAMACPP_TYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M")
 BASE = {"accuracy_level": "0", "algo_config": "gptaq"}
@@ -92,7 +92,7 @@ class Bench:
         self.builds = workdir / "builds"
         self.fp32 = self.builds / "fp32"
         quant_quality.measured_build(self.checkpoint, self.fp32, "fp32", {})
-        self.rows_dir = workdir / "rows"
+        self.rows_dir = workdir / f"rows-{eval_tokens}"  # scores depend on the text scored
         self.rows_dir.mkdir(exist_ok=True)
         self._calibration: tuple[Path, Path] | None = None
         self.reference = CachedLogits(self.fp32, workdir / "fp32-logits", threads)
@@ -131,6 +131,11 @@ class Bench:
             q = kl_and_top1(model_dir, self.reference, ids, window=1024, threads=self.threads)
             out[text] = {"perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "tokens": q.tokens,
                          "reference_perplexity": q.reference_perplexity}  # fmt: skip
+        return self._all(out)
+
+    @staticmethod
+    def _all(out: dict) -> dict:
+        """Both texts as one: the issue's "prose and code"."""
         count = sum(out[t]["tokens"] for t in TEXTS)
         out["all"] = {
             "perplexity": float(
@@ -154,8 +159,23 @@ class Bench:
     # --- rows ----------------------------------------------------------------------------------
 
     def fp32_row(self) -> dict:
+        """The bed itself: its perplexity from the cached logits (KL 0, top-1 1 by definition)."""
+
         def make():
-            return {"kind": "fp32", "bytes": model_bytes(self.fp32), **self.score(self.fp32)}
+            out = {}
+            for text, ids in self.texts.items():
+                nll, count = 0.0, 0
+                for part in windows(len(ids), 1024):
+                    logits, targets = self.reference.logits(ids[part])[:-1], ids[part][1:]
+                    for row in range(0, len(targets), 256):  # bounds the float64 copy
+                        logp = log_softmax(logits[row : row + 256])
+                        picked = targets[row : row + 256]
+                        nll -= logp[np.arange(len(picked)), picked].sum()
+                    count += len(targets)
+                ppl = float(np.exp(nll / count))
+                out[text] = {"perplexity": ppl, "kl": 0.0, "top1": 1.0, "tokens": count,
+                             "reference_perplexity": ppl}  # fmt: skip
+            return {"kind": "fp32", "bytes": model_bytes(self.fp32), **self._all(out)}
 
         return self.cached("fp32", make)
 
@@ -259,9 +279,9 @@ def report(rows: list[dict], bed_stats: dict, args) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR / "bed")
-    parser.add_argument("--llamacpp", default=",".join(LLAMACPP_TYPES),
-                        help="llama.cpp types ('' for none)")  # fmt: skip
-    parser.add_argument("--imatrix", default="both", choices=("both", "with", "without"))
+    default = ",".join(f"{t},{t}+imatrix" for t in LLAMACPP_TYPES)
+    parser.add_argument("--llamacpp", default=default,
+                        help="llama.cpp rows: TYPE or TYPE+imatrix, comma-separated")  # fmt: skip
     parser.add_argument("--ours", default=",".join(VARIANTS), help="names from VARIANTS")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                         help="an ad-hoc row: NAME='KEY=VALUE KEY=VALUE' (ablations)")  # fmt: skip
@@ -276,10 +296,9 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = Bench(args.workdir, args.eval_tokens, args.threads, args.calibration_sequences)
     rows = [bench.fp32_row()]
-    imatrix = {"both": (True, False), "with": (True,), "without": (False,)}[args.imatrix]
-    for kind in filter(None, args.llamacpp.split(",")):
-        for with_imatrix in imatrix:
-            rows.append(bench.llamacpp_row(kind, with_imatrix))
+    for item in filter(None, args.llamacpp.split(",")):
+        kind, _, matrix = item.partition("+")
+        rows.append(bench.llamacpp_row(kind, matrix == "imatrix"))
     variants = {name: VARIANTS[name] for name in filter(None, args.ours.split(","))}
     for item in args.variant:
         name, _, options = item.partition("=")

@@ -15,15 +15,15 @@ from internlm2_graph.errors import InternLM2GraphError
 PRESETS: dict[str, tuple[str, str, dict[str, str]]] = {
     "q4_mixed": (
         "int4",
-        "int4 block 32 body; 8-bit embedding shared with an 8-bit lm_head where tied; "
-        "8-bit value-carrying projections (wqkv, w2) in the first and last layers",
+        "int4 block 32 for wo, w1, w3; int8 block 32 for wqkv (it carries the values) and w2 "
+        "(the down projection) in every layer; int8 embedding, shared with an int8 lm_head "
+        "where the checkpoint ties them",
         {
             "block_size": "32",
             "is_symmetric": "true",
             "embedding_precision": "int8",
             "lm_head_precision": "int8",
-            "tensor_precision": "feed_forward.w2@first4+last4:int8,"
-            "attention.wqkv@first4+last4:int8",
+            "tensor_precision": "feed_forward.w2:int8,attention.wqkv:int8",
         },
     ),
     "q4_small": (
