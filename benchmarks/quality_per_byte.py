@@ -264,9 +264,10 @@ def report(rows: list[dict], bed_stats: dict, args) -> str:
             f"{bed_stats['q4_1_roundtrip_rel_rms_before']:.2e} before, "
             f"{bed_stats['q4_1_roundtrip_rel_rms_after']:.2e} after. "
             f"Evaluation: {args.eval_tokens} tokens each of prose and code, windows of 1024, "
-            "KL(bed fp32 || row) per token; `all` = both texts. Ours at accuracy_level=0 "
-            "with algo_config=gptaq; llama.cpp's GGUFs dequantized by gguf-py. Calibration "
-            "(our GPTAQ and llama-imatrix): the same 32 x 512 tokens of calibrate.default_text().",
+            "KL(bed fp32 || row) per token; `all` = both texts. Ours at accuracy_level=0, "
+            "gptaq rows calibrated, rtn rows rounded to nearest; llama.cpp's GGUFs dequantized "
+            "by gguf-py. Calibration (our GPTAQ and llama-imatrix, `imatrixN`): the same "
+            f"{args.calibration_sequences} x 512 tokens of calibrate.default_text().",
             "",
             common.markdown_table(header, table),
             "",

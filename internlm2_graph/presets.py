@@ -1,10 +1,10 @@
 """Named weight layouts: `--extra_options quant_preset=NAME`, like llama.cpp's Q4_K_M.
 
-A preset is a set of --extra_options; options given explicitly win over the preset's. The
-layouts were chosen by ablation on the untilted SmolLM2 bed (docs/quality-per-byte.md,
-benchmarks/quality_per_byte.py), not guessed. A preset fixes bytes and formats only, as
-llama.cpp's types do; how the codes are found is algo_config's choice (gptaq is the analogue of
-an imatrix).
+A preset is a set of --extra_options; options given explicitly win over the preset's. q4_mixed
+is the layout the ablation on the untilted SmolLM2 bed favoured (docs/quality-per-byte.md,
+benchmarks/quality_per_byte.py); q4_small is the smallest layout the options make. A preset
+fixes bytes and formats only, as llama.cpp's types do; how the codes are found is algo_config's
+choice (gptaq is the analogue of an imatrix).
 """
 
 from __future__ import annotations
