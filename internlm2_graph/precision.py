@@ -38,7 +38,7 @@ OPTIONS = {
     "embedding_precision": "float/int4/int8: the embedding table, GatherBlockQuantized (default "
     "float); shares its codes with the lm_head where the checkpoint ties them and both match",
     "tensor_precision": "NAME[@LAYERS]:FORMAT,...: per-linear formats, e.g. "
-    "feed_forward.w2@first4+last4:int8 (FORMAT: float, int4/int8[-bBLOCK][-sym|-asym])",
+    "feed_forward.w2@first4+last4:int8 (FORMAT: int4/int8[-bBLOCK][-sym|-asym])",
     "quant_preset": f"a named layout, like llama.cpp's types: {', '.join(presets.PRESETS)} "
     "(explicit options override it; docs/quality-per-byte.md)",
     "use_cuda_bf16": "true/false: bf16 activations for int4 on cuda (default false: fp16)",
