@@ -84,6 +84,16 @@ def inspect_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="checkpoint folder or hub id")
     parser.add_argument(
+        "-p",
+        "--precision",
+        choices=PRECISIONS,
+        help="also list how a build of this precision stores each weight matrix",
+    )
+    parser.add_argument("-e", "--execution_provider", default="cpu", choices=EXECUTION_PROVIDERS)
+    parser.add_argument(
+        "--extra_options", nargs="+", metavar="KEY=VALUE", help="as for a build (quant_preset=...)"
+    )
+    parser.add_argument(
         "--context",
         type=_positive_int,
         default=None,
@@ -340,9 +350,14 @@ def _verify_tokenizer(args) -> bool:
 
 
 def _inspect(args) -> int:
+    from internlm2_graph.precision import parse_extra_options, resolve_target
     from internlm2_graph.sizes import describe
 
-    print(describe(args.checkpoint, args.context))
+    target = None
+    if args.precision or args.extra_options:
+        options = parse_extra_options(args.extra_options)
+        target = resolve_target(args.precision or "fp32", args.execution_provider, options)
+    print(describe(args.checkpoint, args.context, target))
     return 0
 
 

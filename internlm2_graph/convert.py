@@ -6,7 +6,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from internlm2_graph import package, prequantized, speculative
@@ -19,6 +19,7 @@ from internlm2_graph.graph import build_graph
 from internlm2_graph.hub import resolve_checkpoint
 from internlm2_graph.kv_scales import scales_from_file
 from internlm2_graph.precision import (
+    LM_HEAD,
     QUANT_OPTIONS,
     Target,
     parse_extra_options,
@@ -27,7 +28,9 @@ from internlm2_graph.precision import (
 from internlm2_graph.progress import Progress, human_bytes, human_count
 from internlm2_graph.sizes import graph_bytes, parameter_count
 from internlm2_graph.tokenizer import PreparedTokenizer, prepare_tokenizer
-from internlm2_graph.weights import WeightBinder
+from internlm2_graph.weights import WeightBinder, tied
+
+EMBEDDING = "model.tok_embeddings.weight"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ def build(
         target = prequantized.target(layout, checkpoint, config, target, options)
         if draft_target is not None:
             draft_target = prequantized.target(layout, checkpoint, config, draft_target, options)
+    target = for_checkpoint(target, checkpoint, config)
+    if draft_target is not None:
+        draft_target = for_checkpoint(draft_target, checkpoint, config)
     model, module = build_graph(config, target)
     sequences = _calibration_sequences(target, recipe, tokenizer, config)  # bad data fails now
     scales = scales_from_file(config, target)
@@ -203,6 +209,15 @@ def _write_draft(draft: Path, model, target: Target, tokenizer, config, eos, pro
     with progress.task("writing the draft") as on_tensor:
         package.save_model(model, draft, target.filename, on_tensor)
     package.write_json(draft / "genai_config.json", package.genai_config(config, target, eos))
+
+
+def for_checkpoint(target: Target, checkpoint: Checkpoint, config: InternLM2Config) -> Target:
+    """The target for this checkpoint: tensor_precision bound to its depth; the lm_head on the
+    embedding's codes where the checkpoint ties them (the same values under both names)."""
+    target = target.for_layers(config.num_hidden_layers)
+    if target.can_tie and tied(checkpoint, EMBEDDING, f"{LM_HEAD}.weight"):
+        target = replace(target, tied_head=True)
+    return target
 
 
 def _draft_target(

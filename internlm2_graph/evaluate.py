@@ -163,7 +163,11 @@ def kl_and_top1(
 
     `chunk` applies to the model only (the reference runs whole windows unless
     `reference_chunk`), so a KV-cache variant can be compared with its plain build."""
-    model, reference = Decoder(model_dir, threads), Decoder(reference_dir, threads)
+    model = Decoder(model_dir, threads)
+    # Anything with Decoder's logits() serves as the reference (e.g. logits cached on disk).
+    reference = (
+        reference_dir if hasattr(reference_dir, "logits") else Decoder(reference_dir, threads)
+    )
     ids = np.asarray(ids, dtype=np.int64)
     nll = ref_nll = kl = 0.0
     agree = count = 0

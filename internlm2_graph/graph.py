@@ -31,6 +31,7 @@ def build_graph(config: InternLM2Config, target: Target) -> tuple[ir.Model, Inte
             f"{config.source}: head_dim {config.head_dim} (hidden_size / num_attention_heads) "
             "is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
         )
+    target = target.for_layers(config.num_hidden_layers)  # tensor_precision's layer numbers
     graph = ir.Graph(
         [], [], nodes=[], opset_imports={"": OPSET, "com.microsoft": 1}, name="internlm2"
     )

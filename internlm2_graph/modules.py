@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnxscript import OpBuilder, nn
 
 from internlm2_graph.config import InternLM2Config
+from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import LM_HEAD, QuantSpec, Target
 
 MS = "com.microsoft"
@@ -294,11 +295,74 @@ class Embedding(nn.Module):
         return op.Gather(self.weight, input_ids, axis=0)
 
 
+class QuantizedEmbedding(nn.Module):
+    """The same contract as Embedding, from block-wise int4/int8 codes (com.microsoft
+    GatherBlockQuantized). The codes and scales are laid out as MatMulNBits' B and scales, so a
+    tied lm_head reads the same initializers (TiedHead): B [vocab, blocks, block bytes] is
+    gathered along axis 0 and dequantized along axis 2, one block per row there; the scales
+    [vocab * blocks] are reshaped to [vocab, blocks, 1] (onnxruntime folds that constant).
+    Zero points (asymmetric only) are one code per byte, [vocab, blocks, 1]."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: ir.DataType, spec: QuantSpec) -> None:
+        super().__init__()
+        if hidden % spec.block_size:
+            raise InternLM2GraphError(
+                f"embedding_precision: block size {spec.block_size} does not divide "
+                f"hidden_size {hidden}; choose a block size that does (e.g. -b32)"
+            )
+        self.vocab, self.hidden, self.spec = vocab, hidden, spec
+        blocks = spec.blocks(hidden)
+        self.weight = nn.Parameter(list(spec.packed_shape(vocab, hidden)), ir.DataType.UINT8)
+        self.scales = nn.Parameter([vocab * blocks], dtype)
+        self.zero_points = (
+            None if spec.symmetric else nn.Parameter([vocab, blocks, 1], ir.DataType.UINT8)
+        )
+
+    def forward(self, op: OpBuilder, input_ids: Value) -> Value:
+        blocks = self.spec.blocks(self.hidden)
+        inputs = [self.weight, input_ids, op.Reshape(self.scales, [self.vocab, blocks, 1])]
+        if self.zero_points is not None:
+            inputs.append(self.zero_points)
+        rows = op.GatherBlockQuantized(
+            *inputs,
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=self.spec.block_size,
+            bits=self.spec.bits,
+            _domain=MS,
+            _version=1,
+        )  # [batch, sequence, blocks, block_size]
+        return op.Reshape(rows, [0, 0, self.hidden])
+
+
+def embedding(config: InternLM2Config, target: Target) -> Embedding | QuantizedEmbedding:
+    """The embedding table's kind, as `target` says (embedding_precision)."""
+    vocab, hidden = config.vocab_size, config.hidden_size
+    if target.embedding_quant is None:
+        return Embedding(vocab, hidden, target.io_dtype)
+    return QuantizedEmbedding(vocab, hidden, target.io_dtype, target.embedding_quant)
+
+
+class TiedHead(nn.Module):
+    """The lm_head as MatMulNBits on the embedding's own codes and scales (a checkpoint that
+    ties the two): no initializer of its own. The embedding runs first, so its parameters are
+    already in the graph when this one names them."""
+
+    def __init__(self, embedding: QuantizedEmbedding) -> None:
+        super().__init__()
+        self.weight, self.scales, self.spec = embedding.weight, embedding.scales, embedding.spec
+        self.in_features, self.out_features = embedding.hidden, embedding.vocab
+
+    def forward(self, op: OpBuilder, x: Value) -> Value:
+        attributes = self.spec.attributes(self.in_features, self.out_features)
+        return op.MatMulNBits(x, self.weight, self.scales, **attributes, _domain=MS, _version=1)
+
+
 class InternLM2Model(nn.Module):
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         dtype = target.io_dtype
-        self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.tok_embeddings = embedding(config, target)
         self.layers = nn.ModuleList(
             [DecoderLayer(config, target, i) for i in range(config.num_hidden_layers)]
         )
@@ -331,7 +395,10 @@ class InternLM2ForCausalLM(nn.Module):
     def __init__(self, config: InternLM2Config, target: Target) -> None:
         super().__init__()
         self.model = InternLM2Model(config, target)
-        self.output = linear(config.hidden_size, config.vocab_size, False, target, LM_HEAD)
+        if target.tied_head:
+            self.output = TiedHead(self.model.tok_embeddings)
+        else:
+            self.output = linear(config.hidden_size, config.vocab_size, False, target, LM_HEAD)
 
     def forward(
         self,

@@ -11,7 +11,9 @@ from pathlib import PurePath
 
 import onnx_ir as ir
 
+from internlm2_graph import presets
 from internlm2_graph.errors import InternLM2GraphError
+from internlm2_graph.tensor_precision import TensorRule, parse_format, parse_rules
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -34,6 +36,12 @@ OPTIONS = {
     "accuracy_level": "MatMulNBits accuracy level 0..4 (default 4 on cpu, 0 on cuda)",
     "is_symmetric": "true/false: symmetric int4/int8 weights (default true)",
     "lm_head_precision": "int4/int8/float: the output projection's weights (default: as the body)",
+    "embedding_precision": "float/int4/int8: the embedding table, GatherBlockQuantized (default "
+    "float); shares its codes with the lm_head where the checkpoint ties them and both match",
+    "tensor_precision": "NAME[@LAYERS]:FORMAT,...: per-linear formats, e.g. "
+    "feed_forward.w2@first4+last4:int8 (FORMAT: int4/int8[-bBLOCK][-sym|-asym])",
+    "quant_preset": f"a named layout, like llama.cpp's types: {', '.join(presets.PRESETS)} "
+    "(explicit options override it; docs/quality-per-byte.md)",
     "use_cuda_bf16": "true/false: bf16 activations for int4 on cuda (default false: fp16)",
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
     "enable_cuda_fpa_intb_gemm": "true/false: int4/int8 weights through onnxruntime's fpA_intB "
@@ -66,6 +74,9 @@ QUANT_OPTIONS = (
     "accuracy_level",
     "is_symmetric",
     "lm_head_precision",
+    "embedding_precision",
+    "tensor_precision",
+    "quant_preset",
     "use_cuda_bf16",
     "enable_cuda_fpa_intb_gemm",
     "algo_config",
@@ -283,17 +294,36 @@ class Target:
     # dequantizes every weight to fp16 each step; 0.73x at one stream (H100,
     # benchmarks/results/engine-load-h100-7b-int4-fpa.md).
     fpa_intb_gemm: bool = False
+    embedding_quant: QuantSpec | None = None  # GatherBlockQuantized; None: float Gather
+    tensor_rules: tuple[TensorRule, ...] = ()  # tensor_precision, in the order given
+    # The lm_head reads the embedding's codes (set by for_checkpoint: the checkpoint ties them).
+    tied_head: bool = False
 
     def linear_spec(self, name: str) -> QuantSpec | None:
         """How the linear layer `name` stores its weights: a QuantSpec, or None for float.
 
         `name` is the layer's checkpoint name ("output", "model.layers.3.attention.wqkv") or
-        its last part ("attention.wqkv"); only the lm head ("output") can differ from the rest,
-        unless the checkpoint was published quantized (layer_specs).
+        its last part ("attention.wqkv"). A checkpoint published quantized decides for itself
+        (layer_specs); else the last matching tensor_precision rule, else the lm head's or the
+        body's.
         """
         if self.layer_specs is not None and name in self.layer_specs:
             return self.layer_specs[name]
+        for rule in reversed(self.tensor_rules):
+            if rule.matches(name):
+                return rule.spec
         return self.lm_head_quant if name == LM_HEAD else self.quant
+
+    def for_layers(self, layers: int) -> Target:
+        """This target with its tensor_precision rules bound to a model of `layers` layers."""
+        return replace(self, tensor_rules=tuple(r.bound(layers) for r in self.tensor_rules))
+
+    @property
+    def can_tie(self) -> bool:
+        """Whether a tied checkpoint's head can read the embedding's codes: the same format,
+        symmetric (GatherBlockQuantized and MatMulNBits lay out zero points differently)."""
+        spec = self.embedding_quant
+        return spec is not None and spec == self.lm_head_quant and spec.symmetric
 
     @property
     def activation_bytes(self) -> int:
@@ -336,6 +366,8 @@ def resolve_target(
     `other_options`: names another part of the build takes (speculative decoding's), listed
     with these when a name is unknown."""
     options = {ALIASES.get(k, k): str(v) for k, v in (extra_options or {}).items()}
+    if "quant_preset" in options and precision in PRECISIONS:
+        options = presets.apply_preset(options, precision)
     _check_names(options, other_options)
     _check_pair(precision, execution_provider)
     cuda = execution_provider == "cuda"
@@ -357,7 +389,10 @@ def resolve_target(
         raise InternLM2GraphError(
             f"--extra_options {', '.join(cuda_only)} only applies to --execution_provider cuda"
         )
-    quant, lm_head_quant = _quant_specs(precision, cuda, options) if quantized else (None, None)
+    quant = lm_head_quant = embedding_quant = None
+    rules: tuple[TensorRule, ...] = ()
+    if quantized:
+        quant, lm_head_quant, embedding_quant, rules = _quant_specs(precision, cuda, options)
     algorithm = _algorithm(options, calibrated_kv)
     return Target(
         precision=precision,
@@ -373,6 +408,8 @@ def resolve_target(
         calibration_data=options.get("calibration_data"),
         paged=_paged(options, execution_provider),
         fpa_intb_gemm=quantized and _bool(options, "enable_cuda_fpa_intb_gemm", False),
+        embedding_quant=embedding_quant,
+        tensor_rules=rules,
     )
 
 
@@ -423,8 +460,9 @@ def _io_dtype(precision: str, cuda: bool, options: dict[str, str]) -> ir.DataTyp
 
 def _quant_specs(
     precision: str, cuda: bool, options: dict[str, str]
-) -> tuple[QuantSpec, QuantSpec | None]:
-    """The decoder linears' QuantSpec and the lm head's (None: float)."""
+) -> tuple[QuantSpec, QuantSpec | None, QuantSpec | None, tuple[TensorRule, ...]]:
+    """The decoder linears' QuantSpec, the lm head's and the embedding's (None: float), and the
+    tensor_precision rules."""
     bits = 4 if precision == "int4" else 8
     quant = QuantSpec(
         bits=bits,
@@ -433,13 +471,11 @@ def _quant_specs(
         accuracy_level=_int(options, "accuracy_level", 0 if cuda else 4),
     )
     head = options.get("lm_head_precision", precision)
-    if head not in ("int4", "int8", "float"):
-        raise InternLM2GraphError(
-            f"--extra_options lm_head_precision={head!r}: use int4, int8 or float"
-        )
-    if head == "float":
-        return quant, None
-    return quant, replace(quant, bits=4 if head == "int4" else 8)
+    lm_head_quant = parse_format(head, quant, f"lm_head_precision={head}")
+    embedding = options.get("embedding_precision", "float")
+    embedding_quant = parse_format(embedding, quant, f"embedding_precision={embedding}")
+    rules = parse_rules(options["tensor_precision"], quant) if "tensor_precision" in options else ()
+    return quant, lm_head_quant, embedding_quant, rules
 
 
 def _algorithm(options: dict[str, str], calibrated_kv: bool) -> str:
@@ -448,6 +484,11 @@ def _algorithm(options: dict[str, str], calibrated_kv: bool) -> str:
     if algorithm not in ALGORITHMS:
         raise InternLM2GraphError(
             f"--extra_options algo_config={algorithm!r}: use one of {', '.join(ALGORITHMS)}"
+        )
+    if "tensor_precision" in options and algorithm == "awq":
+        raise InternLM2GraphError(
+            "--extra_options tensor_precision works with algo_config=rtn/gptq/gptaq; AWQ scales "
+            "a layer's linears together for one format (use gptaq)"
         )
     if "calibration_data" in options and algorithm == "rtn" and not calibrated_kv:
         raise InternLM2GraphError(

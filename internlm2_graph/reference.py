@@ -158,10 +158,14 @@ def quantized_reference(folder: str | Path, target) -> Reference:
     from internlm2_graph.quantize import dequantize, quantize
 
     reference = Reference(folder)
+    target = target.for_layers(reference.layers)
     for name, weight in reference.w.items():
-        if weight.ndim != 2 or name == "model.tok_embeddings.weight":
-            continue  # not a linear layer's matrix
-        spec = target.linear_spec(name.removesuffix(".weight"))  # as the graph asks
+        if weight.ndim != 2:
+            continue  # not a matrix
+        if name == "model.tok_embeddings.weight":
+            spec = target.embedding_quant
+        else:
+            spec = target.linear_spec(name.removesuffix(".weight"))  # as the graph asks
         if spec is not None:
             restored = dequantize(quantize(weight.astype(np.float32), spec))
             reference.w[name] = restored.astype(np.float64)

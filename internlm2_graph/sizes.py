@@ -60,6 +60,56 @@ def graph_bytes(model: ir.Model) -> int:
     )
 
 
+def tensor_formats(config: InternLM2Config, target: Target) -> list[str]:
+    """Lines saying how a build for `target` stores each weight matrix: the embedding, the
+    lm_head, and each decoder linear with the layers that share a format."""
+    from internlm2_graph import modules
+    from internlm2_graph.tensor_precision import format_name
+
+    model, module = build_graph(config, target)
+    sizes = {
+        name: int(np.prod(v.shape.numpy(), dtype=np.int64)) * v.dtype.itemsize
+        for name, v in model.graph.initializers.items()
+    }
+    float_name = target.io_dtype.name.lower()
+    lines, layers = [], {}
+    for path, sub in module.named_modules():
+        if isinstance(sub, (modules.QuantizedLinear, modules.QuantizedEmbedding)):
+            fmt = format_name(sub.spec)
+        elif isinstance(sub, (modules.Linear, modules.Embedding)):
+            fmt = float_name
+        else:
+            continue
+        size = sum(n for name, n in sizes.items() if name.startswith(f"{path}."))
+        if path.startswith("model.layers."):
+            _, _, n, name = path.split(".", 3)
+            layers.setdefault(name, {}).setdefault(fmt, []).append((int(n), size))
+        else:
+            lines.append(f"{path}: {fmt}, {human_bytes(size)}")
+    if target.can_tie:
+        lines.append("  (a checkpoint that ties output to tok_embeddings: one copy, shared)")
+    for name, by_format in layers.items():
+        parts = [
+            f"{fmt} in layers {_ranges([n for n, _ in found])}, "
+            f"{human_bytes(sum(b for _, b in found))}"
+            for fmt, found in by_format.items()
+        ]
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(out)
+
+
 def kv_cache_bytes(config: InternLM2Config, tokens: int, bytes_per_value: float) -> int:
     """Keys and values of every layer: 2 * layers * kv_heads * head_dim values per token."""
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
@@ -80,8 +130,10 @@ def paged_blocks(config: InternLM2Config, target: Target, free_bytes: float) -> 
     return max(0, int(budget // paged_block_bytes(config, target)))
 
 
-def describe(source: str, context: int | None = None) -> str:
-    """A few lines for people: the config, the parameters and the memory each build needs."""
+def describe(source: str, context: int | None = None, target: Target | None = None) -> str:
+    """A few lines for people: the config, the parameters and the memory each build needs;
+    with a `target`, also how that build stores each weight matrix (tensor_formats)."""
+    chosen = target
     folder = resolve_checkpoint(source, config_only=True)
     config = InternLM2Config.from_dir(folder)
     layout = read_layout(folder)
@@ -120,6 +172,10 @@ def describe(source: str, context: int | None = None) -> str:
             f"{k} {human_bytes(kv_cache_bytes(config, context, b))}" for k, b in per_scheme.items()
         )
     )
+    if chosen is not None:
+        weights = weight_bytes(config, chosen)
+        lines.append(f"  weight formats of this {chosen.precision} build ({human_bytes(weights)}):")
+        lines += [f"    {line}" for line in tensor_formats(config, chosen)]
     return "\n".join(lines + _describe_paged(config, context))
 
 

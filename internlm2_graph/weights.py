@@ -23,7 +23,7 @@ from internlm2_graph.checkpoint import Checkpoint, TensorRef, wrong_dtype
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import QuantSpec
-from internlm2_graph.quantize import QuantizedWeight, quantize
+from internlm2_graph.quantize import QuantizedWeight, _unpack_nibbles, quantize
 from internlm2_graph.rope import rotary_rows
 
 NUMPY_DTYPES = {
@@ -216,6 +216,8 @@ class WeightBinder:
         for path, module in root.named_modules():
             if isinstance(module, modules.QuantizedLinear):
                 self._bind_quantized(path, module)
+            elif isinstance(module, modules.QuantizedEmbedding):
+                self._bind_quantized_embedding(path, module)
             elif isinstance(module, modules.Linear):
                 self._bind_linear(path, module)
             elif isinstance(module, (modules.RMSNorm, modules.Embedding)):
@@ -292,6 +294,16 @@ class WeightBinder:
             self.checkpoint, self.layout, path, scheme, module.in_features
         )
 
+    def _bind_quantized_embedding(self, path: str, module: modules.QuantizedEmbedding) -> None:
+        # Round to nearest: a table lookup has no input statistics for GPTQ to use.
+        source = self.source(f"{path}.weight", (module.vocab, module.hidden))
+        parts = [p for p in (module.weight, module.scales, module.zero_points) if p is not None]
+        quantized = Once(lambda: quantize_source(source, module.spec), len(parts))
+        _attach(module.weight, lambda: quantized.take().packed)
+        _attach(module.scales, lambda: _as(quantized.take().scales.reshape(-1), module.scales))
+        if module.zero_points is not None:
+            _attach(module.zero_points, lambda: embedding_zero_points(quantized.take()))
+
     def _quantized(self, path: str, source: Source, module) -> QuantizedWeight:
         scheme = self._packed(path)
         if scheme is not None:  # the checkpoint's own codes, unchanged
@@ -315,6 +327,28 @@ class WeightBinder:
         for index, table in enumerate((module.cos_cache, module.sin_cache)):
             source = RotaryRows(self.config, tuple(table.shape.numpy()), index)
             table.const_value = RowStreamedTensor(source, table)
+
+
+def embedding_zero_points(q: QuantizedWeight) -> np.ndarray:
+    """MatMulNBits' packed zero points -> GatherBlockQuantized's [rows, blocks, 1], one code a
+    byte (its rank must equal the data's; with one block per row on the quantized axis, the
+    code sits in the low nibble)."""
+    codes = q.zero_points if q.spec.bits == 8 else _unpack_nibbles(q.zero_points)
+    return np.ascontiguousarray(codes[:, : q.k_blocks, None])
+
+
+def tied(checkpoint: Checkpoint, a: str, b: str) -> bool:
+    """Whether checkpoint tensors `a` and `b` hold the same values (a tied lm_head written out
+    twice), compared a slice at a time; untied tables differ in the first slice."""
+    ref_a, ref_b = checkpoint[a], checkpoint[b]
+    if ref_a.shape != ref_b.shape or ref_a.dtype != ref_b.dtype:
+        return False
+    step = _slice_rows(ref_a.shape)
+    for start in range(0, ref_a.shape[0], step):
+        stop = min(start + step, ref_a.shape[0])
+        if not np.array_equal(ref_a.read_rows(start, stop), ref_b.read_rows(start, stop)):
+            return False
+    return True
 
 
 def _slice_rows(shape: tuple[int, ...]) -> int:

@@ -12,6 +12,7 @@ its recipe (recipes.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,10 +63,12 @@ def calibrated_weights(
     """The weights of a calibrated algo_config (gptq, gptaq, awq; "rtn" is the saver's own), by
     its recipe (default: recipe_for(target.algorithm))."""
     recipe = recipe_for(target.algorithm) if recipe is None else recipe
-    body, head = target.quant, target.lm_head_quant
+    # A tied head reads the embedding's codes (rounded to nearest): nothing to calibrate.
+    body, head = target.quant, None if target.tied_head else target.lm_head_quant
     if isinstance(recipe, GPTQ):
         device = for_execution_provider(target.execution_provider)
-        return gptq_model(checkpoint, config, sequences, body, head, scratch, progress,
+        specs = target.linear_spec if target.tensor_rules else body
+        return gptq_model(checkpoint, config, sequences, specs, head, scratch, progress,
                           recipe, device)  # fmt: skip
     if target.kv_cache is not None:
         # A quantized KV cache stores the values with scales taken from the float model's
@@ -82,7 +85,7 @@ def gptq_model(
     checkpoint: Checkpoint,
     config: InternLM2Config,
     sequences: list[np.ndarray],
-    body: QuantSpec,
+    body: QuantSpec | Callable[[str], QuantSpec],
     head: QuantSpec | None,
     scratch: Path,
     progress: Progress | None = None,
@@ -91,17 +94,19 @@ def gptq_model(
 ) -> Calibrated:
     """GPTQ every linear of the model, streaming one layer at a time; see the module docstring.
 
-    `body` is the spec of the decoder's linears, `head` the lm_head's (None: kept float).
+    `body` is the spec of the decoder's linears, or a function of a linear's checkpoint path
+    giving its spec (tensor_precision); `head` the lm_head's (None: kept float or tied).
     `recipe` says how (act_order, grid search, dampening; `float_aim`: GPTAQ, each linear aimed
     at the float model's output). `device` runs the products (compute.py).
     """
     result = Calibrated(scratch)
     floats = _FloatModel() if recipe.float_aim else None
+    spec_of = body if callable(body) else lambda _path: body
 
     def layer(n: int, weights: LayerWeights, x: np.ndarray, batch: Batch) -> np.ndarray:
         aims = None if floats is None else floats.aims(weights, x, batch, device)
         prefix = f"model.layers.{n}"
-        return _gptq_layer(prefix, weights, x, batch, body, result, recipe, device, aims)
+        return _gptq_layer(prefix, weights, x, batch, spec_of, result, recipe, device, aims)
 
     def lm_head(h: np.ndarray) -> None:
         float_h = None
@@ -155,8 +160,9 @@ class _FloatModel:
 
 def _gptq_layer(prefix, weights, x, batch, spec, result, recipe, device, aims=None):
     """GPTQ the layer's linears in the order they run; returns the quantized layer's output.
-    `aims` maps each group of names to the float model's input to it, or FloatOutputs
-    (_FloatModel.aims)."""
+    `spec(path)` is the format of the linear at checkpoint path `path`. `aims` maps each group
+    of names to the float model's input to it, or FloatOutputs (_FloatModel.aims).
+    """
 
     def quantized(inputs: np.ndarray, *names: str) -> list[np.ndarray]:
         """GPTQ `names` (sharing `inputs`), save them, return their dequantized weights."""
@@ -170,9 +176,10 @@ def _gptq_layer(prefix, weights, x, batch, spec, result, recipe, device, aims=No
         del gram
         out = []
         for i, each in enumerate(names):
-            q = gptq(ws[i], factor.factor, spec, factor.order, factor.importance, device)
+            path = f"{prefix}.{each}"
+            q = gptq(ws[i], factor.factor, spec(path), factor.order, factor.importance, device)
             ws[i] = None
-            result.save(f"{prefix}.{each}", q)
+            result.save(path, q)
             out.append(dequantize(q))
         return out
 
