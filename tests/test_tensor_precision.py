@@ -71,12 +71,14 @@ def tied_checkpoint(tiny_checkpoint, tmp_path_factory):
         ["tensor_precision=feed_forward.w2@last1:int8,attention.wqkv@0:int8-b16-asym"],
     ],
 )
+@pytest.mark.model
 def test_quantized_embedding_and_tensor_formats_compute_exactly(tiny_checkpoint, tmp_path, options):
     options = ["accuracy_level=0", *options]
     build(tiny_checkpoint, tmp_path / "m", "int4", "cpu", options)
     assert_exact(tiny_checkpoint, tmp_path / "m", "int4", options)
 
 
+@pytest.mark.model
 def test_embedding_codes_are_the_numpy_quantizer_codes(tiny_checkpoint, tmp_path):
     build(tiny_checkpoint, tmp_path / "m", "int4", "cpu", ["embedding_precision=int4-asym"])
     inits, nodes = initializers(tmp_path / "m")
@@ -126,6 +128,7 @@ def assert_close_rows(model_dir, table):
     np.testing.assert_array_equal(rows[0], table[PROMPT])
 
 
+@pytest.mark.model
 def test_tied_head_reads_the_embedding_codes(tied_checkpoint, tmp_path):
     options = ["accuracy_level=0", "embedding_precision=int8", "lm_head_precision=int8"]
     build(tied_checkpoint, tmp_path / "m", "int4", "cpu", options)
@@ -146,6 +149,7 @@ def _bytes(tensor):
     )
 
 
+@pytest.mark.model
 def test_untied_checkpoint_keeps_its_own_head(tiny_checkpoint, tmp_path):
     options = ["embedding_precision=int8", "lm_head_precision=int8"]
     build(tiny_checkpoint, tmp_path / "m", "int4", "cpu", options)
@@ -153,6 +157,7 @@ def test_untied_checkpoint_keeps_its_own_head(tiny_checkpoint, tmp_path):
     assert "output.weight" in inits
 
 
+@pytest.mark.model
 def test_tied_formats_that_differ_are_stored_apart(tied_checkpoint, tmp_path):
     options = ["accuracy_level=0", "embedding_precision=int8", "lm_head_precision=int4"]
     build(tied_checkpoint, tmp_path / "m", "int4", "cpu", options)
