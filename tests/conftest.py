@@ -65,6 +65,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def serving_folder(tmp_path_factory) -> Path:
+    """A tiny chat model with a 2048-token context: room for a reply long enough to cancel
+    (the serve and replicas tests)."""
+    from internlm2_graph import build
+    from internlm2_graph.synthetic import make_config, write_checkpoint
+
+    root = tmp_path_factory.mktemp("serving")
+    config = make_config("tiny", max_position_embeddings=2048)
+    checkpoint = write_checkpoint(root / "ckpt", config, chat=True, seed=1)
+    build(checkpoint, root / "fp32", "fp32", "cpu")
+    return root / "fp32"
+
+
+@pytest.fixture(scope="session")
 def tiny_fp32(tiny_checkpoint, tmp_path_factory) -> Path:
     from internlm2_graph import build
 

@@ -25,7 +25,6 @@ import httpx
 import openai
 import pytest
 
-from internlm2_graph import build
 from internlm2_graph.cli import main
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.serve.replicas import (
@@ -35,7 +34,6 @@ from internlm2_graph.serve.replicas import (
     Placement,
     placement,
 )
-from internlm2_graph.synthetic import make_config, write_checkpoint
 
 pytestmark = pytest.mark.model  # every test here builds or runs a model
 
@@ -174,12 +172,8 @@ def test_serve_package_does_not_import_ray():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("replicas")
-    config = make_config("tiny", max_position_embeddings=2048)
-    checkpoint = write_checkpoint(root / "ckpt", config, chat=True, seed=1)
-    build(checkpoint, root / "fp32", "fp32", "cpu")
-    return root / "fp32"
+def folder(serving_folder) -> Path:
+    return serving_folder
 
 
 def test_cli_refuses_gpu_flags_for_a_cpu_folder(folder, capsys):

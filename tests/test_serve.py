@@ -20,12 +20,10 @@ import openai
 import pytest
 import uvicorn
 
-from internlm2_graph import build
 from internlm2_graph.cli import main
 from internlm2_graph.serve import tools
 from internlm2_graph.serve.app import StopMatcher, create_app
 from internlm2_graph.serve.engine import EngineBackend
-from internlm2_graph.synthetic import make_config, write_checkpoint
 
 pytestmark = pytest.mark.model  # every test here builds or runs a model
 
@@ -57,13 +55,8 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """A tiny chat model with a 2048-token context: room for a reply long enough to cancel."""
-    root = tmp_path_factory.mktemp("serve")
-    config = make_config("tiny", max_position_embeddings=2048)
-    checkpoint = write_checkpoint(root / "ckpt", config, chat=True, seed=1)
-    build(checkpoint, root / "fp32", "fp32", "cpu")
-    return root / "fp32"
+def folder(serving_folder) -> Path:
+    return serving_folder
 
 
 @pytest.fixture(scope="module", params=["generator", "engine"])
