@@ -128,8 +128,10 @@ def precision_of(entry: dict, folder: str, path: Path) -> str:
     found = first(r"(int4|int8|fp16|fp32|bf16)", f"{folder} {entry['model']}")
     if found:
         return found
-    bits = {key.split()[0] for key in entry.get("graph") or {}}
-    return {"bits=4": "int4", "bits=8": "int8"}.get(next(iter(bits), ""), "") or first(
+    # The fewest bits a graph holds names it (a mixed int4/int8 layout is an int4 build); a set's
+    # own order would change with the process's hash seed.
+    bits = min((key.split()[0] for key in entry.get("graph") or {}), default="")
+    return {"bits=4": "int4", "bits=8": "int8"}.get(bits, "") or first(
         r"(int4|int8|fp16|fp32)", path.name
     )
 
