@@ -144,7 +144,6 @@ class Attention(nn.Module):
         sin: Value,
     ) -> tuple[Value, Value, Value]:
         """(output, present key, present value)."""
-        c = self.config
         inputs = [self.wqkv(op, x), None, None, past_key, past_value, seqlens_k, total_length]
         inputs += [cos, sin]
         quantized = {}
@@ -158,17 +157,25 @@ class Attention(nn.Module):
             }
         attended, present_key, present_value = op.GroupQueryAttention(
             *inputs,
-            num_heads=c.num_attention_heads,
-            kv_num_heads=c.num_key_value_heads,
-            scale=c.head_dim**-0.5,
-            do_rotary=1,
-            rotary_interleaved=0,
+            **self.fused_attributes(),
             **quantized,
             _domain=MS,
             _version=1,
             _outputs=3,
         )
         return self.wo(op, attended), present_key, present_value
+
+    def fused_attributes(self) -> dict:
+        """What GroupQueryAttention and PagedAttention are both told: the heads, the scale and
+        InternLM2's rotate-half rotary."""
+        c = self.config
+        return {
+            "num_heads": c.num_attention_heads,
+            "kv_num_heads": c.num_key_value_heads,
+            "scale": c.head_dim**-0.5,
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+        }
 
 
 class PagedAttention(Attention):
@@ -196,7 +203,6 @@ class PagedAttention(Attention):
         sin: Value,
     ) -> tuple[Value, Value, Value]:
         """(output, key cache, value cache): the caches are the inputs, updated in place."""
-        c = self.config
         # Inputs 10-15 (slot_mapping, head_sink, q/k norm weights, k/v scales) unused.
         unused = [None] * 6
         attended, key_out, value_out = op.PagedAttention(
@@ -212,11 +218,7 @@ class PagedAttention(Attention):
             sin,
             *unused,
             metadata,
-            num_heads=c.num_attention_heads,
-            kv_num_heads=c.num_key_value_heads,
-            scale=c.head_dim**-0.5,
-            do_rotary=1,
-            rotary_interleaved=0,
+            **self.fused_attributes(),
             _domain=MS,
             _version=1,
             _outputs=3,
