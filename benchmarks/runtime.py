@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from internlm2_graph.runtime import cpu_threads_overlay, physical_cores
 
 
 @dataclass
@@ -78,6 +80,11 @@ def load(folder: Path, ep: str):
         config.clear_providers()
         if ep != "cpu":
             config.append_provider(ep)
+    if ep == "cpu":  # every tool's folder gets the same threads (runtime.cpu_threads_overlay)
+        own = json.loads((folder / "genai_config.json").read_text())
+        threads = cpu_threads_overlay(own, physical_cores(), os.cpu_count())
+        if threads:
+            config.overlay(json.dumps(threads))
     return og.Model(config)
 
 
