@@ -16,6 +16,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"options": ""}  # --extra_options for both tools, space separated
 SMOKE: dict = {}
+STUDIES = ("export_sizes",)
 GB = 1e9
 
 
