@@ -2,9 +2,9 @@
 
 A suite is a module in benchmarks/suites/ with a docstring (its description), PARAMS (its own
 settings and their defaults), SMOKE (the settings of a seconds-long run on the tiny checkpoint)
-and `run(ctx) -> list[Row]`; benchmarks/suites/__init__.py lists them. A suite's STUDIES name
-longer, single-purpose modules of benchmarks/ with the same four parts, run instead of the suite
-with `--param study=NAME` (the study's own PARAMS then apply). The runner prepares the
+and `run(ctx) -> list[Row]`; benchmarks/suites/__init__.py lists them. A suite's STUDIES map
+names to longer, single-purpose modules of benchmarks/ with the same four parts, run instead of
+the suite with `--param study=NAME` (the study's own PARAMS then apply). The runner prepares the
 checkpoint, builds folders on request (cached per precision and options), and stamps every row
 with the machine, versions and date.
 """
@@ -109,13 +109,13 @@ def study(suite, name: str | None):
     """The module a suite runs: itself, or the study of that name among its STUDIES."""
     if not name:
         return suite
-    names = getattr(suite, "STUDIES", ())
+    names = getattr(suite, "STUDIES", {})
     if name not in names:
         suite_name = suite.__name__.rsplit(".", 1)[-1]
         raise SystemExit(
             f"error: suite {suite_name} has no study {name!r}; its studies: {', '.join(names)}"
         )
-    return importlib.import_module(f"benchmarks.{name}")
+    return importlib.import_module(f"benchmarks.{names[name]}")
 
 
 def built_variant(name: str, folder: Path, ep: str) -> str:

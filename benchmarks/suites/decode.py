@@ -21,7 +21,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"prompts": "128,1024", "gen": 128, "options": "", "folders": "", "bound": "", "seed": 0}
 SMOKE = {"prompts": "16", "gen": 8}
-STUDIES = ("long_context",)
+STUDIES = {"long_context": "long_context"}
 
 
 def run(ctx: harness.Context) -> list:

@@ -16,7 +16,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"options": ""}  # --extra_options for both tools, space separated
 SMOKE: dict = {}
-STUDIES = ("export_sizes",)
+STUDIES = {"sizes": "export"}  # study name: module of benchmarks/
 GB = 1e9
 
 

@@ -16,7 +16,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"lengths": "4096,32768,131072,1048576", "runs": 200}
 SMOKE = {"lengths": "4096", "runs": 20}
-STUDIES = ("kernel_profile",)
+STUDIES = {"kernel_profile": "kernel_profile"}
 
 
 def run(ctx: harness.Context) -> list:

@@ -5,8 +5,8 @@ its Llama-layout copy for the builder (which cannot read InternLM2 without remot
 export runs as its own child process; wall time and peak RSS (of the whole process tree) come
 from the kernel. Runs alternate between the two tools, medians are reported.
 
-    python -m benchmarks run export -p int4,fp32 --tools ours,builder --param study=export_sizes
-    python -m benchmarks run export -p int4 --repeat 3 --param study=export_sizes sizes=1.8b,7b
+    python -m benchmarks run export -p int4,fp32 --tools ours,builder --param study=sizes
+    python -m benchmarks run export -p int4 --repeat 3 --param study=sizes sizes=1.8b,7b
 
 Rows: benchmarks/convert.py's export rows (seconds, peak RSS, output size; what a skipped
 builder run needs). The builder needs torch and transformers (`pip install -e .[bench]`). It is
