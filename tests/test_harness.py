@@ -17,7 +17,7 @@ METRICS = {
     "export": {"seconds", "peak_rss_gb", "output_gb"},
     "decode": {"prompt_tok_s", "gen_tok_s"},
     "quality": {"ppl", "kl", "top1", "reference_ppl"},
-    "speculative": {"tok_s", "speedup"},
+    "speculative": {"tok_s", "speedup", "acceptance"},
     "kernels": {"us_per_run"},
     "serving": {
         "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
