@@ -16,7 +16,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"options": ""}  # --extra_options for both tools, space separated
 SMOKE: dict = {}
-STUDIES = {"sizes": "export"}  # study name: module of benchmarks/
+STUDIES = {"sizes": "export", "peak_rss": "peak_rss"}  # name: module of benchmarks/
 GB = 1e9
 
 
