@@ -10,4 +10,5 @@ as part of the suites: `python -m benchmarks.probes.NAME --help`.
 - mask_count: what counting the attention mask costs a step, int64 against float32.
 - quantize_speed: MatMulNBits quantization, the numpy port against onnxruntime's kernel.
 - speculative_draft_probe: does onnxruntime-genai 0.18 run a CUDA draft model? (No.)
+- torch_bin_check: our `.bin` reader and the fixtures' writer against real torch, bit for bit.
 """

@@ -16,7 +16,11 @@ from internlm2_graph.tokenizer import exact_tokenizer
 
 PARAMS = {"tokens": 2048, "window": 512, "methods": "rtn"}
 SMOKE = {"tokens": 64, "window": 32}
-STUDIES = {"cuda_parity": "cuda_parity", "calibrated": "calibrated_synthetic"}
+STUDIES = {
+    "cuda_parity": "cuda_parity",
+    "calibrated": "calibrated_synthetic",
+    "tokenizer": "tokenizer_agreement",
+}
 
 
 def run(ctx: harness.Context) -> list:
