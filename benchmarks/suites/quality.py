@@ -20,6 +20,7 @@ STUDIES = {
     "cuda_parity": "cuda_parity",
     "calibrated": "calibrated_synthetic",
     "tokenizer": "tokenizer_agreement",
+    "quant_quality": "quant_quality",
 }
 
 
