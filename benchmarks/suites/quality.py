@@ -21,6 +21,8 @@ STUDIES = {
     "calibrated": "calibrated_synthetic",
     "tokenizer": "tokenizer_agreement",
     "quant_quality": "quant_quality",
+    "builder": "builder_quality",
+    "kv_quality": "kv_quality",
 }
 
 
