@@ -16,7 +16,11 @@ from benchmarks.rows import measured
 
 PARAMS = {"options": ""}  # --extra_options for both tools, space separated
 SMOKE: dict = {}
-STUDIES = {"sizes": "export", "peak_rss": "peak_rss"}  # name: module of benchmarks/
+STUDIES = {  # name: module of benchmarks/
+    "sizes": "export",
+    "peak_rss": "peak_rss",
+    "prequantized": "prequantized_7b",
+}
 GB = 1e9
 
 
