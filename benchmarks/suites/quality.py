@@ -23,6 +23,7 @@ STUDIES = {
     "quant_quality": "quant_quality",
     "builder": "builder_quality",
     "kv_quality": "kv_quality",
+    "prequantized": "prequantized_quality",
 }
 
 
