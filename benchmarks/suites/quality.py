@@ -24,6 +24,7 @@ STUDIES = {
     "builder": "builder_quality",
     "kv_quality": "kv_quality",
     "prequantized": "prequantized_quality",
+    "per_byte": "quality_per_byte",
 }
 
 
