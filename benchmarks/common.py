@@ -259,11 +259,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def genai_version(info: dict) -> str:
-    versions = info.get("versions", {})
-    return versions.get("onnxruntime-genai") or versions.get("onnxruntime-genai-cuda") or "?"
-
-
 # --- numbers and output ---------------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -45,18 +44,14 @@ SMOKE = {"sizes": "tiny"}
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path, Path | None]:
-    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy.
-
-    `facts` gets the checkpoint's parameters, bytes and write seconds (None if it was there).
-    """
+def prepare(size: str, work: Path, with_llama: bool) -> tuple[Path, Path | None]:
+    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy."""
     from fixtures.llama_layout import write_llama_copy
     from internlm2_graph.synthetic import make_config, write_checkpoint
 
     ckpt, llama = work / f"{size}-internlm2", work / f"{size}-llama"
-    facts.update(size=size, params=parameters(size), write_seconds=None, llama_seconds=None)
     if not (ckpt / "config.json").is_file():
-        need = 2 * facts["params"] + GB
+        need = 2 * parameters(size) + GB
         if need > free_disk(work):
             raise SystemExit(
                 f"{size}: the checkpoint needs ~{need / GB:.0f} GB, {free_disk(work) / GB:.0f} "
@@ -64,14 +59,11 @@ def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path,
             )
         start = time.perf_counter()
         write_checkpoint(ckpt, make_config(size), chat=True, seed=0)
-        facts["write_seconds"] = time.perf_counter() - start
-        print(f"wrote {ckpt} in {facts['write_seconds']:.0f} s", flush=True)
-    facts["bytes"] = common.folder_bytes(ckpt)
+        print(f"wrote {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
     if with_llama and not (llama / "config.json").is_file():
         start = time.perf_counter()
         write_llama_copy(ckpt, llama)
-        facts["llama_seconds"] = time.perf_counter() - start
-        print(f"wrote {llama} in {facts['llama_seconds']:.0f} s", flush=True)
+        print(f"wrote {llama} in {time.perf_counter() - start:.0f} s", flush=True)
     return ckpt, llama if with_llama else None
 
 
@@ -192,41 +184,6 @@ def skipped(tool: str, precision: str, rep: int, status: str, needs: dict | None
     }
 
 
-def command(tool: str, source: Path, out: Path, precision: str, args) -> list[str]:
-    if tool == "ours":
-        cmd = [
-            sys.executable,
-            "-m",
-            "internlm2_graph",
-            "-i",
-            str(source),
-            "-o",
-            str(out),
-            "-p",
-            precision,
-            "-e",
-            args.ep,
-            "--overwrite",
-        ]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(source),
-            "-o",
-            str(out),
-            "-p",
-            precision,
-            "-e",
-            args.ep,
-            "-c",
-            str(out) + "-cache",
-        ]
-    return cmd + (["--extra_options", *args.extra_options] if args.extra_options else [])
-
-
 # --- runs -----------------------------------------------------------------------------------
 
 
@@ -236,7 +193,9 @@ def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: i
     log = work / "logs" / f"{out.name}-{rep}.log"
     env = {"HF_HUB_OFFLINE": "1"} if tool == "builder" else None
     print(f"  {tool:8s} {precision:5s} run {rep + 1} ...", end=" ", flush=True)
-    m = common.run_measured(command(tool, source, out, precision, args), log, env, args.limit)
+    make = harness.our_command if tool == "ours" else harness.builder_command
+    command = make(source, out, precision, args.ep, args.extra_options)
+    m = common.run_measured(command, log, env, args.limit)
     print(f"{m.status}: {m.seconds:.0f} s, peak {m.peak_rss_bytes / 1e9:.2f} GB", flush=True)
     result = {
         "tool": tool,
@@ -261,7 +220,7 @@ def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: i
     return result
 
 
-def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list[dict]:
+def run_size(size: str, args, tools: list[str], work: Path) -> list[dict]:
     precisions = args.precisions.split(",")
     too_big = {}  # precision -> what the builder needs, where that is over the memory limit
     if "builder" in tools and not args.builder_anyway:
@@ -284,7 +243,7 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
                     f"~{(need - copy) / GB:.0f} GB, {free / GB:.0f} GB free)"
                 )
     with_llama = "builder" in tools and any(p not in no_disk for p in runnable)
-    ckpt, llama = prepare(size, work, with_llama, facts)
+    ckpt, llama = prepare(size, work, with_llama)
     results = []
     for rep in range(args.repeat):
         order = tools if rep % 2 == 0 else tools[::-1]
@@ -378,7 +337,7 @@ def run(ctx: harness.Context) -> list:
     print(f"memory limit per export: {limit_gb:.1f} GB; work folder {work}", flush=True)
     runs = []
     for size in args.sizes.split(","):
-        runs += run_size(size, args, list(ctx.tools), work, {})
+        runs += run_size(size, args, list(ctx.tools), work)
     payload = {"args": {"ep": ctx.ep}, "summary": summarize(runs, list(ctx.tools))}
     payload["runs"] = runs
     return convert.export_rows(payload, Path(""))
