@@ -12,7 +12,6 @@ with the machine, versions and date.
 from __future__ import annotations
 
 import importlib
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -140,28 +139,31 @@ def folders(ctx: Context, key: str = "folders") -> dict[str, Path]:
     return named
 
 
-def run_suites(names: list[str], ctx: Context, smoke: bool = False) -> list[rows.Row]:
-    """Each suite in turn, every row stamped with this machine, the run's start and its suite."""
+def modules(names: list[str], params: dict[str, str]) -> dict:
+    """suite name -> the module that runs (the suite or its study); an unknown study or setting
+    stops here, before anything is built."""
     from benchmarks.suites import SUITES
 
-    where = rows.this_machine()
-    out = []
-    for name in names:
-        suite = study(SUITES[name], ctx.params.get("study"))
-        params = {**({k: str(v) for k, v in suite.SMOKE.items()} if smoke else {}), **ctx.params}
-        known = {"study", *suite.PARAMS, *(k for s in names for k in SUITES[s].PARAMS)}
-        unknown = set(ctx.params) - known
+    out = {name: study(SUITES[name], params.get("study")) for name in names}
+    for name, module in out.items():
+        known = {"study", *module.PARAMS, *(k for s in names for k in SUITES[s].PARAMS)}
+        unknown = set(params) - known
         if unknown:
             raise SystemExit(
-                f"error: unknown --param {sorted(unknown)}; {name} takes {sorted(suite.PARAMS)}"
+                f"error: unknown --param {sorted(unknown)}; {name} takes {sorted(module.PARAMS)}"
             )
+    return out
+
+
+def run_suites(names: list[str], ctx: Context, smoke: bool = False) -> list[rows.Row]:
+    """Each suite in turn, every row stamped with this machine, the run's start and its suite."""
+    where = rows.this_machine()
+    out = []
+    for name, suite in modules(names, ctx.params).items():
+        params = {**({k: str(v) for k, v in suite.SMOKE.items()} if smoke else {}), **ctx.params}
         start = time.perf_counter()
         print(f"{name}: {suite.__doc__.splitlines()[0]}", flush=True)
         made = suite.run(replace(ctx, params=params))
         print(f"{name}: {len(made)} rows in {time.perf_counter() - start:.0f} s", flush=True)
         out += [replace(r, suite=name, **where) for r in made]
     return out
-
-
-def clean(workdir: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
