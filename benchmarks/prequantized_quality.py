@@ -12,7 +12,7 @@ Act-order's cost: GPTQ with and without act-order (same shapes, same codes layou
 `gen` tokens after a `prompt`-token prompt with onnxruntime-genai, alternating, --repeat times;
 rows of tok/s and the paired ratio.
 
-    python -m benchmarks run quality --repeat 5 --workdir DIR --param study=prequantized \
+    python -m benchmarks run quality --repeat 5 --workdir /tmp/internlm2-bench --param study=prequantized \
         tokens=4096 variants=awq,gptq-sym levels=0,4
 """
 
@@ -72,7 +72,7 @@ def decode_cost(plain: Path, act: Path, prompt: np.ndarray, gen: int, repeat: in
 
 def run(ctx: harness.Context) -> list[Row]:
     args = harness.settings(ctx, PARAMS)
-    args.workdir, args.repeat = ctx.workdir, ctx.repeat
+    args.workdir, args.repeat = ctx.workdir / "smollm2", ctx.repeat  # as the other SmolLM2 studies
     args.variants, args.texts = args.variants.split(","), args.texts.split(",")
     args.levels = args.levels.split(",")
     checkpoint = smollm2_checkpoint(args.workdir)

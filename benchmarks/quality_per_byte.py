@@ -1,6 +1,6 @@
 """Quality per byte on the untilted SmolLM2 bed: llama.cpp's types beside our layouts.
 
-    python -m benchmarks run quality --workdir DIR --param study=per_byte \
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=per_byte \
         llamacpp=Q4_K_M+imatrix,Q4_1 ours=q4_mixed variants="b64:block_size=64 algo_config=rtn"
 
 The bed (fixtures/llamacpp.py) is SmolLM2-135M-Instruct moved off its Q4_1 grid, as an F32
@@ -250,7 +250,8 @@ def model_bytes(folder: Path) -> int:
 
 def run(ctx: harness.Context) -> list[Row]:
     args = harness.settings(ctx, PARAMS)
-    bench = Bench(ctx.workdir, args.eval_tokens, args.threads or None, args.calibration_sequences)
+    bed = ctx.workdir / "smollm2" / "bed"  # beside the checkpoint the other SmolLM2 studies share
+    bench = Bench(bed, args.eval_tokens, args.threads or None, args.calibration_sequences)
     rows = [("ours", bench.fp32_row())]
     for item in filter(None, args.llamacpp.split(",")):
         kind, _, matrix = item.partition("+")

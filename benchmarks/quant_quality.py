@@ -1,8 +1,8 @@
 """Quant quality: what int4 costs on real weights, round to nearest, GPTQ, GPTAQ and AWQ.
 
-    python -m benchmarks run quality --workdir DIR --param study=quant_quality \
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=quant_quality \
         settings=32-sym,128-sym,128-asym methods=rtn,gptq,awq heads=int4 eval_tokens=4096
-    python -m benchmarks run quality --workdir DIR --param study=quant_quality \
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=quant_quality \
         methods=rtn,gptq,gptaq subset=1          # another calibration sample (and 2, ...)
 
 SmolLM2-135M-Instruct (fixtures/smollm2.py: real trained weights in the InternLM2 layout) is
@@ -141,7 +141,7 @@ def measured_build(
 
 def run(ctx: harness.Context) -> list[Row]:
     args = harness.settings(ctx, PARAMS)
-    args.workdir = ctx.workdir
+    args.workdir = ctx.workdir / "smollm2"  # shared with the other SmolLM2 studies
     rows = measure(args)
     made = convert.quant_quality_rows({"rows": rows, "args": vars(args)}, Path(""))
     return made + gap_rows(rows, args)
