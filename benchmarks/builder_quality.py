@@ -1,6 +1,7 @@
 """Builder quality: the onnxruntime-genai builder's int4 on real weights, beside ours.
 
-    python -m benchmarks run quality --tools ours,builder --workdir /tmp/internlm2-bench --param study=builder
+    python -m benchmarks run quality --tools ours,builder --workdir /tmp/internlm2-bench \
+        --param study=builder
 
 SmolLM2-135M-Instruct (fixtures/smollm2.py) as a Llama-layout copy (llama_layout.py) with its
 real tokenizer; the builder's int4 CPU builds at the settings of benchmarks/quant_quality.py

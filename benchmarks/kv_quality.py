@@ -1,6 +1,7 @@
 """KV quality: quantized KV caches on real weights, perplexity, KL and top-1 against float KV.
 
-    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=kv_quality window=2048 chunk=256
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=kv_quality \
+        window=2048 chunk=256
 
 Teacher-forced, SmolLM2-135M-Instruct in the InternLM2 layout.
 Each scheme is built fp32 on the CPU with scales calibrated inside the build

@@ -12,7 +12,8 @@ Act-order's cost: GPTQ with and without act-order (same shapes, same codes layou
 `gen` tokens after a `prompt`-token prompt with onnxruntime-genai, alternating, --repeat times;
 rows of tok/s and the paired ratio.
 
-    python -m benchmarks run quality --repeat 5 --workdir /tmp/internlm2-bench --param study=prequantized \
+    python -m benchmarks run quality --repeat 5 --workdir /tmp/internlm2-bench \
+        --param study=prequantized \
         tokens=4096 variants=awq,gptq-sym levels=0,4
 """
 
