@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -110,9 +109,9 @@ def run(ctx: harness.Context) -> list[Row]:
         folder = work / f"bq-builder-{name.replace(' ', '-')}"
         start = time.perf_counter()
         if not (folder / "genai_config.json").is_file():
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama),
-                   "-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(folder) + "-cache",
-                   "--extra_options", "accuracy_level=0", *options]  # fmt: skip
+            cmd = harness.builder_command(
+                llama, folder, "int4", "cpu", ["accuracy_level=0", *options]
+            )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"builder {name} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -143,4 +142,3 @@ def measure(tool: str, method: str, folder: Path, texts: dict, seconds: float) -
         row[name] = perplexity(folder, ids, window=1024)
     print(json.dumps(row), flush=True)
     return row
-

@@ -47,9 +47,7 @@ def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
 
     def builder(out: Path, *options: str) -> Path:
         if not (out / "genai_config.json").is_file():
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama),
-                   "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache",
-                   *(["--extra_options", *options] if options else [])]  # fmt: skip
+            cmd = harness.builder_command(llama, out, "fp32", "cpu", options)
             subprocess.run(cmd, check=True, capture_output=True)
         return out
 

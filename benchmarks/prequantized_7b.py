@@ -18,15 +18,13 @@ average before and after each run in params.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.common import REPO, load_average
+from benchmarks.common import load_average, run_measured
 from benchmarks.rows import Row, measured
 from internlm2_graph.synthetic import make_config, write_checkpoint
 from internlm2_graph.synthetic.prequantized import write_random_prequantized
@@ -43,21 +41,16 @@ FORMATS = {  # name -> (format, symmetric, act_order)
 
 def measure(command: list[str], log: Path) -> dict:
     """One child: wall and CPU seconds, peak RSS (its rusage), load before and after."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = load_average()
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
+    m = run_measured(command, log)
     return {
-        "returncode": os.waitstatus_to_exitcode(status),
-        "wall_s": seconds,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+        "returncode": m.returncode,
+        "wall_s": m.seconds,
+        "cpu_s": m.cpu_seconds,
+        "peak_rss_gb": m.peak_rss_bytes / 1e9,
         "load_before": before,
         "load_after": load_average(),
-        "log": str(log),
+        "log": m.log,
     }
 
 
