@@ -52,7 +52,6 @@ SETTINGS = {
     "draft-adaptive1": ("draft", {"min_adaptive_k": 1}),
 }
 SMOLLM2 = "SmolLM2-135M-Instruct"
-DEFAULT_SETTINGS = "plain,ngram4-k6,ngram3-k6,ngram4-k8,ngram4-adaptive2,draft-k2,draft-k4"
 
 CODE = '''def merge_sorted(left, right):
     """Merge two sorted lists into one sorted list."""
@@ -102,7 +101,6 @@ PROMPTS = {
 }
 
 
-DEFAULT_PROMPTS = "copy-code,edit-code,doc-qa,story,explain"
 
 
 @dataclass
