@@ -45,10 +45,14 @@ def drive(
     same_request: bool,
     after_run=None,
     limit_s: float = 300.0,
+    resend: bool = False,
 ) -> list[dict]:
     """Run every stream's turns in order, all streams at once, as fast as the engine serves
-    them. A turn is (new prompt tokens, tokens to generate); with `same_request` a stream's
-    turns continue one conversation (one og request), else each turn is a request of its own.
+    them. A turn is (new prompt tokens, tokens to generate[, opens a conversation]); with
+    `same_request` a stream's turns continue one conversation (one og request), else each turn
+    is a request of its own; with `resend` too, as an OpenAI client does, each request carries
+    the whole conversation so far (earlier prompts and replies), so only og's prefix cache can
+    spare recomputing it.
     One record per turn: times, tokens, og's usage. `after_run(n)` is called after the n-th
     engine.run (one engine step). Raises when the engine idles or `limit_s` passes with turns
     still open (a request og never schedules must not hang a timed device call)."""
@@ -64,9 +68,13 @@ def drive(
     active: dict[int, dict] = {}  # id(request) -> the record of its running turn
     position = [0] * len(streams)
     records: list[dict] = []
+    history: list[np.ndarray] = [np.zeros(0, np.int64) for _ in streams]
 
     def begin(stream: int) -> None:
-        tokens, generate = streams[stream][position[stream]]
+        tokens, generate, *opens = streams[stream][position[stream]]
+        if resend:
+            before = np.zeros(0, np.int64) if opens and opens[0] else history[stream]
+            tokens = history[stream] = np.concatenate([before, tokens])
         if stream not in requests or not same_request:
             requests[stream] = engine.create_request()
         request = requests[stream]
@@ -106,6 +114,7 @@ def drive(
                 del active[id(event.request)]
                 records.append(record)
                 stream = record["stream"]
+                history[stream] = np.concatenate([history[stream], record["ids"]])
                 position[stream] += 1
                 if not same_request:
                     closed.append(requests.pop(stream))
@@ -159,12 +168,15 @@ def closed_loop_streams(
     ]
 
 
-def chat_streams(params: dict, vocab: int, seed: int) -> list[list]:
+def chat_streams(params: dict, vocab: int, seed: int, system_seed: int | None = None) -> list:
     """Chat-like traffic: every conversation opens with the same system prompt (`system`
     tokens), then user turns of 16..`user_max` tokens and replies of 32..`reply_max` tokens,
-    `turns` rounds in one request."""
+    `turns` rounds in one request. `system_seed`: another draw of the turns around the system
+    prompt of that seed."""
     rng = np.random.default_rng(seed)
     system = rng.integers(TOKEN_LOW, vocab, params["system"])
+    if system_seed is not None:
+        rng = np.random.default_rng([system_seed, 1])
     streams = []
     for _ in range(params["conversations"]):
         chat = []
@@ -202,6 +214,21 @@ def closed_loop(engine, folder: Path, streams: int, params: dict, seed: int) -> 
 def mixed(engine, folder: Path, params: dict, seed: int) -> dict:
     work = chat_streams(params, vocab_size(folder), seed)
     return summarize(drive(engine, work, same_request=True))
+
+
+def resent(engine, folder: Path, params: dict, seed: int) -> dict:
+    """The chat traffic as HTTP clients send it: every turn a new request with the whole
+    conversation; each stream holds two conversations in turn, so the second finds the shared
+    system prompt, and every later turn its own history, in og's prefix cache if it keeps one."""
+    vocab = vocab_size(folder)
+    first = chat_streams(params, vocab, seed)
+    second = chat_streams(params, vocab, seed, system_seed=seed)
+    work = [
+        [(t, n, i == 0) for i, (t, n) in enumerate(a)]
+        + [(t, n, i == 0) for i, (t, n) in enumerate(b)]
+        for a, b in zip(first, second)
+    ]
+    return summarize(drive(engine, work, same_request=False, resend=True))
 
 
 def identical(engine, folder: Path, streams: int, output: int, seed: int) -> dict:
@@ -302,6 +329,7 @@ DEFAULTS = {
     "user_max": 256,
     "reply_max": 384,
     "mixed": True,
+    "resend": False,
     "identical": 0,
     "identical_output": 64,
     "generator": {},  # label -> a GroupQueryAttention folder
@@ -346,6 +374,10 @@ def _one_engine(label: str, folder: Path, round_: int, params: dict) -> list[dic
     if params["mixed"]:
         row = mixed(engine, folder, params, seed=7)
         rows.append({**base, "measurement": "mixed", "streams": params["conversations"], **row})
+        print(_line(rows[-1]), flush=True)
+    if params["resend"]:
+        row = resent(engine, folder, params, seed=7)
+        rows.append({**base, "measurement": "resend", "streams": params["conversations"], **row})
         print(_line(rows[-1]), flush=True)
     first = label == next(iter(params["models"]))
     for measurement in ("trace", "identical"):
@@ -413,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=DEFAULTS["requests"], help="per stream")
     parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
     parser.add_argument("--no-mixed", action="store_true")
+    parser.add_argument("--resend", action="store_true", help="chat as HTTP clients send it")
     parser.add_argument("--identical", type=int, default=0, help="streams for the identity check")
     parser.add_argument("--trace", type=int, default=0, help="streams to trace a decode step at")
     parser.add_argument("--generator", nargs="*", default=[], help="LABEL=FOLDER (GQA folders)")
@@ -426,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         "requests": args.requests,
         "rounds": args.rounds,
         "mixed": not args.no_mixed,
+        "resend": args.resend,
         "identical": args.identical,
         "trace": args.trace,
         "generator": dict(m.split("=", 1) for m in args.generator),

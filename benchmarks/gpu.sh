@@ -29,6 +29,13 @@
 #       closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our GQA
 #       folder's single-stream og.Generator decode
 #   paged-clean SIZE                 frees the disk for the next size
+#   paged-variants SIZE PRECISION    linked copies of our paged folder that paged-load adds:
+#       ours_pc (prefix_caching on), ours_fpa (enable_cuda_fpa_intb_gemm, int4/int8)
+#   paged-serve SIZE PRECISION [serving args]   `serve` on our paged folder: engine and HTTP
+#       (the [serve] wheels in .whl: see docs/paged-attention.md)
+# serve's CPU path on this machine's cores (og's CPU kernels; a second CPU beside ours):
+#   cpu-serve SIZE CORES [serving args]   our int4 CPU folder (built on the other cores), then
+#       the serving benchmark pinned to CORES (e.g. 0-1)
 # With $OUT set (the device tool), the task's result files are copied there.
 # KV scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
 set -euo pipefail
@@ -253,6 +260,10 @@ paged_prepare_now() {  # paged_prepare_now SIZE PRECISION...: one checkpoint, ea
     df -h /tmp | tail -1
     for p in "$@"; do touch "$W/$size-$p.ready"; done
 }
+other_cores() {  # other_cores 0-1: this machine's cores outside that range (for the build)
+    local last=$(($(nproc --all) - 1)) hi=${1#*-}
+    echo "$((hi + 1))-$last"
+}
 paged_wait_ready() {  # paged_wait_ready SIZE PRECISION: until paged-prepare is done (<= 9 min)
     local i
     for i in $(seq 540); do
@@ -302,10 +313,47 @@ paged-load)
     shift 3
     paged_wait_ready "$size" "$p"
     gpu=$(gpu_name)
-    python3 -m benchmarks.engine_load ours="$W/$size-$p-ours" builder="$W/$size-$p-builder" \
-        builder_cg="$W/$size-$p-builder-cg" --generator ours_gqa="$W/$size-$p-gqa" \
-        --machine "$gpu-$size-$p" "$@"
+    variants=()
+    for v in pc fpa; do
+        [ -d "$W/$size-$p-ours-$v" ] && variants+=("ours_$v=$W/$size-$p-ours-$v")
+    done
+    python3 -m benchmarks.engine_load ours="$W/$size-$p-ours" "${variants[@]}" \
+        builder="$W/$size-$p-builder" builder_cg="$W/$size-$p-builder-cg" \
+        --generator ours_gqa="$W/$size-$p-gqa" --machine "$gpu-$size-$p" "$@"
     copy_out benchmarks/results/engine-load-"$gpu-$size-$p".*
+    ;;
+paged-variants)
+    size=$2 p=$3
+    paged_wait_ready "$size" "$p"
+    steps linked-copy "$W/$size-$p-ours" "$W/$size-$p-ours-pc"
+    steps set-config "$W/$size-$p-ours-pc" engine/dynamic_batching/prefix_caching=true
+    if [ "$p" = int4 ] || [ "$p" = int8 ]; then
+        steps linked-copy "$W/$size-$p-ours" "$W/$size-$p-ours-fpa"
+        steps set-config "$W/$size-$p-ours-fpa" model/decoder/session_options/ep.cuda.fpa_intb_gemm=1
+    fi
+    ;;
+paged-serve)
+    size=$2 p=$3
+    shift 3
+    paged_wait_ready "$size" "$p"
+    gpu=$(gpu_name)
+    python3 -m benchmarks.serving "$W/$size-$p-ours" --paths engine,http --max-length 1024 \
+        --name "serving-$gpu-$size-$p" "$@"
+    copy_out benchmarks/results/serving-"$gpu-$size-$p"*
+    ;;
+cpu-serve)
+    size=$2 cores=$3
+    shift 3
+    ck=$W/$size-internlm2
+    [ -f "$ck/config.json" ] || timed "checkpoint $size" python3 -m internlm2_graph.synthetic \
+        "$ck" --size "$size"
+    [ -f "$W/$size-int4-cpu/genai_config.json" ] || timed "ours $size int4 cpu" \
+        taskset -c "$(other_cores "$cores")" python3 -m internlm2_graph -i "$ck" \
+        -o "$W/$size-int4-cpu" -p int4 -e cpu -q --overwrite
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|Flags" | cut -c1-200
+    taskset -c "$cores" python3 -m benchmarks.serving "$W/$size-int4-cpu" \
+        --name "serving-$(gpu_name)-host-cores$cores-$size-int4" "$@"
+    copy_out benchmarks/results/serving-*-host-cores*
     ;;
 suite)
     shift

@@ -99,6 +99,24 @@ def linked_copy(args) -> None:
     (dst / "genai_config.json").write_text((src / "genai_config.json").read_text())
 
 
+def set_config(args) -> None:
+    """Set genai_config.json entries: PATH=VALUE, PATH a /-separated key path (keys may hold
+    dots, as ep.cuda.fpa_intb_gemm does), VALUE JSON (a bare word stays a string)."""
+    path = Path(args.folder) / "genai_config.json"
+    genai = json.loads(path.read_text())
+    for setting in args.settings:
+        keys, _, value = setting.partition("=")
+        *parents, last = keys.split("/")
+        section = genai
+        for key in parents:
+            section = section.setdefault(key, {})
+        try:
+            section[last] = json.loads(value)
+        except json.JSONDecodeError:
+            section[last] = value
+    path.write_text(json.dumps(genai, indent=4))
+
+
 def llama_copy(args) -> None:
     """The checkpoint in the Llama layout the builder reads (same weights)."""
     from fixtures.llama_layout import write_llama_copy
@@ -168,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("src")
     step.add_argument("dst")
     step.set_defaults(run=linked_copy)
+    step = steps.add_parser("set-config")
+    step.add_argument("folder")
+    step.add_argument("settings", nargs="+", metavar="PATH=VALUE")
+    step.set_defaults(run=set_config)
     step = steps.add_parser("llama-copy")
     step.add_argument("checkpoint")
     step.add_argument("dst")

@@ -67,6 +67,8 @@ OPTIONS = {
     "kv_cache_rotation": "none (hadamard needs a PagedAttention that onnxruntime 1.31/1.32 lacks)",
     "prune_lm_head": "true/false: og.Engine names the rows that need logits (logits_indices), "
     "so prompts skip the lm head (default false)",
+    "prefix_caching": "true/false: og.Engine keeps finished requests' full KV blocks and serves "
+    "later prompts that start with them from the cache (default: og's)",
 }
 # Options that shape quantized weights; a float build has none to shape.
 QUANT_OPTIONS = (
@@ -91,6 +93,7 @@ PAGED_OPTIONS = (
     "max_scheduled_tokens",
     "paged_chunk_size",
     "prune_lm_head",
+    "prefix_caching",
 )
 # The linear layer whose precision `lm_head_precision` sets, by its checkpoint name.
 LM_HEAD = "output"
@@ -234,6 +237,7 @@ class PagedSpec:
     max_scheduled_tokens: int | None = None
     chunk_size: int | None = None
     prune_lm_head: bool = False
+    prefix_caching: bool | None = None  # None: og's default, not written
 
     def __post_init__(self) -> None:
         factor = self.gpu_utilization_factor
@@ -262,6 +266,8 @@ class PagedSpec:
             section["gpu_utilization_factor"] = self.gpu_utilization_factor
         if self.max_scheduled_tokens is not None:
             section["max_scheduled_tokens"] = self.max_scheduled_tokens
+        if self.prefix_caching is not None:
+            section["prefix_caching"] = self.prefix_caching
         return section
 
 
@@ -592,6 +598,9 @@ def _paged(options: dict[str, str], execution_provider: str) -> PagedSpec | None
         max_scheduled_tokens=_optional_int(options, "max_scheduled_tokens"),
         chunk_size=_optional_int(options, "paged_chunk_size"),
         prune_lm_head=_bool(options, "prune_lm_head", False),
+        prefix_caching=_bool(options, "prefix_caching", False)
+        if "prefix_caching" in options
+        else None,
     )
 
 

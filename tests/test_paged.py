@@ -411,6 +411,7 @@ def test_genai_config_engine_section():
         "max_scheduled_tokens": "4096",
         "paged_chunk_size": "1024",
         "prune_lm_head": "true",
+        "prefix_caching": "true",
         "enable_cuda_graph": "false",
     }
     runtime = genai_config(config, resolve_target("fp16", "cuda", options), [2])
@@ -419,7 +420,10 @@ def test_genai_config_engine_section():
         "max_batch_size": 64,
         "num_blocks": 900,
         "max_scheduled_tokens": 4096,
+        "prefix_caching": True,
     }
+    off = resolve_target("fp16", "cuda", {**PAGED, "prefix_caching": "false"})
+    assert genai_config(config, off, [2])["engine"]["dynamic_batching"]["prefix_caching"] is False
     assert runtime["search"]["chunk_size"] == 1024
     assert runtime["model"]["decoder"]["inputs"][LOGITS_INDICES] == LOGITS_INDICES
 
@@ -457,6 +461,7 @@ def test_plain_graph_is_unchanged_by_paged_code():
         ("fp16", "cuda", {**PAGED, "gpu_utilization_factor": "lots"}, "expected a number"),
         ("fp16", "cuda", {**PAGED, "max_scheduled_tokens": "-1"}, "positive whole number"),
         ("fp16", "cuda", {**PAGED, "prune_lm_head": "maybe"}, "expected true or false"),
+        ("fp16", "cuda", {"prefix_caching": "true"}, "only apply with use_paged_attention"),
         (
             "fp16",
             "cuda",
@@ -560,3 +565,11 @@ def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
     assert chat["turns"] == 2 and chat["failed"] == 0 and chat["prompt_tokens"] > 20
     same = rows["identical", 3]
     assert same["identical_share"] == 1.0 and same["alone_repeatable"]
+
+    # As HTTP clients send chat: each request carries the conversation so far, until a new one.
+    model, engine = engine_load.open_engine(folder)
+    a, b, c = (np.arange(100, 100 + n) for n in (7, 4, 5))
+    turns = engine_load.drive(
+        engine, [[(a, 3, True), (b, 2, False), (c, 2, True)]], False, resend=True
+    )
+    assert [t["prompt"] for t in turns] == [7, 7 + 3 + 4, 5]
