@@ -2,15 +2,16 @@
 
     python -m benchmarks.convert       # rewrites benchmarks/results/rows/converted-*.json
 
-The longer tools write their own JSON shapes: export-*.json (benchmarks/export.py),
-runtime-*.json (benchmarks/runtime.py), quant-quality-*.json (benchmarks/quant_quality.py) and
-long-context-*.json (benchmarks/long_context.py) hold the numbers the README's headline tables
-cite; speculative-* (benchmarks/speculative.py) and mask-count-* (benchmarks/probes/
-mask_count.py) those of the suites of the same names. Each of their measurements becomes a row,
-with the file's machine, versions, commit, load and start time, and the file as its `source`.
-common.write_results refreshes the kind's rows whenever a tool writes such a file, and a test
-checks the committed rows equal what this makes of the committed files, so a converted number
-cannot drift from the measured one.
+The studies' earlier command-line versions wrote their own JSON shapes: export-*.json,
+runtime-*.json (now the decode suite), quant-quality-*.json and long-context-*.json hold the
+numbers the README's headline tables cite; speculative-* and mask-count-* (benchmarks/probes/
+mask_count.py, which still writes them) those of the suites of the same names. Each of their
+measurements becomes a row, with the file's machine, versions, commit, load and start time, and
+the file as its `source`. Where a study makes rows of the same payload today (export,
+quant_quality, speculative) it calls the mapping here; long_context's is its own rows_of, which
+this calls: one mapping each. common.write_results refreshes the kind's rows whenever such a
+file is written, and a test checks the committed rows equal what this makes of the committed
+files, so a converted number cannot drift from the measured one.
 """
 
 from __future__ import annotations
