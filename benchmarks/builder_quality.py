@@ -118,18 +118,18 @@ def run(ctx: harness.Context) -> list[Row]:
                 continue
         rows.append(measure("builder", name, folder, texts, time.perf_counter() - start))
     out = []
+    metrics = {"bits": "bits_per_weight", "prose": "ppl_prose", "code": "ppl_code", "seconds": ""}
     for row in rows:
         variant = "fp32 cpu" if row["method"] == "fp32" else f"int4 {row['method']} cpu"
-        for metric, unit in (("bits", ""), ("prose", ""), ("code", ""), ("seconds", "s")):
-            name = {"bits": "bits_per_weight", "prose": "ppl_prose", "code": "ppl_code"}
+        for key, metric in metrics.items():
             out.append(
                 ctx.row(
                     model="smollm2-135m",
                     variant=variant,
                     tool=row["tool"],
-                    metric=name.get(metric, metric),
-                    value=row[metric],
-                    unit=unit,
+                    metric=metric or key,
+                    value=row[key],
+                    unit="s" if key == "seconds" else "",
                     params={"eval_tokens": 4096, "window": 1024},
                 )
             )
