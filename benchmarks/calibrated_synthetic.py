@@ -32,7 +32,7 @@ from fixtures import smollm2
 from internlm2_graph.evaluate import ROWS, Decoder, log_softmax, windows
 
 PARAMS = {"methods": "rtn,gptq", "settings": "32-sym", "eval_tokens": 1024, "window": 512}
-SMOKE = {"eval_tokens": 64, "window": 32}
+SMOKE = {"eval_tokens": 64, "window": 32, "methods": "rtn"}  # GPTQ: tests/test_gptq.py
 
 
 def synthetic_checkpoint(workdir: Path, size: str, layers: int | None = None) -> Path:

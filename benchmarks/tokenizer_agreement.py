@@ -6,7 +6,8 @@ Per language, the share of paragraphs (split at blank lines) and of SentencePiec
 each tokenizer reproduces, on tests/data/corpus (Chinese and English Markdown, Python) and, with
 stdlib=true, on text shipped with this Python (its docs' topics as English prose, ten stdlib
 modules as code). Vocabularies: InternLM v1's published tokenizer.model (../shared/fixtures,
-103168 pieces, InternLM2's settings) and synthetic InternLM2-like ones of the given sizes.
+103168 pieces, InternLM2's settings; v1=false leaves it out) and synthetic InternLM2-like ones
+of the given sizes.
 
 Tools: "og" is og.Tokenizer on the folder as built now; "og, no Split" the same vocabulary with
 the pre-tokenizer builds wrote before (a String Split that never matches, so onnxruntime-
@@ -54,8 +55,8 @@ STDLIB_CODE = (
 )
 # What builds wrote before OG_CHUNKS: a Split on " ", which never matches after the normalizer.
 NO_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated", "invert": False}
-PARAMS = {"synthetic": "1024,8000", "stdlib": True}  # synthetic vocabulary sizes
-SMOKE = {"synthetic": "1024", "stdlib": False}
+PARAMS = {"synthetic": "1024,8000", "stdlib": True, "v1": True}  # synthetic vocabulary sizes
+SMOKE = {"synthetic": "1024", "stdlib": False, "v1": False}
 
 
 def corpus(stdlib: bool) -> dict[str, list[str]]:
@@ -94,14 +95,14 @@ def without_split(folder: Path, out: Path) -> Path:
     return out
 
 
-def vocabularies(work: Path, synthetic: list[int]) -> dict[str, Path]:
+def vocabularies(work: Path, synthetic: list[int], v1: bool = True) -> dict[str, Path]:
     folders = {}
-    if FIXTURE.is_file():
+    if v1 and FIXTURE.is_file():
         checkpoint = work / "v1-checkpoint"
         checkpoint.mkdir()
         shutil.copyfile(FIXTURE, checkpoint / "tokenizer.model")
         folders["InternLM v1"] = tokenizer_folder(checkpoint, work / "v1", 103168)
-    else:
+    elif v1:
         print(f"warning: {FIXTURE}: not found, only synthetic vocabularies", flush=True)
     for size in synthetic:
         checkpoint = work / f"synthetic-{size}-checkpoint"
@@ -130,7 +131,7 @@ def run(ctx: harness.Context) -> list[Row]:
     texts = corpus(stdlib=args.stdlib)
     with tempfile.TemporaryDirectory(prefix="tokenizer-agreement-") as tmp:
         work = Path(tmp)
-        folders = vocabularies(work, [int(s) for s in args.synthetic.split(",") if s])
+        folders = vocabularies(work, [int(s) for s in args.synthetic.split(",") if s], args.v1)
         return rows_of(ctx, texts, folders, work)
 
 
