@@ -100,7 +100,7 @@ def benchmarks(session: nox.Session) -> None:
     # The builder needs 39 GB for a 7B int4 export and more for 20B: ours alone here.
     session.run(*bench, "export", "--model", "7b", "-p", "int4,fp16", "--repeat", "1")
     session.run(*bench, "export", "--model", "20b", "-p", "int4,fp16", "--repeat", "1")
-    session.run("python", "-m", "benchmarks.peak_rss", "--cases", "1.8b:fp32,1.8b:int4,7b:int4")
+    session.run(*bench, "export", "--param", "study=peak_rss", "cases=1.8b:fp32,1.8b:int4,7b:int4")
     report(session)
 
 

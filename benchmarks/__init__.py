@@ -1,2 +1,2 @@
-"""Benchmarks: `python -m benchmarks run SUITES` (the harness; benchmarks/README.md), the longer
-studies as modules (`python -m benchmarks.export`, ...), probes in benchmarks/probes/."""
+"""Benchmarks: `python -m benchmarks run SUITES` (the harness; benchmarks/README.md), each
+suite's longer studies (`--param study=NAME`), probes in benchmarks/probes/."""

@@ -81,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def list_suites() -> int:
+    from benchmarks import harness
     from benchmarks.suites import SUITES
 
     for name, suite in SUITES.items():
-        settings = ", ".join(f"{k}={v}" for k, v in suite.PARAMS.items()) or "-"
-        print(f"{name:12s} {suite.__doc__.splitlines()[0]}\n{'':12s} settings: {settings}")
+        print(describe(name, suite))
+        for study in getattr(suite, "STUDIES", ()):
+            print(describe(f"  study={study}", harness.study(suite, study)))
     return 0
+
+
+def describe(name: str, module) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in module.PARAMS.items()) or "-"
+    return f"{name:12s} {module.__doc__.splitlines()[0]}\n{'':14s} settings: {settings}"
 
 
 def run(args) -> int:
@@ -115,13 +122,9 @@ def run(args) -> int:
     params = dict(p.split("=", 1) for p in args.param)
     with tempfile.TemporaryDirectory(prefix="internlm2-bench-") as scratch:
         workdir = args.workdir or Path(scratch)
-        if args.checkpoint:
-            checkpoint, model = args.checkpoint, args.checkpoint.name
-        else:
-            checkpoint, model = harness.synthetic_checkpoint(args.model, workdir), args.model
         ctx = harness.Context(
-            model=model,
-            checkpoint=checkpoint,
+            model=args.checkpoint.name if args.checkpoint else args.model,
+            source=args.checkpoint,
             workdir=workdir,
             ep=args.ep,
             precisions=tuple(args.precisions.split(",")),

@@ -1,33 +1,35 @@
-"""The onnxruntime-genai builder's int4 on real weights, for comparison with ours.
+"""Builder quality: the onnxruntime-genai builder's int4 on real weights, beside ours.
 
-    python -m benchmarks.builder_quality [--workdir DIR]
+    python -m benchmarks run quality --tools ours,builder --workdir /tmp/internlm2-bench \
+        --param study=builder
 
 SmolLM2-135M-Instruct (fixtures/smollm2.py) as a Llama-layout copy (llama_layout.py) with its
 real tokenizer; the builder's int4 CPU builds at the settings of benchmarks/quant_quality.py
 (rtn at block 128 symmetric / asymmetric and block 32 symmetric, accuracy level 0) and its
 k_quant methods; perplexity on the same 4096 tokens each of prose and code with windows of 1024
 (quality.perplexity), ours at fp32 and with rtn / gptq beside them in the same run, and bits
-per weight of the decoder's matrices (MatMulNBits initializers / their weights). Results:
-benchmarks/results/builder-quality-<machine>.md/.json. Needs the `bench` extra (torch).
+per weight of the decoder's matrices (MatMulNBits initializers / their weights), as rows per
+tool and method. Needs the `bench` extra (torch); a builder method that fails is left out.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from benchmarks import common
+from benchmarks import harness
+from benchmarks.rows import Row
 from fixtures.llama_layout import write_llama_copy
 from fixtures.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph.evaluate import perplexity
 
+PARAMS: dict = {}
+SMOKE: dict = {}  # real weights: SmolLM2-135M (fixtures.smollm2)
 BUILDER = {
     "rtn 128-sym": ["algo_config=rtn", "block_size=128", "is_symmetric=true"],
     "rtn 128-asym": ["algo_config=rtn", "block_size=128", "is_symmetric=false"],
@@ -76,12 +78,8 @@ def bits_per_weight(folder: Path) -> float:
     return 8 * stored / weights if weights else 32.0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/internlm2-bench")
-    parser.add_argument("--machine", default=None)
-    args = parser.parse_args(argv)
-    work = Path(args.workdir)
+def run(ctx: harness.Context) -> list[Row]:
+    work = ctx.workdir
     checkpoint = smollm2_checkpoint(work / "smollm2")
     llama = work / "smollm2-llama"
     if not (llama / "config.json").is_file():
@@ -111,35 +109,31 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / f"bq-builder-{name.replace(' ', '-')}"
         start = time.perf_counter()
         if not (folder / "genai_config.json").is_file():
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama),
-                   "-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(folder) + "-cache",
-                   "--extra_options", "accuracy_level=0", *options]  # fmt: skip
+            cmd = harness.builder_command(
+                llama, folder, "int4", "cpu", ["accuracy_level=0", *options]
+            )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"builder {name} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
         rows.append(measure("builder", name, folder, texts, time.perf_counter() - start))
-    fp32 = rows[0]
-    lines = [
-        "int4 on real weights: SmolLM2-135M-Instruct, ours beside the onnxruntime-genai builder "
-        "(same weights; the builder reads a Llama-layout copy), CPU builds, accuracy_level 0; "
-        "perplexity on 4096 tokens each of prose and code, windows of 1024",
-        "",
-        "| tool | method | bits/weight | prose ppl | code ppl | gap to fp32 (prose+code) "
-        "| build s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    out = []
+    metrics = {"bits": "bits_per_weight", "prose": "ppl_prose", "code": "ppl_code", "seconds": ""}
     for row in rows:
-        gap = (row["prose"] + row["code"]) - (fp32["prose"] + fp32["code"])
-        lines.append(
-            f"| {row['tool']} | {row['method']} | {row['bits']:.2f} | {row['prose']:.3f} | "
-            f"{row['code']:.3f} | {gap:+.3f} | {row['seconds']:.0f} |"
-        )
-    text = "\n".join(lines)
-    print("\n" + text)
-    name = f"builder-quality-{args.machine or common.default_machine_name()}"
-    payload = {"machine": common.machine_info(), "rows": rows}
-    print(common.write_results(name, payload, text))
+        variant = "fp32 cpu" if row["method"] == "fp32" else f"int4 {row['method']} cpu"
+        for key, metric in metrics.items():
+            out.append(
+                ctx.row(
+                    model="smollm2-135m",
+                    variant=variant,
+                    tool=row["tool"],
+                    metric=metric or key,
+                    value=row[key],
+                    unit="s" if key == "seconds" else "",
+                    params={"eval_tokens": 4096, "window": 1024},
+                )
+            )
+    return out
 
 
 def measure(tool: str, method: str, folder: Path, texts: dict, seconds: float) -> dict:
@@ -148,7 +142,3 @@ def measure(tool: str, method: str, folder: Path, texts: dict, seconds: float) -
         row[name] = perplexity(folder, ids, window=1024)
     print(json.dumps(row), flush=True)
     return row
-
-
-if __name__ == "__main__":
-    main()

@@ -1,37 +1,38 @@
 """Calibrated int4 on full-size synthetic checkpoints: KL to the float model, RTN against GPTQ.
 
-    python -m benchmarks.calibrated_synthetic --size 1.8b [--workdir DIR] [--methods rtn,gptq]
-        [--eval-tokens 1024] [--window 512] [--settings 32-sym,128-sym] [--ep cuda]
+    python -m benchmarks run quality --model 1.8b --workdir DIR --param study=calibrated \
+        methods=rtn,gptq settings=32-sym,128-sym eval_tokens=1024 window=512   # -e cuda
 
 Random weights say nothing about perplexity, but what GPTQ promises holds for any weights: on
 text calibration did not see, the built model's logits should be closer to the float model's
 than round-to-nearest's are. The float reference is the checkpoint's own model in float32
 numpy, a layer at a time (calibration.forward.float_forward, the pass that calibrates KV
-scales), so a 7B
-needs no 31 GB fp32 folder; the int4 folders run in onnxruntime (benchmarks.quality.Decoder),
+scales), so a 7B needs no 31 GB fp32 folder; the int4 folders run in onnxruntime
+(internlm2_graph.evaluate.Decoder),
 built with accuracy_level 0 (the weights are measured, not int8 activations) and the default
 calibration text. Each build runs in its own process: its wall time and peak RSS. With
-`--ep cuda` the folders are CUDA builds (GPTQ's products then run on the GPU,
-calibration/compute.py) and
-their logits come from the CUDA execution provider.
+`-e cuda` the folders are CUDA builds (GPTQ's products then run on the GPU,
+calibration/compute.py) and their logits come from the CUDA execution provider. The checkpoint,
+builds and the float reference's cache stay in --workdir for later methods.
 Evaluation text: smollm2.eval_text() (prose), tokenized with the checkpoint's tokenizer.model;
 KL(float || int4) per position, and top-1 agreement.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common  # noqa: E402
-from benchmarks.quant_quality import SETTINGS, bits_per_weight, measured_build  # noqa: E402
-from fixtures import smollm2  # noqa: E402
-from internlm2_graph.evaluate import ROWS, Decoder, log_softmax, windows  # noqa: E402
+from benchmarks import harness
+from benchmarks.quant_quality import SETTINGS, bits_per_weight, measured_build
+from benchmarks.rows import Row
+from fixtures import smollm2
+from internlm2_graph.evaluate import ROWS, Decoder, log_softmax, windows
+
+PARAMS = {"methods": "rtn,gptq", "settings": "32-sym", "eval_tokens": 1024, "window": 512}
+SMOKE = {"eval_tokens": 64, "window": 32, "methods": "rtn"}  # GPTQ: tests/test_gptq.py
 
 
 def synthetic_checkpoint(workdir: Path, size: str, layers: int | None = None) -> Path:
@@ -71,8 +72,9 @@ def float_log_probs(checkpoint: Path, parts: list[np.ndarray]) -> list[np.ndarra
     )
     out, start = [], 0
     for part in parts:
-        out.append(np.concatenate([log_softmax(logits[r : r + ROWS]) for r in
-                                   range(start, start + len(part), ROWS)]))  # fmt: skip
+        end = start + len(part)  # a window shorter than ROWS must not take the next one's rows
+        out.append(np.concatenate([log_softmax(logits[r : min(r + ROWS, end)]) for r in
+                                   range(start, end, ROWS)]))  # fmt: skip
         start += len(part)
     return out
 
@@ -90,22 +92,13 @@ def compare(folder: Path, parts: list[np.ndarray], reference: list[np.ndarray]) 
     return {"kl": kl / count, "top1": agree / count, "tokens": count}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1.8b")
-    parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR)
-    parser.add_argument("--methods", default="rtn,gptq")
-    parser.add_argument("--settings", default="32-sym")
-    parser.add_argument("--eval-tokens", type=int, default=1024)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--machine", default=common.default_machine_name())
-    args = parser.parse_args(argv)
-
-    checkpoint = synthetic_checkpoint(args.workdir, args.size)
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    size, workdir, ep = ctx.model, ctx.workdir, ctx.ep
+    checkpoint = synthetic_checkpoint(workdir, size)
     ids = eval_ids(checkpoint, args.eval_tokens)
     parts = [ids[w] for w in windows(len(ids), args.window)]
-    cached = args.workdir / f"calibrated-{args.size}-float-{len(ids)}-{args.window}.npz"
+    cached = workdir / f"calibrated-{size}-float-{len(ids)}-{args.window}.npz"
     if cached.is_file():  # the float pass of a 7B costs minutes: kept for later methods
         with np.load(cached) as data:
             reference = [data[str(i)] for i in range(len(parts))]
@@ -113,62 +106,43 @@ def main(argv: list[str] | None = None) -> None:
         reference = float_log_probs(checkpoint, parts)
         np.savez(cached, **{str(i): r.astype(np.float32) for i, r in enumerate(reference)})
     print(f"float reference: {sum(map(len, parts))} positions in {len(parts)} windows", flush=True)
-    rows = []
+    out = []
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
             options = {**SETTINGS[setting], "accuracy_level": "0", "algo_config": method}
-            out = args.workdir / f"calibrated-{args.size}-{method}-{setting}"
-            if args.ep != "cpu":
-                out = out.with_name(f"{out.name}-{args.ep}")
-            stats = measured_build(checkpoint, out, "int4", options, finish=None, ep=args.ep)
-            scored = out / f"kl-{len(ids)}-{args.window}.json"
+            folder = workdir / f"calibrated-{size}-{method}-{setting}"
+            if ep != "cpu":
+                folder = folder.with_name(f"{folder.name}-{ep}")
+            stats = measured_build(checkpoint, folder, "int4", options, finish=None, ep=ep)
+            scored = folder / f"kl-{len(ids)}-{args.window}.json"
             if not scored.is_file():
-                scored.write_text(json.dumps(compare(out, parts, reference)))
-            row = {"method": method, "setting": setting, **stats, **json.loads(scored.read_text())}
-            row["bpw"] = bits_per_weight(4, int(SETTINGS[setting]["block_size"]),
-                                         SETTINGS[setting]["is_symmetric"] == "true")  # fmt: skip
-            rows.append(row)
-            print(f"{args.size} {method} {setting}: KL {row['kl']:.5f}, top-1 {row['top1']:.1%}, "
+                scored.write_text(json.dumps(compare(folder, parts, reference)))
+            found = json.loads(scored.read_text())
+            bpw = bits_per_weight(4, int(SETTINGS[setting]["block_size"]),
+                                  SETTINGS[setting]["is_symmetric"] == "true")  # fmt: skip
+            print(f"{size} {method} {setting}: KL {found['kl']:.5f}, top-1 {found['top1']:.1%}, "
                   f"build {stats['seconds']:.0f}s, peak {stats['peak_rss'] / 1e9:.2f} GB",
                   flush=True)  # fmt: skip
-    report(rows, args)
-
-
-def report(rows: list[dict], args: argparse.Namespace) -> None:
-    table = common.markdown_table(
-        [
-            "method",
-            "block, symmetry",
-            "bits/weight",
-            "KL to float",
-            "top-1 agreement",
-            "build wall",
-            "peak RSS",
-        ],  # fmt: skip
-        [
-            [
-                r["method"],
-                r["setting"],
-                f"{r['bpw']:.2f}",
-                f"{r['kl']:.5f}",
-                f"{r['top1']:.1%}",
-                f"{r['seconds']:.0f} s",
-                f"{r['peak_rss'] / 1e9:.2f} GB",
-            ]  # fmt: skip
-            for r in rows
-        ],
-    )
-    info = common.machine_info()
-    markdown = (
-        f"# Calibrated int4 on a synthetic InternLM2-{args.size}\n\n"
-        f"{info.get('cpu', '')}, {info.get('cpu_count', '')} cores; "
-        f"`python -m benchmarks.calibrated_synthetic --size {args.size} --ep {args.ep}`; "
-        f"{rows[0]['tokens'] if rows else 0} positions of smollm2.eval_text() in windows of "
-        f"{args.window}; float reference in numpy (calibration.forward.float_forward).\n\n{table}\n"
-    )
-    print(markdown)
-    common.write_results(f"calibrated-{args.size}-{args.machine}", {"rows": rows, **info}, markdown)
-
-
-if __name__ == "__main__":
-    main()
+            params = {
+                "tokens": found["tokens"],
+                "window": args.window,
+                "reference": "float32 numpy",
+            }
+            for metric, value, unit in (
+                ("kl", found["kl"], "nats"),
+                ("top1", found["top1"], ""),
+                ("bits_per_weight", bpw, ""),
+                ("seconds", stats["seconds"], "s"),
+                ("peak_rss_gb", stats["peak_rss"] / 1e9, "GB"),
+            ):
+                out.append(
+                    ctx.row(
+                        variant=f"int4 {method} {setting} {ep}",
+                        tool="ours",
+                        metric=metric,
+                        value=value,
+                        unit=unit,
+                        params=params,
+                    )
+                )
+    return out

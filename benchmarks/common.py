@@ -33,6 +33,7 @@ class Measured:
     returncode: int
     log: str
     memory_limit_hit: bool = False
+    cpu_seconds: float = 0.0  # user + sys of the tree: independent of other work on the box
 
     @property
     def ok(self) -> bool:
@@ -72,8 +73,9 @@ def run_measured(
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
     return Measured(
-        command, seconds, usage.ru_maxrss * 1024, proc.returncode, str(log), hit.is_set()
+        command, seconds, usage.ru_maxrss * 1024, proc.returncode, str(log), hit.is_set(), cpu
     )
 
 
@@ -257,11 +259,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def genai_version(info: dict) -> str:
-    versions = info.get("versions", {})
-    return versions.get("onnxruntime-genai") or versions.get("onnxruntime-genai-cuda") or "?"
 
 
 # --- numbers and output ---------------------------------------------------------------------

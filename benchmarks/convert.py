@@ -2,15 +2,16 @@
 
     python -m benchmarks.convert       # rewrites benchmarks/results/rows/converted-*.json
 
-The longer tools write their own JSON shapes: export-*.json (benchmarks/export.py),
-runtime-*.json (benchmarks/runtime.py), quant-quality-*.json (benchmarks/quant_quality.py) and
-long-context-*.json (benchmarks/long_context.py) hold the numbers the README's headline tables
-cite; speculative-* (benchmarks/speculative.py) and mask-count-* (benchmarks/probes/
-mask_count.py) those of the suites of the same names. Each of their measurements becomes a row,
-with the file's machine, versions, commit, load and start time, and the file as its `source`.
-common.write_results refreshes the kind's rows whenever a tool writes such a file, and a test
-checks the committed rows equal what this makes of the committed files, so a converted number
-cannot drift from the measured one.
+The studies' earlier command-line versions wrote their own JSON shapes: export-*.json,
+runtime-*.json (now the decode suite), quant-quality-*.json and long-context-*.json hold the
+numbers the README's headline tables cite; speculative-* and mask-count-* (benchmarks/probes/
+mask_count.py, which still writes them) those of the suites of the same names. Each of their
+measurements becomes a row, with the file's machine, versions, commit, load and start time, and
+the file as its `source`. Where a study makes rows of the same payload today (export,
+quant_quality, speculative) it calls the mapping here; long_context's is its own rows_of, which
+this calls: one mapping each. common.write_results refreshes the kind's rows whenever such a
+file is written, and a test checks the committed rows equal what this makes of the committed
+files, so a converted number cannot drift from the measured one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks import common, rows
+from benchmarks import common, long_context, rows
 
 GB = 1e9
 KINDS = ("export", "runtime", "quant-quality", "long-context", "speculative", "mask-count")
@@ -175,51 +176,16 @@ def quant_quality_rows(payload: dict, path: Path) -> list[rows.Row]:
 
 
 def long_context_rows(payload: dict, path: Path) -> list[rows.Row]:
-    """Per TOOL:SCHEME folder: prefill and decode tok/s at each context (medians; `spread` in
-    params is (max - min) / median over the runs), decode with the long buffer (`buffered`:
-    the file's .md names its max_length), and the largest max_length that loads."""
-    stamp, out = where(payload, path), []
-    model = first(r"-(1\.8b|7b|20b)-", path.name)
+    """The file's timing and capacity as long_context's rows; the size and precision come from
+    the file's name (`--machine h200-7b-int4-...`)."""
     precision = first(r"-(int4|int8|fp16)", path.name)
-    for name, timing in payload.get("timing", {}).items():
-        tool, scheme = name.split(":", 1)
-        base = {
-            "suite": "decode",
-            "model": model,
-            "variant": f"{precision} cuda {scheme} KV",
-            "tool": tool,
-        }
-        for kind, metric in (
-            ("prefill", "prompt_tok_s"),
-            ("decode", "gen_tok_s"),
-            ("buffered", "gen_tok_s_long_buffer"),
-        ):
-            for context, value in timing.get(kind, {}).items():
-                params = {"context": int(context)}
-                spread = timing.get("spread", {}).get(f"{kind}@{context}")
-                if spread is not None:
-                    params["spread"] = spread
-                out.append(
-                    rows.Row(
-                        **base, metric=metric, value=value, unit="tok/s", params=params, **stamp
-                    )
-                )
-    for name, found in payload.get("capacity", {}).items():
-        tool, scheme = name.split(":", 1)
-        out.append(
-            rows.Row(
-                suite="decode",
-                model=model,
-                variant=f"{precision} cuda {scheme} KV",
-                tool=tool,
-                metric="max_length_loads",
-                value=found["max_length"],
-                unit="tokens",
-                params={"limit": found["limit"]},
-                **stamp,
-            )
-        )
-    return out
+
+    def variant(name: str) -> str:
+        return f"{precision} cuda {name.split(':', 1)[1]} KV"
+
+    model = first(r"-(1\.8b|7b|20b)-", path.name)
+    timing, caps = payload.get("timing", {}), payload.get("capacity", {})
+    return long_context.rows_of(timing, caps, model, variant, **where(payload, path))
 
 
 def speculative_rows(payload: dict, path: Path) -> list[rows.Row]:

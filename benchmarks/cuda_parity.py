@@ -1,22 +1,23 @@
-"""CUDA builds against the fp32 numpy reference, on a small config (run on the GPU machine).
+"""Parity: builds of a small config against the fp32 numpy reference (CUDA on the GPU machine).
 
-    PYTHONPATH=. python -m benchmarks.cuda_parity [--workdir /tmp/cuda-parity]
+    python -m benchmarks run quality -e cuda --param study=cuda_parity
 
-For each CUDA precision: max |logit difference| relative to the logit range over a prompt and
-decode steps, top-1 agreement, and greedy tokens. int4 is also compared with the reference on
-its own dequantized weights, which isolates the runtime's arithmetic from quantization noise.
+For each precision of `cases` (PRECISION or PRECISION+OPTION=VALUE+...): max |logit difference|
+relative to the logit range over a prompt and decode steps, top-1 agreement, and greedy tokens.
+int4 is also compared with the reference on its own dequantized weights, which isolates the
+runtime's arithmetic from quantization noise.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, harness
+from benchmarks.rows import Row
 from internlm2_graph import build
 from internlm2_graph.precision import resolve_target
 from internlm2_graph.reference import Reference, quantized_reference
@@ -25,13 +26,8 @@ from internlm2_graph.verify import eos_ids, og_greedy
 
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73, 8, 19, 400]
 STEPS = 10
-CASES = [
-    ("fp16", []),
-    ("bf16", []),
-    ("int4", []),
-    ("int4", ["use_cuda_bf16=true"]),
-    ("int8", []),
-]
+PARAMS = {"cases": "fp16,bf16,int4,int4+use_cuda_bf16=true,int8"}
+SMOKE = {"cases": "int4"}
 
 
 def compare(model_dir: Path, reference: Reference) -> dict:
@@ -47,12 +43,9 @@ def compare(model_dir: Path, reference: Reference) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", default="/tmp/cuda-parity")
-    args = parser.parse_args()
+def run(ctx: harness.Context) -> list[Row]:
     common.require_genai()
-    root = Path(args.workdir)
+    root = ctx.workdir / "cuda-parity"
     shutil.rmtree(root, ignore_errors=True)
     config = make_config(
         "tiny",
@@ -64,24 +57,31 @@ def main() -> None:
         max_position_embeddings=512,
     )
     checkpoint = write_checkpoint(root / "ckpt", config, chat=False)
-    results = {}
-    for precision, options in CASES:
+    out = []
+    for case in ctx.param("cases", PARAMS["cases"]).split(","):
+        precision, *options = case.split("+")
         name = "-".join([precision, *options])
-        out = root / name
-        build(checkpoint, out, precision, "cuda", options)
-        results[name] = {"vs_fp32_reference": compare(out, Reference(checkpoint))}
+        folder = root / name
+        build(checkpoint, folder, precision, ctx.ep, options)
+        found = {"fp32 reference": compare(folder, Reference(checkpoint))}
         if precision in ("int4", "int8"):
-            target = resolve_target(precision, "cuda", dict(o.split("=") for o in options))
-            results[name]["vs_dequantized_reference"] = compare(
-                out, quantized_reference(checkpoint, target)
+            target = resolve_target(precision, ctx.ep, dict(o.split("=") for o in options))
+            found["dequantized reference"] = compare(
+                folder, quantized_reference(checkpoint, target)
             )
-        print(name, json.dumps(results[name]), flush=True)
-    results["machine"] = common.machine_info()
-    out = common.RESULTS / "cuda-parity.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
+        print(name, json.dumps(found), flush=True)
+        for against, result in found.items():
+            params = {"against": against, "options": options, "steps": result["steps"]}
+            for metric in ("max_rel_error", "top1", "tokens_equal"):
+                out.append(
+                    ctx.row(
+                        model="parity-small",
+                        variant=f"{precision} {ctx.ep}",
+                        tool="ours",
+                        metric=metric,
+                        value=float(result[metric]),
+                        unit="",
+                        params=params,
+                    )
+                )
+    return out

@@ -1,83 +1,57 @@
-"""Export side by side: internlm2_graph vs the onnxruntime-genai builder, same weights.
+"""Export sizes: ours beside the onnxruntime-genai builder per synthetic size, within memory.
 
 For each size, one synthetic InternLM2 checkpoint is written (bf16, the published layout) plus
 its Llama-layout copy for the builder (which cannot read InternLM2 without remote code). Each
 export runs as its own child process; wall time and peak RSS (of the whole process tree) come
 from the kernel. Runs alternate between the two tools, medians are reported.
 
-    python -m benchmarks.export                        # 1.8b, int4 and fp32, cpu, 1 repetition
-    python -m benchmarks.export --sizes 1.8b,7b --precisions int4 --repeat 3 --keep
+    python -m benchmarks run export -p int4,fp32 --tools ours,builder --param study=sizes
+    python -m benchmarks run export -p int4 --repeat 3 --param study=sizes sizes=1.8b,7b
 
-Results: a markdown table on stdout and benchmarks/results/export-<machine>.{json,md}.
-The builder needs torch and transformers (`pip install -e .[bench]`); without them its rows say
-"not installed". It is stopped at --memory-limit-gb (default: 90% of the memory available at
-start) and reported as out of memory. It is not started at all (nor its Llama copy written) when
-the peak it needs is known to be over that limit: measured for the same size and precision in an
-earlier results file (benchmarks/results/export-*.json, any machine), or else estimated from the
-largest measured size scaled by parameters; --builder-anyway runs it regardless. A build whose
-output would not fit on the free disk is skipped and reported likewise.
+Rows: benchmarks/convert.py's export rows (seconds, peak RSS, output size; what a skipped
+builder run needs). The builder needs torch and transformers (`pip install -e .[bench]`). It is
+stopped at memory_limit_gb (default: 90% of the memory available at start) and reported as out
+of memory. It is not started at all (nor its Llama copy written) when the peak it needs is known
+to be over that limit: measured for the same size and precision in an earlier results file
+(benchmarks/results/export-*.json, any machine), or else estimated from the largest measured
+size scaled by parameters; builder_anyway=true runs it regardless. A build whose output would
+not fit on the free disk is skipped and reported likewise.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, convert, harness
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.precision import resolve_target
 from internlm2_graph.sizes import parameter_count, weight_bytes
 
 TOOLS = ("ours", "builder")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--sizes", default="1.8b", help="comma list of synthetic sizes")
-    parser.add_argument("--precisions", default="int4,fp32", help="comma list")
-    parser.add_argument("-e", "--ep", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and precision")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of ours,builder")
-    parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="scratch folder")
-    parser.add_argument("--keep", action="store_true", help="keep checkpoints and models")
-    parser.add_argument("--machine", default=None, help="name in the results file")
-    parser.add_argument("--memory-limit-gb", type=float, default=None)
-    parser.add_argument(
-        "--builder-anyway",
-        action="store_true",
-        help="run the builder even where its known or estimated peak exceeds the memory limit",
-    )
-    parser.add_argument(
-        "--extra-options",
-        nargs="+",
-        default=[],
-        metavar="K=V",
-        help="passed to both tools' --extra_options",
-    )
-    return parser.parse_args(argv)
+PARAMS = {
+    "sizes": "1.8b",  # synthetic checkpoints, written to (and with keep=true left in) --workdir
+    "options": "",  # --extra_options for both tools, space separated
+    "memory_limit_gb": 0.0,  # 0: 90% of the memory available at the start
+    "builder_anyway": False,
+    "keep": False,  # keep the checkpoints and each tool's last build
+}
+SMOKE = {"sizes": "tiny"}
 
 
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path, Path | None]:
-    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy.
-
-    `facts` gets the checkpoint's parameters, bytes and write seconds (None if it was there).
-    """
+def prepare(size: str, work: Path, with_llama: bool) -> tuple[Path, Path | None]:
+    """The synthetic checkpoint of `size` and (if the builder runs) its Llama copy."""
     from fixtures.llama_layout import write_llama_copy
     from internlm2_graph.synthetic import make_config, write_checkpoint
 
     ckpt, llama = work / f"{size}-internlm2", work / f"{size}-llama"
-    facts.update(size=size, params=parameters(size), write_seconds=None, llama_seconds=None)
     if not (ckpt / "config.json").is_file():
-        need = 2 * facts["params"] + GB
+        need = 2 * parameters(size) + GB
         if need > free_disk(work):
             raise SystemExit(
                 f"{size}: the checkpoint needs ~{need / GB:.0f} GB, {free_disk(work) / GB:.0f} "
@@ -85,14 +59,11 @@ def prepare(size: str, work: Path, with_llama: bool, facts: dict) -> tuple[Path,
             )
         start = time.perf_counter()
         write_checkpoint(ckpt, make_config(size), chat=True, seed=0)
-        facts["write_seconds"] = time.perf_counter() - start
-        print(f"wrote {ckpt} in {facts['write_seconds']:.0f} s", flush=True)
-    facts["bytes"] = common.folder_bytes(ckpt)
+        print(f"wrote {ckpt} in {time.perf_counter() - start:.0f} s", flush=True)
     if with_llama and not (llama / "config.json").is_file():
         start = time.perf_counter()
         write_llama_copy(ckpt, llama)
-        facts["llama_seconds"] = time.perf_counter() - start
-        print(f"wrote {llama} in {facts['llama_seconds']:.0f} s", flush=True)
+        print(f"wrote {llama} in {time.perf_counter() - start:.0f} s", flush=True)
     return ckpt, llama if with_llama else None
 
 
@@ -213,41 +184,6 @@ def skipped(tool: str, precision: str, rep: int, status: str, needs: dict | None
     }
 
 
-def command(tool: str, source: Path, out: Path, precision: str, args) -> list[str]:
-    if tool == "ours":
-        cmd = [
-            sys.executable,
-            "-m",
-            "internlm2_graph",
-            "-i",
-            str(source),
-            "-o",
-            str(out),
-            "-p",
-            precision,
-            "-e",
-            args.ep,
-            "--overwrite",
-        ]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(source),
-            "-o",
-            str(out),
-            "-p",
-            precision,
-            "-e",
-            args.ep,
-            "-c",
-            str(out) + "-cache",
-        ]
-    return cmd + (["--extra_options", *args.extra_options] if args.extra_options else [])
-
-
 # --- runs -----------------------------------------------------------------------------------
 
 
@@ -257,7 +193,9 @@ def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: i
     log = work / "logs" / f"{out.name}-{rep}.log"
     env = {"HF_HUB_OFFLINE": "1"} if tool == "builder" else None
     print(f"  {tool:8s} {precision:5s} run {rep + 1} ...", end=" ", flush=True)
-    m = common.run_measured(command(tool, source, out, precision, args), log, env, args.limit)
+    make = harness.our_command if tool == "ours" else harness.builder_command
+    command = make(source, out, precision, args.ep, args.extra_options)
+    m = common.run_measured(command, log, env, args.limit)
     print(f"{m.status}: {m.seconds:.0f} s, peak {m.peak_rss_bytes / 1e9:.2f} GB", flush=True)
     result = {
         "tool": tool,
@@ -282,7 +220,7 @@ def run_export(tool: str, source: Path, precision: str, args, work: Path, rep: i
     return result
 
 
-def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list[dict]:
+def run_size(size: str, args, tools: list[str], work: Path) -> list[dict]:
     precisions = args.precisions.split(",")
     too_big = {}  # precision -> what the builder needs, where that is over the memory limit
     if "builder" in tools and not args.builder_anyway:
@@ -305,7 +243,7 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
                     f"~{(need - copy) / GB:.0f} GB, {free / GB:.0f} GB free)"
                 )
     with_llama = "builder" in tools and any(p not in no_disk for p in runnable)
-    ckpt, llama = prepare(size, work, with_llama, facts)
+    ckpt, llama = prepare(size, work, with_llama)
     results = []
     for rep in range(args.repeat):
         order = tools if rep % 2 == 0 else tools[::-1]
@@ -349,7 +287,7 @@ def run_size(size: str, args, tools: list[str], work: Path, facts: dict) -> list
 # --- report ---------------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict], tools: list[str], builder_missing: bool) -> list[dict]:
+def summarize(runs: list[dict], tools: list[str]) -> list[dict]:
     """Median per (size, precision, tool), plus ours/builder ratios."""
     rows = []
     keys = dict.fromkeys((r["size"], r["precision"]) for r in runs)
@@ -361,9 +299,7 @@ def summarize(runs: list[dict], tools: list[str], builder_missing: bool) -> list
             ]
             ok = [r for r in mine if r["status"] == "ok"]
             status = (
-                "not installed"
-                if tool == "builder" and builder_missing
-                else "not run"
+                "not run"
                 if tool not in tools or not mine
                 else "ok"
                 if len(ok) == len(mine)
@@ -389,122 +325,19 @@ def summarize(runs: list[dict], tools: list[str], builder_missing: bool) -> list
     return rows
 
 
-def cell(entry: dict, key: str, scale: float, spec: str) -> str:
-    """A median, or (for a tool that did not finish) its status: in full in the wall-time
-    column, shortened elsewhere, with the RSS it had reached when it stopped."""
-    if entry["status"] != "ok":
-        peak = entry.get("peak_rss_bytes_failed")
-        needs = entry.get("needs")
-        if key == "seconds":
-            return entry["status"]
-        if key == "peak_rss_bytes" and needs:
-            approx = "~" if needs["estimate"] else ""
-            text = f"needs {approx}{needs['bytes'] / 1e9:.1f} ({needs['how']}"
-            for other in needs.get("also", [])[:1]:
-                text += f"; ~{other['bytes'] / 1e9:.1f} from {other['from']['size']} "
-                text += f"{other['from']['ep']}"
-            return text + ")"
-        if key == "peak_rss_bytes" and peak:
-            return f"{peak / 1e9:.1f} when it stopped"
-        return "-"
-    return common.fmt(entry[key] / scale if entry[key] is not None else None, spec)
-
-
-def markdown(rows: list[dict], args, info: dict) -> str:
-    header = [
-        "size",
-        "precision",
-        "ours wall s",
-        "builder wall s",
-        "ours/builder wall",
-        "ours peak RSS GB",
-        "builder peak RSS GB",
-        "ours/builder RSS",
-        "ours out GB",
-        "builder out GB",
-    ]
-    body = []
-    for r in rows:
-        o, b = r["ours"], r["builder"]
-        body.append(
-            [
-                r["size"],
-                f"{r['precision']} {args.ep}",
-                cell(o, "seconds", 1, ".1f"),
-                cell(b, "seconds", 1, ".1f"),
-                common.fmt(r["ratio_seconds"], ".2f", "x"),
-                cell(o, "peak_rss_bytes", 1e9, ".2f"),
-                cell(b, "peak_rss_bytes", 1e9, ".2f"),
-                common.fmt(r["ratio_peak_rss"], ".2f", "x"),
-                cell(o, "output_bytes", 1e9, ".2f"),
-                cell(b, "output_bytes", 1e9, ".2f"),
-            ]
-        )
-    title = (
-        f"Export, {info['cpu_count']} cores / {info['memory_gb']} GB"
-        f"{', ' + info['gpu'] if info['gpu'] else ''}; median of {args.repeat} run(s) each, "
-        "synthetic bf16 checkpoints"
-    )
-    notes = [
-        f"- {f['size']} checkpoint: {f['params'] / 1e9:.2f} B parameters, "
-        f"{f.get('bytes', 0) / 1e9:.1f} GB"
-        + (f", written in {f['write_seconds']:.0f} s" if f.get("write_seconds") else "")
-        for f in args.facts
-    ]
-    if any(r["builder"].get("needs") for r in rows):
-        notes.append(
-            f"- builder rows marked 'not run' were not started: the peak RSS it needs (GB) is "
-            f"over this machine's limit of {args.limit / 1e9:.1f} GB (90% of the memory "
-            "available at start unless --memory-limit-gb); '~' marks an estimate"
-        )
-    return f"{title}\n\n" + common.markdown_table(header, body) + "\n\n" + "\n".join(notes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    tools = [t for t in args.tools.split(",") if t]
-    builder_missing = not common.has_module("torch", "transformers")
-    if builder_missing and "builder" in tools:
-        print("onnxruntime-genai builder needs torch + transformers: not installed, skipped")
-        tools.remove("builder")
+def run(ctx: harness.Context) -> list:
+    args = harness.settings(ctx, PARAMS)
+    args.ep, args.repeat, args.extra_options = ctx.ep, ctx.repeat, args.options.split()
+    args.precisions = ",".join(ctx.precisions)
     limit_gb = args.memory_limit_gb or 0.9 * common.memory_available_bytes() / 1e9
     args.limit = int(limit_gb * 1e9)
-    work = Path(args.workdir)
+    work = ctx.workdir
     work.mkdir(parents=True, exist_ok=True)
-    info = common.machine_info()
-    name = f"export-{args.machine or common.default_machine_name()}"
-    args.known = known_builder_peaks()  # this name's previous file included
+    args.known = known_builder_peaks()
     print(f"memory limit per export: {limit_gb:.1f} GB; work folder {work}", flush=True)
-    runs, args.facts = [], []
-    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
+    runs = []
     for size in args.sizes.split(","):
-        args.facts.append({})
-        runs += run_size(size, args, tools, work, args.facts[-1])
-    rows = summarize(runs, tools, builder_missing)
-    text = markdown(rows, args, info)
-    print("\n" + text)
-    payload = {
-        "machine": info,
-        "started": started,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "load": {"start": load_start, "end": common.load_average()},
-        "args": {k: v for k, v in vars(args).items() if k not in ("limit", "known", "facts")},
-        "memory_limit_bytes": args.limit,
-        "checkpoints": args.facts,
-        "summary": rows,
-        "runs": runs,
-    }
-    print(f"\nwrote {common.write_results(name, payload, text)}")
-    plot(rows, common.RESULTS / f"{name}.png")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    labels = [f"{r['size']} {r['precision']}" for r in rows]
-    for key, unit, scale in (("seconds", "s", 1), ("peak_rss_bytes", "GB", 1e9)):
-        series = {tool: [(r[tool][key] or 0) / scale for r in rows] for tool in TOOLS}
-        target = path.with_name(path.stem + f"-{key.split('_')[0]}.png")
-        common.try_plot(target, f"export {key.replace('_bytes', '')} ({unit})", labels, series)
-
-
-if __name__ == "__main__":
-    main()
+        runs += run_size(size, args, list(ctx.tools), work)
+    payload = {"args": {"ep": ctx.ep}, "summary": summarize(runs, list(ctx.tools))}
+    payload["runs"] = runs
+    return convert.export_rows(payload, Path(""))

@@ -2,18 +2,21 @@
 
 A suite is a module in benchmarks/suites/ with a docstring (its description), PARAMS (its own
 settings and their defaults), SMOKE (the settings of a seconds-long run on the tiny checkpoint)
-and `run(ctx) -> list[Row]`; benchmarks/suites/__init__.py lists them. The runner prepares the
+and `run(ctx) -> list[Row]`; benchmarks/suites/__init__.py lists them. A suite's STUDIES map
+names to longer, single-purpose modules of benchmarks/ with the same four parts, run instead of
+the suite with `--param study=NAME` (the study's own PARAMS then apply). The runner prepares the
 checkpoint, builds folders on request (cached per precision and options), and stamps every row
 with the machine, versions and date.
 """
 
 from __future__ import annotations
 
-import shutil
+import importlib
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks import common, rows
 
@@ -21,14 +24,21 @@ from benchmarks import common, rows
 @dataclass
 class Context:
     model: str  # the checkpoint's label in the rows: a synthetic size or a folder name
-    checkpoint: Path
     workdir: Path
+    source: Path | None = None  # a checkpoint folder; None: the synthetic `model`, on first use
     ep: str = "cpu"
     precisions: tuple[str, ...] = ("int4",)
     tools: tuple[str, ...] = ("ours",)  # "builder" too: the onnxruntime-genai builder (torch)
     repeat: int = 3
     params: dict[str, str] = field(default_factory=dict)  # the suite's PARAMS, as given
     log: Path | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        """Written on first use: a study of given folders only labels its rows with `model`."""
+        if self.source is None:
+            self.source = synthetic_checkpoint(self.model, self.workdir)
+        return self.source
 
     def param(self, key: str, default):
         """A suite setting, converted to the type of its default."""
@@ -94,27 +104,66 @@ def synthetic_checkpoint(size: str, workdir: Path) -> Path:
     return folder
 
 
-def run_suites(names: list[str], ctx: Context, smoke: bool = False) -> list[rows.Row]:
-    """Each suite in turn, every row stamped with this machine, the run's start and its suite."""
+def study(suite, name: str | None):
+    """The module a suite runs: itself, or the study of that name among its STUDIES."""
+    if not name:
+        return suite
+    names = getattr(suite, "STUDIES", {})
+    if name not in names:
+        suite_name = suite.__name__.rsplit(".", 1)[-1]
+        raise SystemExit(
+            f"error: suite {suite_name} has no study {name!r}; its studies: {', '.join(names)}"
+        )
+    return importlib.import_module(f"benchmarks.{names[name]}")
+
+
+def built_variant(name: str, folder: Path, ep: str) -> str:
+    """A built folder's precision, from its name or its graph, and the provider: "int4 cuda"."""
+    from benchmarks import convert
+
+    entry = {"model": name, "graph": common.quant_summary(folder)["matmulnbits"]}
+    return " ".join(filter(None, [convert.precision_of(entry, folder.name, Path("")), ep]))
+
+
+def settings(ctx: Context, params: dict) -> SimpleNamespace:
+    """A study's settings as attributes, each typed by its default in `params`."""
+    return SimpleNamespace(**{key: ctx.param(key, default) for key, default in params.items()})
+
+
+def folders(ctx: Context, key: str = "folders") -> dict[str, Path]:
+    """A setting of NAME=FOLDER,...: built folders to measure instead of building."""
+    named = {}
+    for spec in filter(None, ctx.param(key, "").split(",")):
+        name, _, folder = spec.rpartition("=")
+        named[name or Path(folder).name] = Path(folder)
+    return named
+
+
+def modules(names: list[str], params: dict[str, str]) -> dict:
+    """suite name -> the module that runs (the suite or its study); an unknown study or setting
+    stops here, before anything is built."""
     from benchmarks.suites import SUITES
 
-    where = rows.this_machine()
-    out = []
-    for name in names:
-        suite = SUITES[name]
-        params = {**({k: str(v) for k, v in suite.SMOKE.items()} if smoke else {}), **ctx.params}
-        unknown = set(ctx.params) - set(suite.PARAMS) - {k for s in names for k in SUITES[s].PARAMS}
+    out = {name: study(SUITES[name], params.get("study")) for name in names}
+    for name, module in out.items():
+        known = {"study", *module.PARAMS, *(k for s in names for k in SUITES[s].PARAMS)}
+        unknown = set(params) - known
         if unknown:
             raise SystemExit(
-                f"error: unknown --param {sorted(unknown)}; {name} takes {sorted(suite.PARAMS)}"
+                f"error: unknown --param {sorted(unknown)}; {name} takes {sorted(module.PARAMS)}"
             )
+    return out
+
+
+def run_suites(names: list[str], ctx: Context, smoke: bool = False) -> list[rows.Row]:
+    """Each suite in turn, every row stamped with this machine, the run's start and its suite."""
+    where = rows.this_machine()
+    out = []
+    for name, suite in modules(names, ctx.params).items():
+        params = {**({k: str(v) for k, v in suite.SMOKE.items()} if smoke else {}), **ctx.params}
         start = time.perf_counter()
         print(f"{name}: {suite.__doc__.splitlines()[0]}", flush=True)
         made = suite.run(replace(ctx, params=params))
         print(f"{name}: {len(made)} rows in {time.perf_counter() - start:.0f} s", flush=True)
         out += [replace(r, suite=name, **where) for r in made]
     return out
-
-
-def clean(workdir: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)

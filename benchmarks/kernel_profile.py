@@ -1,8 +1,9 @@
 """Where a CUDA decode step's time goes: GPU kernels by kind, per generated token.
 
-    python -m benchmarks.kernel_profile ours=OUT_DIR builder=BUILDER_DIR --prompt 128 --gen 64
+    python -m benchmarks run kernels -e cuda --param study=kernel_profile \
+        folders=ours=OUT_DIR,builder=BUILDER_DIR prompt=128 gen=64
 
-Each folder runs one warm-up generation, then one profiled one: the prompt untraced, then --gen
+Each folder runs one warm-up generation, then one profiled one: the prompt untraced, then `gen`
 greedy decode steps traced with CUPTI through torch.profiler (it records every kernel the
 process launches, onnxruntime's included, also inside CUDA graphs). Kernels are grouped by kind
 from their names; per token we report each kind's GPU time, the sum (busy) against the wall time
@@ -10,14 +11,13 @@ of a step (the rest is the GPU idle: launch gaps, host work), and the bytes the 
 weights take over the time their kernels ran, the bandwidth the int4/int8 GEMV reaches.
 
 This answers "what would a faster graph gain?": the kernels both graphs share bound the ratio.
-Needs torch with CUDA (present on the GPU machine); results in
-benchmarks/results/kernels-<machine>.{json,md}.
+Needs torch with CUDA (present on the GPU machine). Rows per folder: tok/s, wall and busy
+microseconds per token, kernels per token, each kind's microseconds per token, MatMulNBits'
+GB/s, and the `top` kernels' microseconds per token (their names in params).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import time
 from collections import defaultdict
@@ -25,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common, runtime
+from benchmarks import common, harness, runtime
+from benchmarks.rows import Row
+
+PARAMS = {"folders": "", "prompt": 128, "gen": 64, "top": 8}  # folders: NAME=DIR,...
+SMOKE: dict = {}
 
 # First match wins; names are CUDA kernel symbols (demangled) from onnxruntime and its libraries.
 KINDS = (
@@ -45,18 +49,6 @@ def kind_of(name: str) -> str:
         if re.search(pattern, name, re.IGNORECASE):
             return kind
     return "other"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("models", nargs="+", metavar="[NAME=]FOLDER", help="built model folders")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt length before decoding")
-    parser.add_argument("--gen", type=int, default=64, help="decode steps traced")
-    parser.add_argument("--top", type=int, default=8, help="kernels listed per folder")
-    parser.add_argument("--machine", default=None, help="name in the results file")
-    return parser.parse_args(argv)
 
 
 def matmulnbits_bytes(folder: Path) -> int:
@@ -101,7 +93,7 @@ def traced_decode(model, prompt: np.ndarray, gen: int, settle: int = 8):
     return wall, kernels
 
 
-def report(name: str, folder: Path, wall: float, kernels: list, args) -> dict:
+def summary(name: str, folder: Path, wall: float, kernels: list, args) -> dict:
     per_kind = defaultdict(float)
     per_kernel = defaultdict(lambda: [0.0, 0])
     for kernel, us in kernels:
@@ -131,62 +123,55 @@ def report(name: str, folder: Path, wall: float, kernels: list, args) -> dict:
     }
 
 
-def markdown(rows: list[dict], info: dict) -> str:
-    kinds = sorted({k for r in rows for k in r["kinds_us_per_token"]})
-    header = ["model", "gen tok/s", "wall µs/token", "GPU busy µs", "kernels/token"]
-    header += [f"{k} µs" for k in kinds] + ["MatMulNBits GB/s"]
-    body = [
-        [
-            r["model"],
-            f"{r['gen_tok_s']:.1f}",
-            f"{r['wall_us_per_token']:.0f}",
-            f"{r['busy_us_per_token']:.0f}",
-            f"{r['kernels_per_token']:.0f}",
-            *(f"{r['kinds_us_per_token'].get(k, 0.0):.0f}" for k in kinds),
-            f"{r['matmulnbits_gbps']:.0f}" if r["matmulnbits_gbps"] else "-",
-        ]
-        for r in rows
-    ]
-    text = (
-        f"Decode kernels ({info['gpu']}), onnxruntime-genai "
-        f"{common.genai_version(info)}: per generated token, CUPTI trace\n\n"
-        + common.markdown_table(header, body)
-    )
-    for r in rows:
-        text += f"\n\n{r['model']}, top kernels (µs/token, calls/token):\n"
-        text += "\n".join(
-            f"- {k['us_per_token']:.0f} µs, {k['calls_per_token']:.0f}x  `{k['name'][:110]}`"
-            for k in r["top_kernels"]
-        )
-    return text
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(ctx: harness.Context) -> list[Row]:
     common.require_genai()
     import torch
 
     torch.cuda.init()  # CUPTI and onnxruntime then share the device's primary context
-    targets = runtime.parse_models(args.models)
-    vocab = min(runtime.vocab_size(t.folder) for t in targets)
+    args = harness.settings(ctx, PARAMS)
+    targets = harness.folders(ctx)
+    vocab = min(runtime.vocab_size(f) for f in targets.values())
     prompt = np.random.default_rng(0).integers(3, vocab - 16, args.prompt).astype(np.int32)
-    rows = []
-    for t in targets:
-        model = runtime.load(t.folder, "cuda")
+    out = []
+    for name, folder in targets.items():
+        model = runtime.load(folder, "cuda")
         runtime.one_run(model, prompt, min(args.gen, 8))  # warm-up (and CUDA graph capture)
         wall, kernels = traced_decode(model, prompt, args.gen)
         if not kernels:
-            raise SystemExit("the trace holds no CUDA kernels: is CUPTI available to torch?")
-        rows.append(report(t.name, t.folder, wall, kernels, args))
-        print(json.dumps(rows[-1], indent=1), flush=True)
+            raise SystemExit("error: the trace holds no CUDA kernels: is CUPTI available to torch?")
+        variant = harness.built_variant(name, folder, "cuda")
+        out += rows_of(ctx, variant, summary(name, folder, wall, kernels, args), args.prompt)
         del model
-    info = common.machine_info()
-    text = markdown(rows, info)
-    print("\n" + text)
-    name = f"kernels-{args.machine or common.default_machine_name()}"
-    payload = {"machine": info, "args": vars(args), "results": rows}
-    print(f"\nwrote {common.write_results(name, payload, text)}")
+    return out
 
 
-if __name__ == "__main__":
-    main()
+def rows_of(ctx: harness.Context, variant: str, found: dict, prompt: int) -> list[Row]:
+    params = {"prompt": prompt, "gen": found["steps"]}
+
+    def row(metric: str, value: float, unit: str, **more) -> Row:
+        return ctx.row(
+            variant=variant,
+            tool=found["model"],
+            metric=metric,
+            value=value,
+            unit=unit,
+            params={**params, **more},
+        )
+
+    out = [
+        row("gen_tok_s", found["gen_tok_s"], "tok/s"),
+        row("wall_us_per_token", found["wall_us_per_token"], "us"),
+        row("busy_us_per_token", found["busy_us_per_token"], "us"),
+        row("kernels_per_token", found["kernels_per_token"], ""),
+    ]
+    out += [
+        row("kind_us_per_token", us, "us", kind=k) for k, us in found["kinds_us_per_token"].items()
+    ]
+    if found["matmulnbits_gbps"]:
+        out.append(row("matmulnbits_gbps", found["matmulnbits_gbps"], "GB/s"))
+    for k in found["top_kernels"]:
+        calls = k["calls_per_token"]
+        out.append(
+            row("kernel_us_per_token", k["us_per_token"], "us", kernel=k["name"], calls=calls)
+        )
+    return out

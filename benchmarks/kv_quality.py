@@ -1,16 +1,17 @@
-"""Quantized KV caches on real weights: perplexity, KL and top-1 agreement of each scheme against
-the float cache, teacher-forced (SmolLM2-135M-Instruct in the InternLM2 layout).
+"""KV quality: quantized KV caches on real weights, perplexity, KL and top-1 against float KV.
 
-    python -m benchmarks.kv_quality [--window 2048] [--chunk 256]
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=kv_quality \
+        window=2048 chunk=256
 
+Teacher-forced, SmolLM2-135M-Instruct in the InternLM2 layout.
 Each scheme is built fp32 on the CPU with scales calibrated inside the build
 (`kv_cache_quant_scheme` alone, calibration_data = the stdlib text of calibration.data.default_text,
 tokenized with SmolLM2's real tokenizer and passed as id lists); evaluation is 4096 tokens each
 of prose (smollm2.eval_text) and code (smollm2.code_text), other text than the calibration's.
-Windows are fed `--chunk` tokens per call, so every token after the first chunk attends to keys
-and values read back from the quantized cache. Results: benchmarks/results/kv-quality-<machine>.
+Windows are fed `chunk` tokens per call, so every token after the first chunk attends to keys
+and values read back from the quantized cache. Rows per scheme and text: perplexity, KL, top-1.
 
-`--builder` adds the onnxruntime-genai builder's int8_per_channel on the same weights (its
+`builder=true` adds the onnxruntime-genai builder's int8_per_channel on the same weights (its
 Llama-layout copy with the real tokenizer), scales from its own kv_cache_calibration tool at
 its defaults, against its own float-KV build; and ours with the builder's scale file. Needs the
 `bench` extra (torch).
@@ -18,24 +19,21 @@ its defaults, against its own float-KV build; and ours with the builder's scale 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import harness
+from benchmarks.rows import Row
 from fixtures.smollm2 import built_model, code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph.calibration.data import SEQUENCE_TOKENS, default_text
 from internlm2_graph.evaluate import kl_and_top1
 
 SCHEMES = ("int8_per_channel", "int8_per_tensor", "int4_per_channel", "int4_per_tensor")
-
-
-def cells(q: dict) -> str:
-    change = 100 * (q["perplexity"] / q["reference"] - 1)
-    return f"{q['perplexity']:.3f} | {change:+.2f}% | {q['kl']:.2e} | {q['top1']:.3f}"
+PARAMS = {"window": 2048, "chunk": 256, "builder": False}
+SMOKE: dict = {}  # real weights: SmolLM2-135M (fixtures.smollm2)
 
 
 def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
@@ -49,9 +47,7 @@ def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
 
     def builder(out: Path, *options: str) -> Path:
         if not (out / "genai_config.json").is_file():
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama),
-                   "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out) + "-cache",
-                   *(["--extra_options", *options] if options else [])]  # fmt: skip
+            cmd = harness.builder_command(llama, out, "fp32", "cpu", options)
             subprocess.run(cmd, check=True, capture_output=True)
         return out
 
@@ -88,15 +84,9 @@ def builder_rows(work: Path, checkpoint: Path, texts: dict, args) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/internlm2-bench")
-    parser.add_argument("--window", type=int, default=2048)
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--machine", default=None)
-    parser.add_argument("--builder", action="store_true", help="also the builder's int8 KV")
-    args = parser.parse_args(argv)
-    work = Path(args.workdir)
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    work = ctx.workdir
     checkpoint = smollm2_checkpoint(work / "smollm2")
     ids = encode(checkpoint, default_text(), 2048 * 4)
     calibration = work / "kv-calibration.json"
@@ -135,26 +125,25 @@ def main(argv: list[str] | None = None) -> None:
         print(scheme, json.dumps(row), flush=True)
     if args.builder:
         rows += builder_rows(work, checkpoint, texts, args)
-    lines = [
-        "KV cache schemes on real weights: SmolLM2-135M-Instruct, fp32 CPU builds, scales "
-        "calibrated in the build on stdlib text; 4096 tokens each of prose and code, windows of "
-        f"{args.window}, fed {args.chunk} tokens per call (teacher-forced)",
-        "",
-        "| KV cache | prose ppl | vs float | prose KL | prose top-1 "
-        "| code ppl | vs float | code KL | code top-1 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['scheme']} | {cells(row['prose'])} | {cells(row['code'])} |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    name = f"kv-quality-{args.machine or common.default_machine_name()}"
-    print(
-        common.write_results(
-            name, {"machine": common.machine_info(), "args": vars(args), "rows": rows}, text
-        )
-    )
+    return [row for found in rows for row in rows_of(ctx, found, args)]
 
 
-if __name__ == "__main__":
-    main()
+def rows_of(ctx: harness.Context, found: dict, args) -> list[Row]:
+    out = []
+    for text in ("prose", "code"):
+        q = found[text]
+        params = {"window": args.window, "chunk": args.chunk, "reference_ppl": q["reference"]}
+        for metric, unit in (("perplexity", ""), ("kl", "nats"), ("top1", "")):
+            name = {"perplexity": "ppl"}.get(metric, metric) + f"_{text}"
+            out.append(
+                ctx.row(
+                    model="smollm2-135m",
+                    variant=f"fp32 cpu {found['scheme']} KV",
+                    tool="builder" if found["scheme"].startswith("builder") else "ours",
+                    metric=name,
+                    value=q[metric],
+                    unit=unit,
+                    params=params,
+                )
+            )
+    return out

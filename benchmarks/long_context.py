@@ -1,34 +1,34 @@
-"""Long-context prefill and decode of built folders, side by side; and how long a context loads.
+"""Long context: prefill and decode of built folders side by side; how long a context loads.
 
-    python -m benchmarks.long_context ours:int8=DIR builder:int8=DIR ... \
-        [--contexts 4096,32768,131072] [--gen 64] [--repeat 2] [--machine NAME]
-    python -m benchmarks.long_context --capacity ours:int8=DIR ... [--step 32768]
+    python -m benchmarks run decode -e cuda --repeat 2 --param study=long_context \
+        folders=ours:int8=DIR,builder:int8=DIR contexts=4096,32768,131072 gen=64
+    python -m benchmarks run decode -e cuda --param study=long_context capacity=ours:int8=DIR
 
 Timing (one process; the folders of a scheme loaded together, in alternating order per repeat):
-- a fresh generator takes the first context as its prompt (prefill tok/s), then decodes --gen
+- a fresh generator takes the first context as its prompt (prefill tok/s), then decodes `gen`
   tokens (decode tok/s at that context);
-- with --buffer N, another fresh generator, of max_length N, takes the first context and
+- with buffer=N, another fresh generator, of max_length N, takes the first context and
   decodes (what a step costs when the buffers are sized for a long conversation);
 - a second fresh generator takes the second context as its prompt (prefill tok/s), decodes,
   and then grows to each later context by appending the missing tokens (og's continued
-  prompt), decoding --gen tokens at each: decode tok/s at 128k without a second 128k prefill.
+  prompt), decoding `gen` tokens at each: decode tok/s at 128k without a second 128k prefill.
 One warm-up pass per folder first, over the first two contexts: it captures the CUDA graph and
 grows the session's memory arena to a 32k prefill, which would otherwise land in the first timed
 run of whichever folder goes first. Medians of --repeat, and each point's spread (max - min over
-the median) per tool: a ratio inside the spread is not a difference. Names are TOOL:SCHEME; rows
-put each scheme's tools side by side, with ours/builder ratios.
+the median) per tool: a ratio inside the spread is not a difference. Names are TOOL:SCHEME: the
+rows' tool, and the KV cache in their variant.
 
---capacity: the largest max_length a folder loads at, in steps of --step tokens: a generator of
-that max_length is created (the KV cache is allocated whole) and decodes after a 16-token
-prompt. Each attempt runs in a fresh process (a failed allocation leaves nothing behind);
-binary search between the largest timed context and the folder's own context_length. With
---probe L1,L2,... each folder is tried at exactly those max_lengths instead, a line each: loaded
-or not, and the GPU memory in use (MiB) or the error's last line.
+capacity=TOOL:SCHEME=DIR,...: the largest max_length a folder loads at, in steps of `step`
+tokens: a generator of that max_length is created (the KV cache is allocated whole) and decodes
+after a 16-token prompt. Each attempt runs in a fresh process (a failed allocation leaves
+nothing behind); binary search between the largest timed context and the folder's own
+context_length. With probe=L1,L2,... each folder is tried at exactly those max_lengths instead,
+a line each: loaded or not, and the GPU memory in use (MiB) or the error's last line. Without
+folders, the run's own builds are timed (named ours:default-PRECISION).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -37,9 +37,20 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common  # noqa: E402
-from benchmarks.runtime import load, vocab_size  # noqa: E402
+from benchmarks import common, harness
+from benchmarks.rows import Row
+from benchmarks.runtime import load, vocab_size
+
+PARAMS = {
+    "folders": "",  # TOOL:SCHEME=DIR,... timed side by side
+    "capacity": "",  # TOOL:SCHEME=DIR,... whose largest loading max_length is searched
+    "contexts": "4096,32768,131072",
+    "gen": 64,
+    "buffer": 0,  # also decode in a generator of this max_length (CUDA graphs size buffers so)
+    "step": 32768,
+    "probe": "",  # L1,L2,...: try the capacity folders at exactly these max_lengths
+}
+SMOKE = {"contexts": "16,32,48", "gen": 4}
 
 TRY = """
 import sys, numpy as np, onnxruntime_genai as og
@@ -54,10 +65,6 @@ query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits
 smi = shutil.which(query[0]) and subprocess.run(query, capture_output=True, text=True)
 print("LOADED", smi.stdout.strip() if smi else "")
 """
-
-
-def parse_models(specs: list[str]) -> dict[str, Path]:
-    return {spec.split("=", 1)[0]: Path(spec.split("=", 1)[1]) for spec in specs}
 
 
 def generator(model, length: int):
@@ -111,7 +118,7 @@ def one_pass(model, contexts: list[int], steps: int, rng, vocab: int, buffer: in
     return out
 
 
-def timing(folders: dict[str, Path], args) -> dict:
+def timing(folders: dict[str, Path], args, ep: str, repeat: int) -> dict:
     """Medians per folder; the folders of one scheme are loaded together and released before
     the next scheme's (each session's memory arena keeps what its longest prefill took)."""
     import gc
@@ -121,11 +128,11 @@ def timing(folders: dict[str, Path], args) -> dict:
     medians = {}
     for scheme in dict.fromkeys(name.split(":")[-1] for name in folders):
         group = {n: f for n, f in folders.items() if n.split(":")[-1] == scheme}
-        models = {name: load(folder, args.ep) for name, folder in group.items()}
+        models = {name: load(folder, ep) for name, folder in group.items()}
         runs: dict[str, list[dict]] = {name: [] for name in group}
         for model in models.values():
             one_pass(model, contexts[:2], 8, np.random.default_rng(1), vocab)
-        for rep in range(args.repeat):
+        for rep in range(repeat):
             names = list(models) if rep % 2 == 0 else list(models)[::-1]
             for name in names:
                 result = one_pass(models[name], contexts, args.gen, np.random.default_rng(rep),
@@ -191,86 +198,83 @@ def capacity(folder: Path, low: int, step: int) -> dict:
             "error": error}  # fmt: skip
 
 
-def report(medians: dict, caps: dict, args) -> None:
-    schemes = sorted({n.split(":")[1] for n in (medians or caps)}, key=str)
-    rows = []
-    contexts = [int(c) for c in args.contexts.split(",")]
-    for scheme in schemes if medians else []:
-        ours, theirs = medians.get(f"ours:{scheme}"), medians.get(f"builder:{scheme}")
-        points_of = {"prefill": contexts[:2], "decode": contexts}
-        points_of["buffered"] = [contexts[0]] if args.buffer else []
-        for kind, points in points_of.items():
-            for c in points:
-                a = ours and ours[kind].get(c)
-                b = theirs and theirs[kind].get(c)
-                spreads = [
-                    common.fmt(m and m.get("spread", {}).get(f"{kind}@{c}"), ".1%")
-                    for m in (ours, theirs)
-                ]
-                ratio = common.fmt(common.ratio(a, b), ".3f", "x")
-                measure = f"{kind} tok/s @ {c}"
-                if kind == "buffered":
-                    measure = f"decode tok/s @ {c}, max_length {args.buffer}"
-                rows.append([scheme, measure, common.fmt(a), common.fmt(b), ratio,
-                             " / ".join(spreads)])  # fmt: skip
-    header = ["KV cache", "measure", "ours", "builder", "ours/builder", "spread ours / builder"]
-    table = common.markdown_table(header, rows)
-    cap_rows = [
-        [name, str(c["max_length"]), c.get("gpu_mib", ""), c["limit"], c.get("error", "")]
-        for name, c in caps.items()
-    ]
-    cap_table = common.markdown_table(
-        ["folder", "largest max_length that loads", "GPU MiB in use there", "bound", "error"],
-        cap_rows,
-    )
-    info = common.machine_info()
-    markdown = (
-        f"# Long context, side by side ({info.get('gpu')})\n\n"
-        f"`python -m benchmarks.long_context` ({args.repeat} alternating runs, medians; "
-        f"{args.gen} decode steps per point)\n\n{table if rows else ''}\n\n"
-        f"{cap_table if cap_rows else ''}\n"
-    )
-    print(markdown)
-    common.write_results(f"long-context-{args.machine}", {"timing": medians, "capacity": caps,
-                         **info}, markdown)  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("models", nargs="*", metavar="TOOL:SCHEME=FOLDER")
-    parser.add_argument("--capacity", nargs="*", default=[], metavar="TOOL:SCHEME=FOLDER")
-    parser.add_argument("--ep", default="cuda", choices=("cpu", "cuda"))
-    parser.add_argument("--contexts", default="4096,32768,131072")
-    parser.add_argument("--gen", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--step", type=int, default=32768)
-    parser.add_argument(
-        "--buffer",
-        type=int,
-        default=0,
-        help="also decode after the first context in a generator of this max_length (with CUDA "
-        "graphs onnxruntime-genai's buffers, the attention mask's among them, are that long)",
-    )
-    parser.add_argument("--probe", default="", metavar="L1,L2,...")
-    parser.add_argument("--machine", default=common.default_machine_name())
-    args = parser.parse_args(argv)
+def run(ctx: harness.Context) -> list[Row]:
     common.require_genai()
+    args = harness.settings(ctx, PARAMS)
+    capacity_of = harness.folders(ctx, "capacity")
     if args.probe:
-        for name, folder in parse_models(args.capacity).items():
-            for length in (int(n) for n in args.probe.split(",")):
-                print(name, length, *try_length(folder, length), flush=True)
-        return
-    medians = timing(parse_models(args.models), args) if args.models else {}
+        return probe_rows(ctx, capacity_of, [int(n) for n in args.probe.split(",")])
+    timed = harness.folders(ctx)
+    if not (timed or capacity_of):
+        timed = {f"ours:default-{p}": ctx.build(p) for p in ctx.precisions}
+    medians = timing(timed, args, ctx.ep, ctx.repeat) if timed else {}
     low = max(int(c) for c in args.contexts.split(","))
     caps = {}
-    for name, folder in parse_models(args.capacity).items():
+    for name, folder in capacity_of.items():
         caps[name] = capacity(folder, low, args.step)
         print(f"  {name}: loads at max_length {caps[name]['max_length']} "
               f"({caps[name]['limit']})", flush=True)  # fmt: skip
-    report(medians, caps, args)
+    every = {**timed, **capacity_of}
+
+    def variant(name: str) -> str:
+        return f"{harness.built_variant(name, every[name], ctx.ep)} {name.split(':', 1)[1]} KV"
+
+    return rows_of(medians, caps, ctx.model, variant)
 
 
-if __name__ == "__main__":
-    main()
+def rows_of(medians: dict, caps: dict, model: str, variant, **stamp) -> list[Row]:
+    """Per TOOL:SCHEME folder: prefill and decode tok/s at each context (medians; `spread` in
+    params is (max - min) / median over the runs), decode with the long buffer (`buffered`),
+    and the largest max_length that loads. `variant(name)` says what the folder is."""
+    out = []
+    for name, found in medians.items():
+        base = {"suite": "decode", "model": model, "variant": variant(name)}
+        for kind, metric in (
+            ("prefill", "prompt_tok_s"),
+            ("decode", "gen_tok_s"),
+            ("buffered", "gen_tok_s_long_buffer"),
+        ):
+            for context, value in found.get(kind, {}).items():
+                params = {"context": int(context)}
+                spread = found.get("spread", {}).get(f"{kind}@{context}")
+                if spread is not None:
+                    params["spread"] = spread
+                tool = name.split(":", 1)[0]
+                out.append(Row(**base, tool=tool, metric=metric, value=value, unit="tok/s",
+                               params=params, **stamp))  # fmt: skip
+    for name, found in caps.items():
+        out.append(
+            Row(
+                suite="decode",
+                model=model,
+                variant=variant(name),
+                tool=name.split(":", 1)[0],
+                metric="max_length_loads",
+                value=found["max_length"],
+                unit="tokens",
+                params={"limit": found["limit"]},
+                **stamp,
+            )
+        )
+    return out
+
+
+def probe_rows(ctx: harness.Context, folders: dict[str, Path], lengths: list[int]) -> list[Row]:
+    """Whether each folder loads at each max_length; GPU MiB in use or the error in params."""
+    out = []
+    for name, folder in folders.items():
+        for length in lengths:
+            loaded, said = try_length(folder, length)
+            print(name, length, loaded, said, flush=True)
+            variant = harness.built_variant(name, folder, ctx.ep)
+            out.append(
+                ctx.row(
+                    variant=f"{variant} {name.split(':', 1)[1]} KV",
+                    tool=name.split(":", 1)[0],
+                    metric="loads",
+                    value=float(loaded),
+                    unit="",
+                    params={"max_length": length, "said": said},
+                )
+            )
+    return out

@@ -1,7 +1,7 @@
-"""Pre-quantized imports on real weights: perplexity of the int4 import against the float model
-of its dequantized weights, per format, and what act-order's Gather costs at decode.
+"""Pre-quantized quality: an int4 import's perplexity against its dequantized float model.
 
-SmolLM2-135M-Instruct in the InternLM2 layout (benchmarks/smollm2.py) is quantized group-wise
+Per format on real weights, and what act-order's Gather costs at decode. SmolLM2-135M-Instruct
+in the InternLM2 layout (fixtures/smollm2.py) is quantized group-wise
 (group 64: hidden 576 = 9 x 64) to nearest, min-max, as GPTQ and AWQ round once their search is
 done, and packed by synthetic.prequantized into each format (act-order variants get GPTQ's
 g_idx of a random channel order). Each file is then built twice by the package: `-p int4`
@@ -9,24 +9,27 @@ g_idx of a random channel order). Each file is then built twice by the package: 
 (dequantized exactly, (q - z) * s). Goal: perplexity within 0.1% on real text.
 
 Act-order's cost: GPTQ with and without act-order (same shapes, same codes layout) decode
-`--gen` tokens after a `--prompt`-token prompt with onnxruntime-genai, alternating, `--repeat`
-times; medians and ratios. The box may be shared: the load average is recorded.
+`gen` tokens after a `prompt`-token prompt with onnxruntime-genai, alternating, --repeat times;
+rows of tok/s and the paired ratio.
 
-    python -m benchmarks.prequantized_quality [--workdir DIR] [--tokens 4096] [--repeat 5]
+    python -m benchmarks run quality --repeat 5 --workdir /tmp/internlm2-bench \
+        --param study=prequantized \
+        tokens=4096 variants=awq,gptq-sym levels=0,4
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import load_average, machine_info, markdown_table, median, write_results
+from benchmarks import harness
+from benchmarks.common import median
+from benchmarks.rows import Row, measured
 from benchmarks.runtime import load, one_run
-from fixtures.smollm2 import DEFAULT_WORKDIR, code_text, encode, eval_text, smollm2_checkpoint
+from fixtures.smollm2 import code_text, encode, eval_text, smollm2_checkpoint
 from internlm2_graph import build
 from internlm2_graph.evaluate import kl_and_top1, perplexity
 from internlm2_graph.synthetic.prequantized import write_prequantized
@@ -39,6 +42,16 @@ VARIANTS = {  # name -> (format, symmetric, act_order)
     "ct-asym": ("compressed-tensors", False, False),
 }
 GROUP = 64
+PARAMS = {
+    "tokens": 4096,
+    "window": 1024,
+    "prompt": 128,
+    "gen": 128,
+    "variants": ",".join(VARIANTS),
+    "texts": "prose,code",
+    "levels": "0,4",  # accuracy_level values to score
+}
+SMOKE: dict = {}  # real weights: SmolLM2-135M (fixtures.smollm2)
 
 
 def decode_cost(plain: Path, act: Path, prompt: np.ndarray, gen: int, repeat: int) -> dict:
@@ -58,21 +71,11 @@ def decode_cost(plain: Path, act: Path, prompt: np.ndarray, gen: int, repeat: in
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--texts", nargs="+", default=["prose", "code"], choices=["prose", "code"])
-    parser.add_argument(
-        "--levels", nargs="+", default=["0", "4"], help="accuracy_level values to score"
-    )
-    parser.add_argument("--gen", type=int, default=128)
-    parser.add_argument("--name", default="prequantized-quality-smollm2-cpu2")
-    args = parser.parse_args()
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    args.workdir, args.repeat = ctx.workdir / "smollm2", ctx.repeat  # as the other SmolLM2 studies
+    args.variants, args.texts = args.variants.split(","), args.texts.split(",")
+    args.levels = args.levels.split(",")
     checkpoint = smollm2_checkpoint(args.workdir)
     work = args.workdir / "prequantized"
     shutil.rmtree(work, ignore_errors=True)
@@ -81,7 +84,12 @@ def main() -> None:
     float_dir = work / "float-fp32"
     build(checkpoint, float_dir, "fp32", "cpu")
     float_ppl = {name: perplexity(float_dir, ids, args.window) for name, ids in texts.items()}
-    rows, results = [], {"float_ppl": float_ppl, "load": [load_average()]}
+    out = []
+
+    def row(variant: str, metric: str, value: float, unit: str = "", **params) -> Row:
+        return ctx.row(model="smollm2-135m", variant=variant, tool="ours", metric=metric,
+                       value=value, unit=unit, params=params)  # fmt: skip
+
     folders = {}
     chosen = {name: VARIANTS[name] for name in args.variants}
     for name, (fmt, symmetric, act_order) in {
@@ -95,74 +103,38 @@ def main() -> None:
         fp32 = work / f"{name}-fp32"
         build(packed, fp32, "fp32", "cpu")
         for level in sorted({*args.levels, "4"}):  # level 4 builds are also timed below
-            out = work / f"{name}-int4-acc{level}"
+            folder = work / f"{name}-int4-acc{level}"
             start = time.perf_counter()
-            summary = build(packed, out, "int4", "cpu", {"accuracy_level": level})
-            folders[(name, level)] = out
+            summary = build(packed, folder, "int4", "cpu", {"accuracy_level": level})
+            seconds = time.perf_counter() - start
+            folders[(name, level)] = folder
             if name not in chosen or level not in args.levels:
                 continue
             for text, ids in texts.items():
-                q = kl_and_top1(out, fp32, ids, args.window)
+                q = kl_and_top1(folder, fp32, ids, args.window)
                 gap = q.perplexity / q.reference_perplexity - 1
-                results[f"{name}/acc{level}/{text}"] = {
-                    "int4_ppl": q.perplexity,
-                    "dequantized_fp32_ppl": q.reference_perplexity,
-                    "relative_gap": gap,
-                    "kl": q.kl,
-                    "top1": q.top1,
-                    "build_s": time.perf_counter() - start,
-                    "format": summary.prequantized,
-                }
-                rows.append(
-                    [
-                        name,
-                        level,
-                        text,
-                        f"{q.perplexity:.4f}",
-                        f"{q.reference_perplexity:.4f}",
-                        f"{gap:+.4%}",
-                        f"{q.kl:.2e}",
-                        f"{q.top1:.2%}",
-                        f"{float_ppl[text]:.3f}",
-                    ]
-                )
-                print(rows[-1], flush=True)
+                variant = f"{name} -> int4 cpu acc{level}"
+                params = {"text": text, "tokens": q.tokens, "window": args.window}
+                params["float_checkpoint_ppl"] = float_ppl[text]
+                params["format"] = summary.prequantized
+                out += [
+                    row(variant, "ppl", q.perplexity, **params),
+                    row(variant, "dequantized_fp32_ppl", q.reference_perplexity, **params),
+                    row(variant, "relative_gap", gap, **params),
+                    row(variant, "kl", q.kl, "nats", **params),
+                    row(variant, "top1", q.top1, **params),
+                    row(variant, "build_seconds", seconds, "s", **params),
+                ]
+                print(name, level, text, f"ppl {q.perplexity:.4f} gap {gap:+.4%}", flush=True)
     prompt = texts["prose"][: args.prompt]
     cost = decode_cost(
         folders[("gptq-asym", "4")], folders[("gptq-asym-act", "4")], prompt, args.gen, args.repeat
     )
-    results["act_order_decode"] = cost
-    results["load"].append(load_average())
-    table = markdown_table(
-        [
-            "file",
-            "accuracy_level",
-            "text",
-            "int4 ppl",
-            "fp32 dequantized ppl",
-            "gap",
-            "KL",
-            "top-1",
-            "float checkpoint ppl",
-        ],
-        rows,
-    )
-    tok = cost["median_tok_s"]
-    spread = {n: f"{min(v):.1f}-{max(v):.1f}" for n, v in cost["tok_s"].items()}
-    markdown = (
-        f"SmolLM2-135M (InternLM2 layout) packed by synthetic.prequantized, group {GROUP}, "
-        + ", ".join(f"{len(ids)} {name} tokens" for name, ids in texts.items())
-        + f", window "
-        f"{args.window}; machine {machine_info()}; load {results['load']}\n\n{table}\n\n"
-        f"Act-order decode cost (int4, accuracy_level 4, {args.prompt}-token prompt, "
-        f"{args.gen} tokens, {args.repeat} alternating runs): plain GPTQ {tok['gptq-asym']:.1f} "
-        f"tok/s ({spread['gptq-asym']}), act-order (a Gather before each MatMulNBits) "
-        f"{tok['gptq-asym-act']:.1f} tok/s ({spread['gptq-asym-act']}): "
-        f"{cost['act_over_plain']:.3f}x\n"
-    )
-    print(markdown)
-    print(write_results(args.name, results, markdown))
-
-
-if __name__ == "__main__":
-    main()
+    decode = {"prompt": args.prompt, "gen": args.gen, "accuracy_level": 4}
+    for name, tok_s in cost["tok_s"].items():
+        variant = f"{name} -> int4 cpu acc4"
+        out.append(ctx.row(model="smollm2-135m", variant=variant, tool="ours", metric="gen_tok_s",
+                           unit="tok/s", params=decode, **measured(tok_s)))  # fmt: skip
+    out.append(row("gptq-asym-act -> int4 cpu acc4", "act_over_plain", cost["act_over_plain"],
+                   "x", **decode))  # fmt: skip
+    return out

@@ -1,12 +1,12 @@
 """Quality per byte on the untilted SmolLM2 bed: llama.cpp's types beside our layouts.
 
-    python -m benchmarks.quality_per_byte [--workdir DIR] [--llamacpp Q4_K_M+imatrix,Q4_1,...]
-        [--ours q4_mixed,...] [--variant NAME='KEY=VALUE ...'] [--name RESULTS]
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=per_byte \
+        llamacpp=Q4_K_M+imatrix,Q4_1 ours=q4_mixed variants="b64:block_size=64 algo_config=rtn"
 
-The bed (benchmarks/llamacpp.py) is SmolLM2-135M-Instruct moved off its Q4_1 grid, as an F32
-GGUF both sides start from. Every row is scored by the same evaluation (benchmarks/quality.py):
+The bed (fixtures/llamacpp.py) is SmolLM2-135M-Instruct moved off its Q4_1 grid, as an F32
+GGUF both sides start from. Every row is scored by the same evaluation (internlm2_graph.evaluate):
 its fp32 InternLM2 checkpoint built by this package, teacher-forced on the same windows of
-1024 tokens, --eval-tokens each of prose and code (smollm2.eval_text / code_text); perplexity,
+1024 tokens, `eval_tokens` each of prose and code (smollm2.eval_text / code_text); perplexity,
 KL(bed fp32 || row) per token and top-1 agreement with the bed.
 
 - llama.cpp rows: `llama-quantize` of the bed with its default mix for each type, with and
@@ -19,23 +19,23 @@ KL(bed fp32 || row) per token and top-1 agreement with the bed.
 One calibration text for both sides: `calibrate.default_text()` as SmolLM2 ids without the
 sequences that overlap the evaluation text (quant_quality.calibration_ids), GPTAQ's budget
 (32 sequences of 512); llama-imatrix reads the same sequences decoded to text, 512-token chunks.
-Rows are cached under the workdir (rows/NAME.json): rerunning scores only what is new.
+Rows are cached under the workdir (rows/NAME.json): rerunning scores only what is new. `variants`
+adds ad-hoc rows, NAME:KEY=VALUE KEY=VALUE;... (ablations). Rows per model: MB, and perplexity,
+KL and top-1 on both texts (`all`), prose and code.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common, llamacpp, quant_quality  # noqa: E402
-from fixtures import smollm2  # noqa: E402
-from internlm2_graph.evaluate import kl_and_top1, log_softmax, windows  # noqa: E402
+from benchmarks import common, harness, quant_quality
+from benchmarks.rows import Row
+from fixtures import llamacpp, smollm2
+from internlm2_graph.evaluate import kl_and_top1, log_softmax, windows
 
 LLAMACPP_TYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M")
 BASE = {"accuracy_level": "0", "algo_config": "gptaq"}
@@ -47,6 +47,15 @@ VARIANTS = {
 }
 TEXTS = ("prose", "code")
 CTX = 512
+PARAMS = {
+    "llamacpp": ",".join(f"{t},{t}+imatrix" for t in LLAMACPP_TYPES),  # TYPE or TYPE+imatrix
+    "ours": ",".join(VARIANTS),
+    "variants": "",
+    "eval_tokens": 4096,
+    "calibration_sequences": 32,  # of 512 tokens, for GPTAQ and llama-imatrix alike
+    "threads": 0,  # onnxruntime threads when scoring (0: its default)
+}
+SMOKE: dict = {}  # real weights and llama.cpp's tools: SmolLM2-135M (fixtures.smollm2)
 
 
 class CachedLogits:
@@ -239,82 +248,33 @@ def model_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(onnx_file.name))
 
 
-def report(rows: list[dict], bed_stats: dict, args) -> str:
-    header = ["model", "bytes (MB)", "ppl all (prose / code)", "KL all (prose / code)", "top-1"]
-    table = []
-    for row in sorted(rows, key=lambda r: -r["bytes"]):
-        a = row["all"]
-        table.append(
-            [
-                row["name"],
-                mb(row["bytes"]),
-                f"{a['perplexity']:.3f} ({row['prose']['perplexity']:.2f} / "
-                f"{row['code']['perplexity']:.2f})",
-                f"{a['kl']:.4f} ({row['prose']['kl']:.4f} / {row['code']['kl']:.4f})",
-                f"{a['top1']:.3f}",
-            ]
-        )
-    machine = common.machine_info()
-    return "\n".join(
-        [
-            f"# Quality per byte on the untilted SmolLM2 bed ({args.machine})",
-            "",
-            "Bed: SmolLM2-135M-Instruct, every 2-D weight plus U(-d/2, d/2) noise, d the Q4_1 "
-            f"step of its block of 32 inputs (seed {bed_stats['seed']}). Q4_1 round trip, "
-            "relative RMS error (median over the 2-D weights): "
-            f"{bed_stats['q4_1_roundtrip_rel_rms_before']:.2e} before, "
-            f"{bed_stats['q4_1_roundtrip_rel_rms_after']:.2e} after. "
-            f"Evaluation: {args.eval_tokens} tokens each of prose and code, windows of 1024, "
-            "KL(bed fp32 || row) per token; `all` = both texts. Ours at accuracy_level=0, "
-            "gptaq rows calibrated, rtn rows rounded to nearest; llama.cpp's GGUFs dequantized "
-            "by gguf-py. Calibration (our GPTAQ and llama-imatrix, `imatrixN`): the same "
-            f"{args.calibration_sequences} x 512 tokens of calibrate.default_text().",
-            "",
-            common.markdown_table(header, table),
-            "",
-            "llama.cpp's tensor types per row and our MatMulNBits formats: the JSON beside it.",
-            f"Machine: {json.dumps(machine)} (2 cores shared with five other engineers' runs).",
-        ]
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR / "bed")
-    default = ",".join(f"{t},{t}+imatrix" for t in LLAMACPP_TYPES)
-    parser.add_argument("--llamacpp", default=default,
-                        help="llama.cpp rows: TYPE or TYPE+imatrix, comma-separated")  # fmt: skip
-    parser.add_argument("--ours", default=",".join(VARIANTS), help="names from VARIANTS")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
-                        help="an ad-hoc row: NAME='KEY=VALUE KEY=VALUE' (ablations)")  # fmt: skip
-    parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--calibration-sequences", type=int, default=32,
-                        help="of 512 tokens, for GPTAQ and llama-imatrix alike")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime threads when scoring")  # fmt: skip
-    parser.add_argument("--machine", default=common.default_machine_name())
-    parser.add_argument("--name", default=None, help="results file name")
-    args = parser.parse_args(argv)
-
-    bench = Bench(args.workdir, args.eval_tokens, args.threads, args.calibration_sequences)
-    rows = [bench.fp32_row()]
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    bed = ctx.workdir / "smollm2" / "bed"  # beside the checkpoint the other SmolLM2 studies share
+    bench = Bench(bed, args.eval_tokens, args.threads or None, args.calibration_sequences)
+    rows = [("ours", bench.fp32_row())]
     for item in filter(None, args.llamacpp.split(",")):
         kind, _, matrix = item.partition("+")
-        rows.append(bench.llamacpp_row(kind, matrix == "imatrix"))
+        rows.append(("llama.cpp", bench.llamacpp_row(kind, matrix == "imatrix")))
     variants = {name: VARIANTS[name] for name in filter(None, args.ours.split(","))}
-    for item in args.variant:
-        name, _, options = item.partition("=")
+    for item in filter(None, args.variants.split(";")):
+        name, _, options = item.partition(":")
         variants[name] = dict(o.split("=", 1) for o in options.split())
     for name, options in variants.items():
-        rows.append(bench.our_row(name, options))
-    bed_stats = json.loads((args.workdir / (llamacpp.BED_NAME + ".json")).read_text())
-    markdown = report(rows, bed_stats, args)
-    print(markdown)
-    if args.name:
-        payload = {"rows": rows, "bed": bed_stats, "machine": common.machine_info(),
-                   "git": common.git_state(), "args": vars(args)}  # fmt: skip
-        print("wrote", common.write_results(args.name, payload, markdown))
+        rows.append(("ours", bench.our_row(name, options)))
+    return [r for tool, row in rows for r in rows_of(ctx, tool, row, args.eval_tokens)]
 
 
-if __name__ == "__main__":
-    main()
+def rows_of(ctx: harness.Context, tool: str, row: dict, eval_tokens: int) -> list[Row]:
+    out = [ctx.row(model="smollm2-135m-bed", variant=row["name"], tool=tool, metric="mb",
+                   value=row["bytes"] / 1e6, unit="MB")]  # fmt: skip
+    for text in ("all", *TEXTS):
+        suffix = "" if text == "all" else f"_{text}"
+        for metric, unit in (("perplexity", ""), ("kl", "nats"), ("top1", "")):
+            if row[text].get(metric) is None:
+                continue
+            name = {"perplexity": "ppl"}.get(metric, metric) + suffix
+            out.append(ctx.row(model="smollm2-135m-bed", variant=row["name"], tool=tool,
+                               metric=name, value=row[text][metric], unit=unit,
+                               params={"eval_tokens": eval_tokens}))  # fmt: skip
+    return out

@@ -1,7 +1,9 @@
-"""What int4 costs in quality on real weights: round to nearest, GPTQ and AWQ (calibration/).
+"""Quant quality: what int4 costs on real weights, round to nearest, GPTQ, GPTAQ and AWQ.
 
-    python -m benchmarks.quant_quality [--workdir DIR] [--settings 32-sym,128-sym,128-asym]
-        [--methods rtn,gptq,awq] [--heads int4] [--eval-tokens 4096] [--machine NAME]
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=quant_quality \
+        settings=32-sym,128-sym,128-asym methods=rtn,gptq,awq heads=int4 eval_tokens=4096
+    python -m benchmarks run quality --workdir /tmp/internlm2-bench --param study=quant_quality \
+        methods=rtn,gptq,gptaq subset=1          # another calibration sample (and 2, ...)
 
 SmolLM2-135M-Instruct (fixtures/smollm2.py: real trained weights in the InternLM2 layout) is
 built at fp32 (the reference) and at int4 with each method x block size x symmetry x lm_head
@@ -14,15 +16,20 @@ Calibration and evaluation text are different:
   passed as calibration_data=ids.json (the checkpoint carries a placeholder SentencePiece model, see
   smollm2.py). Sequences sharing any 16-token run with the evaluation text are dropped first.
 - evaluation: `smollm2.eval_text()` (prose: Python's license and history, the heapq essay, the
-  Zen) and `smollm2.code_text()` (textwrap.py and shlex.py), --eval-tokens of each, windows
+  Zen) and `smollm2.code_text()` (textwrap.py and shlex.py), `eval_tokens` of each, windows
   of 1024 tokens; perplexity, KL(fp32 || int4) per token and top-1 agreement with fp32.
 
-Bits per weight are those of the quantized linears (codes + fp32 scales + zero points).
+Bits per weight are those of the quantized linears (codes + fp32 scales + zero points). Rows:
+benchmarks/convert.py's quant-quality rows, and per calibrated build `gap_vs_rtn` (and _prose,
+_code): its perplexity gap to fp32 over RTN's at the same setting and lm_head. `subset=N`
+calibrates on another sample of the default text (its sequences shifted by N places); the
+spread of the gap over subsets is how much a result depends on the sample. `tweak` is a GPTQ/AWQ
+variant for an ablation, fields of the method's recipe (internlm2_graph/calibration/recipes.py)
+as JSON, e.g. {"damp": 0.1}, and `calibration_tokens` (0: each method's own) its budget.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -32,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from benchmarks import common  # noqa: E402
-from fixtures import smollm2  # noqa: E402
-from internlm2_graph.evaluate import kl_and_top1  # noqa: E402
+from benchmarks import common, convert, harness
+from benchmarks.rows import Row
+from fixtures import smollm2
+from internlm2_graph.evaluate import kl_and_top1
 
 SETTINGS = {
     "32-sym": {"block_size": "32", "is_symmetric": "true"},
@@ -44,6 +51,17 @@ SETTINGS = {
     "32-asym": {"block_size": "32", "is_symmetric": "false"},
 }
 NGRAM = 16
+PARAMS = {
+    "settings": "32-sym,128-sym,128-asym",
+    "methods": "rtn,gptq",
+    "heads": "int4",  # lm_head precisions: int4,int8,float
+    "eval_tokens": 4096,
+    "calibration_tokens": 0,
+    "tweak": "",
+    "subset": 0,
+}
+SMOKE: dict = {}  # real weights: SmolLM2-135M (fixtures.smollm2), minutes on two cores
+TEXTS = ("prose", "code", "prose+code")
 
 
 def bits_per_weight(bits: int, block: int, symmetric: bool) -> float:
@@ -121,28 +139,33 @@ def measured_build(
     return stats
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=smollm2.DEFAULT_WORKDIR)
-    parser.add_argument("--settings", default="32-sym,128-sym,128-asym")
-    parser.add_argument("--methods", default="rtn,gptq")
-    parser.add_argument("--heads", default="int4", help="lm_head precisions: int4,int8,float")
-    parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--calibration-tokens", type=int, default=None,
-                        help="default: each method's own (its recipe's tokens)")  # fmt: skip
-    parser.add_argument("--machine", default=common.default_machine_name())
-    parser.add_argument(
-        "--tweak",
-        default="",
-        help="GPTQ/AWQ variant for an ablation, fields of the method's recipe "
-        "(internlm2_graph/calibration/recipes.py) as JSON, e.g. '{\"damp\": 0.1}' (rows and "
-        "builds get the JSON as a suffix)",
-    )
-    parser.add_argument("--calibration-subset", type=int, default=0,
-                        help="another sample of the default text: its sequences shifted by N "
-                        "places (how much the result depends on the sample)")  # fmt: skip
-    args = parser.parse_args(argv)
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    args.workdir = ctx.workdir / "smollm2"  # shared with the other SmolLM2 studies
+    rows = measure(args)
+    made = convert.quant_quality_rows({"rows": rows, "args": vars(args)}, Path(""))
+    return made + gap_rows(rows, args)
 
+
+def gap_rows(rows: list[dict], args) -> list[Row]:
+    out = []
+    for row in rows:
+        if row["method"] in ("fp32", "rtn"):
+            continue
+        variant = f"int4 {row['method']} {row['setting']} {row['lm_head']}-head cpu"
+        for text, suffix in zip(TEXTS, ("_prose", "_code", "")):
+            ratio = gap_ratio(rows, row, text)
+            if ratio is not None:
+                params = {"eval_tokens": args.eval_tokens, "subset": args.subset}
+                base = {"suite": "quality", "model": "smollm2-135m", "variant": variant}
+                out.append(Row(**base, tool="ours", metric="gap_vs_rtn" + suffix, value=ratio,
+                               unit="", params=params))  # fmt: skip
+    return out
+
+
+def measure(args) -> list[dict]:
+    """One row per build: method, setting, lm_head, bits per weight, build seconds and peak
+    RSS, and perplexity, KL and top-1 per text."""
     checkpoint = smollm2.smollm2_checkpoint(args.workdir)
     texts = {
         "prose": smollm2.encode(checkpoint, smollm2.eval_text(), args.eval_tokens),
@@ -151,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     from internlm2_graph.calibration.recipes import recipe_for
 
     used = {}  # budget -> (file, tokens, sequences dropped for overlapping the evaluation)
-    subset = args.calibration_subset
+    subset = args.subset
 
     def calibration_file(method: str) -> Path:
         """calibration-ids.json (8192 tokens, as before) or calibration-ids-N.json."""
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         nll = sum(np.log(row[t]["perplexity"]) * row[t]["tokens"] for t in texts)
         kl = sum(row[t]["kl"] * row[t]["tokens"] for t in texts)
         row["prose+code"] = {"perplexity": float(np.exp(nll / count)), "kl": kl / count}
-    report(rows, [*texts, "prose+code"], args, used)
+    return rows
 
 
 def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:
@@ -245,52 +268,3 @@ def gap_ratio(rows: list[dict], row: dict, text: str) -> float | None:
     if rtn is None or fp32 is None or rtn[text]["perplexity"] == fp32:
         return None
     return (row[text]["perplexity"] - fp32) / (rtn[text]["perplexity"] - fp32)
-
-
-def report(rows, texts, args, used) -> None:
-    header = ["method", "block, symmetry", "lm_head", "bits/weight"]
-    for text in texts:
-        header += [f"{text} ppl", f"{text} KL", f"{text} gap / RTN gap"]
-    header += ["build s", "peak RSS"]
-    table = []
-    for row in rows:
-        cells = [row["method"], row["setting"], row["lm_head"], f"{row['bpw']:.2f}"]
-        for text in texts:
-            ratio = gap_ratio(rows, row, text) if row["method"] != "fp32" else None
-            cells += [
-                common.fmt(row[text]["perplexity"], ".3f"),
-                common.fmt(row[text].get("kl"), ".4f"),
-                "-" if ratio is None else f"{ratio:.0%}",
-            ]
-        cells += [f"{row['seconds']:.0f}", f"{row['peak_rss'] / 1e9:.2f} GB"]
-        table.append(cells)
-    machine = common.machine_info()
-    markdown = "\n".join(
-        [
-            f"# int4 quality on real weights: SmolLM2-135M-Instruct ({args.machine})",
-            "",
-            f"Evaluation: {args.eval_tokens} tokens each of prose (`smollm2.eval_text`) and code "
-            "(`smollm2.code_text`), windows of 1024, KL(fp32 || int4) per token. Calibration "
-            f"(gptq, awq; gptaq takes twice as many): "
-            + ", ".join(f"{tokens} tokens" for _, tokens, _ in used.values())
-            + " of `calibration.data.default_text()` ("
-            + ", ".join(f"{dropped}" for _, _, dropped in used.values())
-            + " sequences overlapping the evaluation text dropped). accuracy_level=0. "
-            "`gap / RTN gap`: (ppl - fp32 ppl) / (RTN's ppl - fp32 ppl) at the same setting.",
-            "",
-            common.markdown_table(header, table),
-            "",
-            f"Machine: {json.dumps(machine)}",
-        ]
-    )
-    path = common.write_results(
-        f"quant-quality-{args.machine}",
-        {"rows": rows, "machine": machine, "git": common.git_state(), "args": vars(args)},
-        markdown,
-    )
-    print(markdown)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

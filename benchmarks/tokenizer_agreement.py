@@ -1,29 +1,29 @@
-"""How often do og.Tokenizer and the exact path give SentencePiece's ids on real text?
+"""Tokenizer agreement: how often og.Tokenizer and the exact path give SentencePiece's ids.
 
-    python -m benchmarks.tokenizer_agreement [--synthetic 1024,8000] [--no-stdlib]
+    python -m benchmarks run quality --param study=tokenizer synthetic=1024,8000 stdlib=true
 
 Per language, the share of paragraphs (split at blank lines) and of SentencePiece's tokens that
-each tokenizer reproduces, on tests/data/corpus (Chinese and English Markdown, Python) and, unless
---no-stdlib, on text shipped with this Python (its docs' topics as English prose, ten stdlib
+each tokenizer reproduces, on tests/data/corpus (Chinese and English Markdown, Python) and, with
+stdlib=true, on text shipped with this Python (its docs' topics as English prose, ten stdlib
 modules as code). Vocabularies: InternLM v1's published tokenizer.model (../shared/fixtures,
-103168 pieces, InternLM2's settings) and synthetic InternLM2-like ones of the given sizes.
+103168 pieces, InternLM2's settings; v1=false leaves it out) and synthetic InternLM2-like ones
+of the given sizes.
 
-Rows: "og" is og.Tokenizer on the folder as built now; "og, no Split" the same vocabulary with
+Tools: "og" is og.Tokenizer on the folder as built now; "og, no Split" the same vocabulary with
 the pre-tokenizer builds wrote before (a String Split that never matches, so onnxruntime-
 extensions chunks text itself); "exact" is internlm2_graph.tokenizer.exact_tokenizer, and
 "tokenizers, file" the `tokenizers` library on tokenizer.json as written (with og's Split). The
 oracle is SentencePiece with added tokens matched whole (tokenizer.sentencepiece_encoder).
-Seconds are the encode time of the whole language, paragraph by paragraph. A second table
-counts, of the pieces SentencePiece gives as one id for their own text, those each tokenizer
-gives as one id too (verify.whole_pieces).
+Rows per vocabulary, language and tool: the share of paragraphs and of tokens that agree, and
+the encode seconds of the whole language, paragraph by paragraph; per vocabulary and tool, the
+share of the pieces SentencePiece gives as one id for their own text that the tool gives as one
+id too (verify.whole_pieces).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import sysconfig
 import tempfile
 import time
@@ -31,15 +31,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-from internlm2_graph.runtime import genai  # noqa: E402
-from internlm2_graph.synthetic.tokenizer import train_tokenizer  # noqa: E402
-from internlm2_graph.tokenizer import (  # noqa: E402
-    exact_tokenizer,
-    sentencepiece_encoder,
-    write_tokenizer,
-)
-from internlm2_graph.verify import agreement, paragraphs, whole_pieces  # noqa: E402
+from benchmarks import harness
+from benchmarks.rows import Row
+from internlm2_graph.runtime import genai
+from internlm2_graph.synthetic.tokenizer import train_tokenizer
+from internlm2_graph.tokenizer import exact_tokenizer, sentencepiece_encoder, write_tokenizer
+from internlm2_graph.verify import agreement, paragraphs, whole_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "corpus"
@@ -58,6 +55,8 @@ STDLIB_CODE = (
 )
 # What builds wrote before OG_CHUNKS: a Split on " ", which never matches after the normalizer.
 NO_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated", "invert": False}
+PARAMS = {"synthetic": "1024,8000", "stdlib": True, "v1": True}  # synthetic vocabulary sizes
+SMOKE = {"synthetic": "1024", "stdlib": False, "v1": False}
 
 
 def corpus(stdlib: bool) -> dict[str, list[str]]:
@@ -96,15 +95,15 @@ def without_split(folder: Path, out: Path) -> Path:
     return out
 
 
-def vocabularies(work: Path, synthetic: list[int]) -> dict[str, Path]:
+def vocabularies(work: Path, synthetic: list[int], v1: bool = True) -> dict[str, Path]:
     folders = {}
-    if FIXTURE.is_file():
+    if v1 and FIXTURE.is_file():
         checkpoint = work / "v1-checkpoint"
         checkpoint.mkdir()
         shutil.copyfile(FIXTURE, checkpoint / "tokenizer.model")
         folders["InternLM v1"] = tokenizer_folder(checkpoint, work / "v1", 103168)
-    else:
-        print(f"{FIXTURE}: not found, only synthetic vocabularies", file=sys.stderr)
+    elif v1:
+        print(f"warning: {FIXTURE}: not found, only synthetic vocabularies", flush=True)
     for size in synthetic:
         checkpoint = work / f"synthetic-{size}-checkpoint"
         train_tokenizer(checkpoint, size, chat=True, seed=0)
@@ -127,12 +126,22 @@ def encoders(folder: Path, work: Path) -> dict[str, object]:
     }
 
 
-def table(texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> list[str]:
-    rows = [
-        "| vocabulary | language | paragraphs | tokenizer | paragraphs agree | tokens agree | s |",
-        "|---|---|---:|---|---:|---:|---:|",
-    ]
-    pieces = ["| vocabulary | tokenizer | pieces given as one id |", "|---|---|---:|"]
+def run(ctx: harness.Context) -> list[Row]:
+    args = harness.settings(ctx, PARAMS)
+    texts = corpus(stdlib=args.stdlib)
+    with tempfile.TemporaryDirectory(prefix="tokenizer-agreement-") as tmp:
+        work = Path(tmp)
+        folders = vocabularies(work, [int(s) for s in args.synthetic.split(",") if s], args.v1)
+        return rows_of(ctx, texts, folders, work)
+
+
+def rows_of(ctx, texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> list[Row]:
+    out = []
+
+    def row(vocabulary: str, tool: str, metric: str, value: float, unit: str, **params) -> Row:
+        return ctx.row(model=vocabulary, variant="tokenizer", tool=tool, metric=metric,
+                       value=value, unit=unit, params=params)  # fmt: skip
+
     for vocabulary, folder in folders.items():
         reference = sentencepiece_encoder(folder)
         for name, encode in encoders(folder, work).items():
@@ -142,35 +151,23 @@ def table(texts: dict[str, list[str]], folders: dict[str, Path], work: Path) -> 
                 seconds = time.perf_counter() - start
                 agree = result.paragraphs - len(result.differing)
                 tokens = result.tokens - result.differing_tokens
-                rows.append(
-                    f"| {vocabulary} | {language} | {result.paragraphs} | {name} | "
-                    f"{_share(agree, result.paragraphs)} | {_share(tokens, result.tokens)} | "
-                    f"{seconds:.2f} |"
-                )
-                print(rows[-1], file=sys.stderr, flush=True)
+                counts = {"language": language, "paragraphs": result.paragraphs}
+                counts["tokens"] = result.tokens
+                out += [
+                    row(
+                        vocabulary,
+                        name,
+                        "paragraphs_agree",
+                        agree / result.paragraphs,
+                        "",
+                        **counts,
+                    ),
+                    row(vocabulary, name, "tokens_agree", tokens / result.tokens, "", **counts),
+                    row(vocabulary, name, "seconds", seconds, "s", **counts),
+                ]
+                print(f"{vocabulary} {language} {name}: {agree}/{result.paragraphs} paragraphs, "
+                      f"{tokens}/{result.tokens} tokens agree", flush=True)  # fmt: skip
             whole = whole_pieces(folder, encode, reference)
-            kept = whole.pieces - len(whole.cut)
-            pieces.append(f"| {vocabulary} | {name} | {_share(kept, whole.pieces)} |")
-    return [*rows, "", "Pieces that SentencePiece gives as one id for their own text:", "", *pieces]
-
-
-def _share(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.2f}% ({whole - part} differ)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--synthetic", default="1024,8000", help="synthetic vocabulary sizes")
-    parser.add_argument("--no-stdlib", action="store_true", help="only tests/data/corpus")
-    args = parser.parse_args(argv)
-    texts = corpus(stdlib=not args.no_stdlib)
-    with tempfile.TemporaryDirectory(prefix="tokenizer-agreement-") as tmp:
-        work = Path(tmp)
-        folders = vocabularies(work, [int(s) for s in args.synthetic.split(",") if s])
-        rows = table(texts, folders, work)
-    print("\n" + "\n".join(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            kept = (whole.pieces - len(whole.cut)) / whole.pieces
+            out.append(row(vocabulary, name, "pieces_whole", kept, "", pieces=whole.pieces))
+    return out

@@ -78,9 +78,10 @@ def test_headline_moves_with_the_results():
     assert report.pick(found, dataclasses.replace(line, source="nowhere.json"), "ours", "x") is None
 
 
-def test_runtime_benchmark_without_a_runtime_names_the_extra(tmp_path):
+def test_decode_without_a_runtime_names_the_extra(tmp_path):
     hide = "import sys; sys.modules['onnxruntime_genai'] = None\n"
-    script = hide + f"from benchmarks import runtime; runtime.main([{str(tmp_path)!r}])"
+    args = ["run", "decode", "--workdir", str(tmp_path), "--param", f"folders={tmp_path}"]
+    script = hide + f"from benchmarks.__main__ import main; main({args!r})"
     root = Path(__file__).parents[1]
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True

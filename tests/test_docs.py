@@ -91,9 +91,15 @@ def check_command(command: str) -> None:
         if module.split(".")[0] in ("benchmarks", "internlm2_graph"):
             assert importlib.util.find_spec(module) is not None, f"no module {module}"
         if module == "benchmarks":
+            from benchmarks import harness
             from benchmarks.__main__ import build_parser
+            from benchmarks.suites import SUITES
 
-            build_parser().parse_args(words[3:])
+            args = build_parser().parse_args(words[3:])
+            if args.command == "run":  # the suites, the study and its settings exist
+                names = args.suites.split(",")
+                assert set(names) <= set(SUITES), f"unknown suite in {names}"
+                harness.modules(names, dict(p.split("=", 1) for p in args.param))
 
 
 def bash_blocks() -> list[tuple[str, str]]:
@@ -126,6 +132,10 @@ def test_checks_can_fail(tmp_path):
     with pytest.raises(SystemExit):
         parse_ours(["chat", "model", "--no-such-flag"])
     assert commands("a && b # c\nd \\\n  e") == ["a", "b", "d e"]
+    with pytest.raises(SystemExit):
+        check_command("python -m benchmarks run quality --param study=nope")
+    with pytest.raises(SystemExit):
+        check_command("python -m benchmarks run decode --param study=long_context lenghts=1")
 
 
 def test_first_commands_are_the_two_fresh_machine_commands():

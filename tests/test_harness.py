@@ -17,7 +17,7 @@ METRICS = {
     "export": {"seconds", "peak_rss_gb", "output_gb"},
     "decode": {"prompt_tok_s", "gen_tok_s"},
     "quality": {"ppl", "kl", "top1", "reference_ppl"},
-    "speculative": {"tok_s", "speedup"},
+    "speculative": {"tok_s", "speedup", "acceptance"},
     "kernels": {"us_per_run"},
     "serving": {
         "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
@@ -68,3 +68,38 @@ def test_unknown_suite_or_setting_is_refused(capsys):
     assert "--param takes KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown --param"):
         main(["run", "kernels", "--smoke", "--param", "lenghts=16"])
+    with pytest.raises(SystemExit, match="has no study 'nope'; its studies: long_context"):
+        main(["run", "decode", "--param", "study=nope"])
+    with pytest.raises(SystemExit, match="unknown --param"):
+        main(["run", "decode", "--param", "study=long_context", "contexs=16"])
+
+
+def test_list_shows_each_suites_studies_and_their_settings(capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for suite in SUITES.values():
+        for name in getattr(suite, "STUDIES", {}):
+            assert f"study={name} " in listed, name
+    assert "settings: folders=, capacity=, contexts=4096,32768,131072" in listed
+
+
+# The studies that run on the tiny checkpoint on a CPU, and the metrics their rows carry (the
+# others need real weights, llama.cpp, the builder or CUDA).
+STUDIES = {
+    ("export", "sizes"): {"seconds", "peak_rss_gb", "output_gb"},
+    ("export", "peak_rss"): {"seconds", "peak_rss_gb"},
+    ("decode", "long_context"): {"prompt_tok_s", "gen_tok_s"},
+    ("quality", "cuda_parity"): {"max_rel_error", "top1", "tokens_equal"},
+    ("quality", "calibrated"): {"kl", "top1", "bits_per_weight", "seconds", "peak_rss_gb"},
+    ("quality", "tokenizer"): {"paragraphs_agree", "tokens_agree", "seconds", "pieces_whole"},
+}
+
+
+@pytest.mark.parametrize(("suite", "study"), STUDIES)
+def test_studies_return_rows_on_the_tiny_checkpoint(tmp_path, suite, study):
+    out = tmp_path / "rows.json"
+    args = ["run", suite, "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    assert main([*args, "--param", f"study={study}"]) == 0
+    found = rows.read(out)
+    assert {r.metric for r in found} == STUDIES[suite, study]
+    assert all(r.suite == suite and r.machine and r.value == r.value for r in found)

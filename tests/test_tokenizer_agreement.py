@@ -3,8 +3,8 @@
 The corpus (tests/data/corpus) is Chinese and English Markdown and Python; the vocabularies are
 InternLM v1's published one (103168 pieces, InternLM2's settings) and the synthetic
 InternLM2-like one. SentencePiece, with added tokens such as </s> matched whole, is the oracle
-(internlm2_graph.tokenizer.sentencepiece_encoder). benchmarks/tokenizer_agreement.py prints the
-same comparison with token counts.
+(internlm2_graph.tokenizer.sentencepiece_encoder). The quality suite's study=tokenizer
+(benchmarks/tokenizer_agreement.py) measures the same comparison as rows, with token counts.
 """
 
 import functools

@@ -8,6 +8,8 @@ as part of the suites: `python -m benchmarks.probes.NAME --help`.
 - gptq_device: GPTQ of one weight in numpy against onnxruntime's CUDA provider.
 - kv_cache_schemes: which quantized KV caches run where, and how far each moves the logits.
 - mask_count: what counting the attention mask costs a step, int64 against float32.
+- prequantized_builder: what onnxruntime-genai's builder does with pre-quantized InternLM2.
 - quantize_speed: MatMulNBits quantization, the numpy port against onnxruntime's kernel.
 - speculative_draft_probe: does onnxruntime-genai 0.18 run a CUDA draft model? (No.)
+- torch_bin_check: our `.bin` reader and the fixtures' writer against real torch, bit for bit.
 """

@@ -2,9 +2,8 @@
 
 Each build runs in its own process (peak RSS from wait4: the whole tree); tools alternate
 order between repeats. The builder (`--tools ours,builder`, needs the `bench` extra) reads a
-Llama-layout copy of the same checkpoint. For the builder's memory limit, disk checks and
-estimates of builds too large to run, `python -m benchmarks.export` (the longer tool this suite
-shares its commands with) remains.
+Llama-layout copy of the same checkpoint. Several sizes at once, with the builder's memory
+limit, disk checks and estimates of builds too large to run: study=sizes (benchmarks/export.py).
 """
 
 from __future__ import annotations
@@ -16,6 +15,11 @@ from benchmarks.rows import measured
 
 PARAMS = {"options": ""}  # --extra_options for both tools, space separated
 SMOKE: dict = {}
+STUDIES = {  # name: module of benchmarks/
+    "sizes": "export",
+    "peak_rss": "peak_rss",
+    "prequantized": "prequantized_7b",
+}
 GB = 1e9
 
 

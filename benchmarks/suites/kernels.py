@@ -3,7 +3,7 @@
 Today: counting the attention mask for GroupQueryAttention's seqlens_k (int64 ReduceSum, as the
 builder's graph does, against ours: Cast to float32 first), with the mask already on the device,
 at mask rows up to 1M (benchmarks/probes/mask_count.py has the why). A CUPTI trace of a whole decode
-step (torch on CUDA) is `python -m benchmarks.kernel_profile`.
+step (torch on CUDA) is this suite's study=kernel_profile.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from benchmarks.rows import measured
 
 PARAMS = {"lengths": "4096,32768,131072,1048576", "runs": 200}
 SMOKE = {"lengths": "4096", "runs": 20}
+STUDIES = {"kernel_profile": "kernel_profile"}
 
 
 def run(ctx: harness.Context) -> list:

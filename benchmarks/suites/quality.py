@@ -5,7 +5,7 @@ The same numbers as `internlm2-graph eval FOLDER --text FILE --reference FLOAT_F
 library's LICENSE, heapq's essay, the Zen), tokenized with the checkpoint's own tokenizer. The
 reference is the fp32 build on the CPU, fp16 on CUDA. `methods` picks int4/int8 roundings
 (algo_config: rtn, gptq, gptaq, awq). On random weights only differences between builds mean
-something; the real-weights study is `python -m benchmarks.quant_quality` (SmolLM2).
+something; the real-weights study is study=quant_quality (SmolLM2).
 """
 
 from __future__ import annotations
@@ -16,6 +16,16 @@ from internlm2_graph.tokenizer import exact_tokenizer
 
 PARAMS = {"tokens": 2048, "window": 512, "methods": "rtn"}
 SMOKE = {"tokens": 64, "window": 32}
+STUDIES = {
+    "cuda_parity": "cuda_parity",
+    "calibrated": "calibrated_synthetic",
+    "tokenizer": "tokenizer_agreement",
+    "quant_quality": "quant_quality",
+    "builder": "builder_quality",
+    "kv_quality": "kv_quality",
+    "prequantized": "prequantized_quality",
+    "per_byte": "quality_per_byte",
+}
 
 
 def run(ctx: harness.Context) -> list:

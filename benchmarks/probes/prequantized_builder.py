@@ -3,7 +3,7 @@
 Needs torch + transformers + onnxruntime-genai in the running Python (the `bench` extra);
 run with that interpreter:
 
-    python -m benchmarks.prequantized_builder [--workdir DIR]
+    python -m benchmarks.probes.prequantized_builder [--workdir DIR]
 
 1. The builder's command line on a tiny InternLM2 checkpoint in each format (AWQ gemm, GPTQ,
    GPTQ act-order, compressed-tensors), written by synthetic.prequantized. The folder gets a
@@ -15,6 +15,12 @@ run with that interpreter:
    packed layer with the tensor names it understands, its output codes compared with the
    file's. That is what it would write for a Llama-named checkpoint (it cannot read InternLM2
    names, part 1).
+
+Finding (onnxruntime-genai 0.18, benchmarks/results/prequantized-builder-cpu2.md): the builder
+refuses all four: AWQ, GPTQ and GPTQ act-order stop at "model.layers.0.attention.wqkv.qweight
+... is not recognized" (InternLM2's fused wqkv), compressed-tensors at "ModelOpt FP8/NVFP4
+checkpoints are only supported on the CUDA EP". Its requantization path would keep every code
+of an AWQ or GPTQ layer (0 of 2048 x 2048 changed).
 """
 
 from __future__ import annotations

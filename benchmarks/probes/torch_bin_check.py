@@ -2,8 +2,8 @@
 
 Two steps, two interpreters (the package never imports torch):
 
-    TORCH_PYTHON -m benchmarks.torch_bin_check save DIR   # needs torch (and numpy, ml_dtypes)
-    python -m benchmarks.torch_bin_check check DIR        # the package's venv, no torch
+    TORCH_PYTHON -m benchmarks.probes.torch_bin_check save DIR  # torch, numpy, ml_dtypes
+    python -m benchmarks.probes.torch_bin_check check DIR       # the package venv, no torch
 
 `save` writes `torch.save` files (a state dict of bf16/fp16/fp32/int32/int64 tensors, a view
 into a shared storage, an nn.Parameter, and the same saved with the legacy format), the values
@@ -11,6 +11,10 @@ as .npy files, and loads the fixtures writer's own file (synthetic.torch_bin, wr
 `check` on a first run, or here) with `torch.load(weights_only=True)`, recording whether torch
 reads back the same values. `check` reads torch's files with internlm2_graph.torch_pickle and
 compares every tensor bit for bit. Results: benchmarks/results/torch-bin-check.json.
+
+Finding (torch 2.13.0+cpu): our reader gives torch.save's bf16, fp16, fp32, int32, int64, shared
+view, nn.Parameter and scalar tensors bit for bit, and refuses the legacy (torch < 1.6) format
+with the fix; torch.load(weights_only=True) reads the fixtures writer's file back unchanged.
 """
 
 from __future__ import annotations
