@@ -9,16 +9,17 @@ in one request), the same numbers plus the prompt tokens og served from its cach
 rows are one stream through og.Generator on a GroupQueryAttention folder (our CUDA-graph
 decode), the baseline a single engine stream is held to.
 
-    python -m benchmarks.engine_load ours=FOLDER builder=FOLDER --streams 1,8,32,64,128
-    python -m benchmarks.engine_load ours=FOLDER --identical 64     # concurrent vs alone
+    python -m benchmarks run serving -e cuda --param study=engine_load \
+        folders=ours=FOLDER,builder=FOLDER streams=1,8,32,64,128 resend=true
+    python -m benchmarks run serving -e cuda --param study=engine_load folders=ours=FOLDER \
+        identical=64                     # concurrent vs alone
 
-`run(params) -> list[dict]` gives flat rows (one per model x measurement) for a harness; main()
-writes benchmarks/results/engine-load-<machine>.{json,md}. Models run in turn, rounds alternate.
+`measure(params)` gives flat dicts (one per model x measurement); `run(ctx)` turns them into the
+harness's rows (benchmarks/rows.py). Models run in turn, rounds (`--repeat`) alternate the order.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -338,8 +339,8 @@ DEFAULTS = {
 }
 
 
-def run(params: dict) -> list[dict]:
-    """Flat rows: {model, measurement, streams, round, ...numbers}. params: `models` (label ->
+def measure(params: dict) -> list[dict]:
+    """Flat dicts: {model, measurement, streams, round, ...numbers}. params: `models` (label ->
     paged folder) plus any of DEFAULTS. One engine is open at a time (two 7B fp16 engines and
     their block pools do not fit one 80 GB GPU together); the order alternates by round."""
     params = {**DEFAULTS, **params}
@@ -409,70 +410,63 @@ def _line(row: dict) -> str:
     return f"{row['model']:>10} {row['measurement']:>11} x{row.get('streams', '')}: {numbers}"
 
 
-def markdown(rows: list[dict], info: dict) -> str:
-    header = ["model", "load", "streams", "output tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
-              "cached prompt tokens", "failed"]  # fmt: skip
-    table = []
-    for r in rows:
-        if r["measurement"] in ("identical", "trace"):
-            continue
-        table.append([
-            r["model"], r["measurement"], r.get("streams", 1), common.fmt(r.get("output_tok_s")),
-            f"{common.fmt(r.get('ttft_p50_ms'))} / {common.fmt(r.get('ttft_p99_ms'))}",
-            "{} / {}".format(*(common.fmt(r.get(f"tpot_{q}_ms"), ".2f") for q in ("p50", "p99"))),
-            f"{r.get('cached_prompt_tokens', '')} of {r.get('prompt_tokens', '')}",
-            r.get("failed", ""),
-        ])  # fmt: skip
-    lines = [
-        f"# og.Engine load ({info.get('gpu') or 'cpu'})",
-        "",
-        common.markdown_table(header, table),
-    ]
-    for r in rows:
-        if r["measurement"] in ("identical", "trace"):
-            lines += ["", f"{r['model']} {r['measurement']}: {r}"]
-    return "\n".join(lines)
+# --- the harness's study: `benchmarks run serving --param study=engine_load` ------------------
+
+PARAMS = {  # folders / generator: NAME=DIR,... (paged folders / GroupQueryAttention folders)
+    "folders": "",
+    "generator": "",
+    "streams": "1,8,32,64,128",
+    "prompt": 128,
+    "output": 256,
+    "requests": 2,
+    "mixed": True,
+    "resend": False,
+    "identical": 0,
+    "trace": 0,
+}
+SMOKE = {"streams": "1,2", "prompt": 8, "output": 4, "requests": 1, "identical": 2, "mixed": False}
+UNITS = {"output_tok_s": "tok/s", "identical_share": "", "step_ms": "ms", "gpu_busy_ms": "ms"}
+UNITS.update({f"{k}_{q}_ms": "ms" for k in ("ttft", "tpot") for q in ("p50", "p99")})
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("models", nargs="+", help="LABEL=FOLDER of paged folders")
-    parser.add_argument("--streams", default="1,8,32,64,128")
-    parser.add_argument("--prompt", type=int, default=DEFAULTS["prompt"])
-    parser.add_argument("--output", type=int, default=DEFAULTS["output"])
-    parser.add_argument("--requests", type=int, default=DEFAULTS["requests"], help="per stream")
-    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
-    parser.add_argument("--no-mixed", action="store_true")
-    parser.add_argument("--resend", action="store_true", help="chat as HTTP clients send it")
-    parser.add_argument("--identical", type=int, default=0, help="streams for the identity check")
-    parser.add_argument("--trace", type=int, default=0, help="streams to trace a decode step at")
-    parser.add_argument("--generator", nargs="*", default=[], help="LABEL=FOLDER (GQA folders)")
-    parser.add_argument("--machine", default=None)
-    args = parser.parse_args(argv)
+def run(ctx) -> list:
+    from benchmarks import harness
+    from benchmarks.rows import measured
+
+    settings = harness.settings(ctx, PARAMS)
     params = {
-        "models": dict(m.split("=", 1) for m in args.models),
-        "streams": [int(s) for s in args.streams.split(",") if s],
-        "prompt": args.prompt,
-        "output": args.output,
-        "requests": args.requests,
-        "rounds": args.rounds,
-        "mixed": not args.no_mixed,
-        "resend": args.resend,
-        "identical": args.identical,
-        "trace": args.trace,
-        "generator": dict(m.split("=", 1) for m in args.generator),
+        **{k: v for k, v in vars(settings).items() if k not in ("folders", "generator")},
+        "models": {k: str(v) for k, v in harness.folders(ctx).items()},
+        "generator": {k: str(v) for k, v in harness.folders(ctx, "generator").items()},
+        "streams": [int(n) for n in settings.streams.split(",")],
+        "rounds": ctx.repeat,
     }
-    info = common.machine_info()
-    rows = run(params)
-    name = f"engine-load-{args.machine or common.default_machine_name()}"
-    path = common.write_results(
-        name, {"machine": info, "params": params, "rows": rows}, markdown(rows, info)
-    )
-    print(markdown(rows, info))
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+    if not params["models"] and not params["generator"]:
+        raise SystemExit("error: study=engine_load needs --param folders=NAME=DIR,...")
+    groups: dict[tuple, list[dict]] = {}
+    for result in measure(params):
+        groups.setdefault((result["model"], result["measurement"], result.get("streams")), [])
+        groups[result["model"], result["measurement"], result.get("streams")].append(result)
+    out = []
+    for (model, measurement, streams), results in groups.items():
+        details = {
+            k: v for k, v in results[0].items() if k in ("first_difference", "kernels_ms_per_step")
+        }
+        settings_of = {"streams": streams, "prompt": params["prompt"], "output": params["output"]}
+        if "cached_prompt_tokens" in results[0]:
+            settings_of["cached_prompt_tokens"] = [r["cached_prompt_tokens"] for r in results]
+            settings_of["prompt_tokens"] = [r["prompt_tokens"] for r in results]
+        for metric, unit in UNITS.items():
+            values = [r[metric] for r in results if r.get(metric) is not None]
+            if values:
+                out.append(
+                    ctx.row(
+                        variant=f"{measurement} x{streams}",
+                        tool=model,
+                        metric=metric,
+                        unit=unit,
+                        params={**settings_of, **details},
+                        **measured(values),
+                    )
+                )
+    return out

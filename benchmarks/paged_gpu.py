@@ -8,19 +8,19 @@ Each sequence's logits rows are compared with the float64 reference (reference.p
 GroupQueryAttention graph fed the same sequence alone. Then og.Engine's greedy tokens on the
 paged folder are compared with the reference's.
 
-    python -m benchmarks.paged_gpu --workdir /tmp/paged-check     # writes results/paged-check-*
+    python -m benchmarks run serving -e cuda --workdir /tmp/paged-check --param study=paged_check
+
+Rows: per shape and precision, the worst relative logit error of the paged graph against the
+reference, of the GQA graph against it and of the two against each other, and the share of
+og.Engine's greedy tokens equal to the reference's (fp16).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-
-from benchmarks import common
 
 SHAPES = {"g2": 16, "g4": 32, "g6": 48}  # query heads over 8 KV heads of 128
 BLOCK = 256
@@ -228,63 +228,56 @@ def check_engine(source: Path, paged: Path, output: int = 8) -> dict:
     return {"sequences": rows, "identical_share": float(np.mean([r["identical"] for r in rows]))}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", default="/tmp/paged-check")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--precisions", default="fp16,int4")
-    parser.add_argument("--machine", default=None)
-    args = parser.parse_args(argv)
-    work = Path(args.workdir)
+PARAMS = {"shapes": ",".join(SHAPES), "precisions": "fp16,int4"}
+SMOKE: dict = {}
+ERRORS = ("paged_vs_reference", "gqa_vs_reference", "paged_vs_gqa")
+
+
+def check(work: Path, shape: str, precision: str) -> dict:
+    """One shape and precision: the graphs' steps, og.Engine's greedy tokens (fp16), or the
+    error that stopped it (one failing shape must not hide the others)."""
+    source = checkpoint(work, SHAPES[shape])
+    key = f"{shape}-{precision}"
+    try:
+        # A small pool: og.Engine would otherwise take 0.6 of the GPU for a tiny model.
+        options = ["use_paged_attention=true", "num_blocks=64"]
+        paged = built(source, work / f"{key}-paged", precision, options)
+        gqa = built(source, work / f"{key}-gqa", precision, [])
+        result = check_graphs(source, paged, gqa, precision)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    if precision == "fp16":
+        try:
+            result["engine"] = check_engine(source, paged)
+        except Exception as err:
+            result["engine"] = {"error": f"{type(err).__name__}: {err}"}
+    return result
+
+
+def run(ctx) -> list:
+    from benchmarks import harness
+
+    settings = harness.settings(ctx, PARAMS)
+    work = ctx.workdir / "paged-check"
     work.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for shape in args.shapes.split(","):
-        heads = SHAPES[shape]
-        source = checkpoint(work, heads)
-        for precision in args.precisions.split(","):
-            key = f"{shape}-{precision}"
-            start = time.perf_counter()
-            try:
-                # A small pool: og.Engine would otherwise take 0.6 of the GPU for a tiny model.
-                options = ["use_paged_attention=true", "num_blocks=64"]
-                paged = built(source, work / f"{key}-paged", precision, options)
-                gqa = built(source, work / f"{key}-gqa", precision, [])
-                results[key] = check_graphs(source, paged, gqa, precision)
-            except Exception as err:  # one failing shape must not hide the others
-                results[key] = {"error": f"{type(err).__name__}: {err}"}
-            if precision == "fp16" and "error" not in results[key]:
-                try:
-                    results[key]["engine"] = check_engine(source, paged)
-                except Exception as err:
-                    results[key]["engine"] = {"error": f"{type(err).__name__}: {err}"}
-            results[key]["seconds"] = time.perf_counter() - start
-            print(key, json.dumps(results[key])[:600], flush=True)
-    info = common.machine_info()
-    name = f"paged-check-{args.machine or common.default_machine_name()}"
-    lines = [f"# Paged graph vs reference and GQA ({info.get('gpu')})", ""]
-    for key, result in results.items():
-        if "error" in result:
-            lines.append(f"- {key}: ERROR {result['error']}")
-            continue
-        worst = {
-            k: max((s[k]["rel"] for s in result["steps"] if k in s), default=float("nan"))
-            for k in ("paged_vs_reference", "gqa_vs_reference", "paged_vs_gqa")
-        }
-        engine = result.get("engine", {}).get("identical_share")
-        lines.append(
-            f"- {key}: ok={result['ok']} worst relative error: "
-            f"paged {worst['paged_vs_reference']:.2e}"
-            f", gqa {worst['gqa_vs_reference']:.2e}, paged-vs-gqa {worst['paged_vs_gqa']:.2e}"
-            + (
-                f"; og.Engine greedy identical to reference: {engine:.0%}"
-                if engine is not None
-                else ""
-            )
-        )
-    path = common.write_results(name, {"machine": info, "results": results}, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+    out = []
+    for shape in settings.shapes.split(","):
+        for precision in settings.precisions.split(","):
+            result = check(work, shape, precision)
+            print(shape, precision, json.dumps(result)[:600], flush=True)
+            if "error" in result:
+                raise RuntimeError(f"paged_check {shape} {precision}: {result['error']}")
+            variant, params = f"{precision} cuda {shape}", {"ok": result["ok"]}
+            found = {
+                metric: max(step[metric]["rel"] for step in result["steps"] if metric in step)
+                for metric in ERRORS
+                if any(metric in step for step in result["steps"])
+            }
+            share = result.get("engine", {}).get("identical_share")
+            if share is not None:
+                found["engine_greedy_identical"] = share
+            for metric, value in found.items():
+                unit = "" if metric.startswith("engine") else "relative"
+                row = {"metric": metric, "value": value, "unit": unit, "params": params}
+                out.append(ctx.row(variant=variant, tool="ours", **row))
+    return out

@@ -1,30 +1,32 @@
 """Replicas on Ray Serve: output tok/s and time to first token of `internlm2-graph serve
 --replicas R` at S concurrent streams, settings side by side in one run.
 
-    python -m benchmarks.replicas                           # cpu: a small model, 1x4 vs 2x8
-    python -m benchmarks.replicas --synthetic 7b --precision int4 --ep cuda \\
-        --devices 0,1 --settings 1x64,2x128 --prompt 128 --output 256   # the 2-GPU goal
-    python -m benchmarks.replicas --folder DIR --devices 0 --settings 1x64,2x64  # 2 on one GPU
-    python -m benchmarks.replicas --serve-flags="--max-batch-size 64" ...  # flags for `serve`
+    python -m benchmarks run serving --param study=replicas   # cpu: a small model, 1x4 vs 2x8
+    python -m benchmarks run serving -e cuda --model 7b -p int4 --param study=replicas \
+        devices=0,1 settings=1x64,2x128 prompt=128 output=256          # the 2-GPU goal
+    python -m benchmarks run serving --param study=replicas folder=DIR devices=0 \
+        settings=1x64,2x64                                             # 2 on one GPU
+    python -m benchmarks run serving --param study=replicas "serve_flags=--max-batch-size 64"
 
 A setting RxS is R replicas (the real command, in a subprocess with its own local Ray) driven by
 S concurrent streams. On CUDA, R replicas take the first R of --devices, or share them all when
-R is larger (2 replicas on `--devices 0`: half a GPU each). Each stream sends --requests
-completions back to back (a ~--prompt token prompt, unique per request, greedy, max_tokens
---output) through /v1/completions with stream=True; tok/s is the completion tokens of every
+R is larger (2 replicas on `devices=0`: half a GPU each). Each stream sends `requests`
+completions back to back (a ~`prompt` token prompt, unique per request, greedy, max_tokens
+`output`) through /v1/completions with stream=True; tok/s is the completion tokens of every
 request (its usage) over the wall time from the first request to the last reply; time to first
 token is per request, from sending to the first text. Rounds alternate the settings' order (ABBA);
 "vs first" is, per round, a setting's tok/s over the first setting's, then the median of those.
 
-Replies are exactly --output tokens (min_tokens: random weights would otherwise end some early
+Replies are exactly `output` tokens (min_tokens: random weights would otherwise end some early
 at EOS); the rows count the tokens the server reports (usage), so a short reply would show.
 
-Results: markdown on stdout and benchmarks/results/replicas-<machine>.{json,md}.
+Without `folder`, the study builds `shape` (small: 4 layers of 512) or, with shape=model, the
+run's --model at its first precision. Rows per setting: output tok/s, TTFT p50/p99 (medians
+over `--repeat` rounds, their spread) and the paired ratio to the first setting.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -229,7 +231,7 @@ def percentile(values: list[float], q: float) -> float | None:
 # ----- one run -----
 
 
-def run(params: dict) -> list[dict]:
+def measure(params: dict) -> list[dict]:
     """Rows, one per setting and round (module doc). params: folder, settings, devices, prompt,
     output, requests, rounds, warmup, startup_s."""
     folder = Path(params["folder"])
@@ -282,141 +284,79 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-# ----- the report -----
+# ----- the harness's study: `benchmarks run serving --param study=replicas` -----
+
+PARAMS = {
+    "folder": "",
+    "shape": "small",
+    "settings": "1x4,2x8",
+    "devices": "",
+    "prompt": 128,
+    "output": 256,
+    "requests": 2,
+    "warmup": 8,
+    "serve_flags": "",
+    "startup_s": 600.0,
+}
+SMOKE = {"shape": "tiny", "settings": "1x2", "prompt": 8, "output": 4, "requests": 1}
 
 
-def summarize(rows: list[dict], settings: list[Setting]) -> list[list[str]]:
-    """Per setting: median tok/s with the spread over rounds, paired ratio to the first, TTFT."""
-    first = settings[0].name
-    by_round = {}
-    for row in rows:
-        by_round.setdefault(row["round"], {})[row["setting"]] = row
-    table = []
+def run(ctx) -> list:
+    from benchmarks import harness
+    from benchmarks.rows import measured
+
+    common.require_genai()
+    args = harness.settings(ctx, PARAMS)
+    settings = parse_settings(args.settings)
+    params = {
+        **vars(args),
+        "folder": str(built(ctx, args)),
+        "settings": settings,
+        "devices": [int(d) for d in args.devices.split(",")] if args.devices else None,
+        "rounds": ctx.repeat,
+    }
+    results = measure(params)
+    first, out = settings[0].name, []
+    by_round: dict[int, dict] = {}
+    for r in results:
+        by_round.setdefault(r["round"], {})[r["setting"]] = r
     for setting in settings:
-        mine = [r for r in rows if r["setting"] == setting.name]
-        rates = [r["output_tok_s"] for r in mine]
-        ratios = [
-            pair[setting.name]["output_tok_s"] / pair[first]["output_tok_s"]
-            for pair in by_round.values()
-            if setting.name in pair and first in pair and pair[first]["output_tok_s"]
-        ]
-        table.append(
-            [
-                setting.name,
-                common.fmt(common.median(rates)),
-                f"{min(rates):.1f}-{max(rates):.1f}",
-                common.fmt(common.median(ratios), ".2f", "x"),
-                f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "",
-                common.fmt(common.median([r["ttft_p50_ms"] or 0 for r in mine]), ".0f"),
-                common.fmt(common.median([r["ttft_p99_ms"] or 0 for r in mine]), ".0f"),
-                str(sum(r["errors"] for r in mine)),
-                str(len(mine)),
-            ]
-        )
-    return table
-
-
-HEADER = [
-    "setting (replicas x streams)",
-    "output tok/s (median)",
-    "spread",
-    "vs first (paired median)",
-    "spread",
-    "TTFT p50 ms",
-    "TTFT p99 ms",
-    "errors",
-    "rounds",
-]
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folder", help="a built folder (default: build --synthetic)")
-    parser.add_argument("--synthetic", default="small", help="tiny, small, 1.8b, 7b or 20b")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--ep", default="cpu")
-    parser.add_argument("--settings", default="1x4,2x8", help="REPLICASxSTREAMS,... (1x4,2x8)")
-    parser.add_argument("--devices", help="CUDA: GPUs to place replicas on, e.g. 0,1")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (128)")
-    parser.add_argument("--output", type=int, default=256, help="max tokens per reply (256)")
-    parser.add_argument("--requests", type=int, default=2, help="requests per stream (2)")
-    parser.add_argument("--warmup", type=int, default=8, help="tokens of the warm-up replies")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds, orders alternating (2)")
-    parser.add_argument("--serve-flags", default="", help="more flags for the serve command")
-    parser.add_argument("--startup-s", type=float, default=600)
-    parser.add_argument("--workdir", default="/tmp/internlm2-bench-replicas")
-    parser.add_argument("--keep", action="store_true", help="keep the built folder")
-    parser.add_argument("--machine", default=None, help="results name suffix")
-    return parser.parse_args(argv)
-
-
-def _folder(args) -> Path:
-    if args.folder:
-        return Path(args.folder)
-    from internlm2_graph import build
-    from internlm2_graph.synthetic import make_config, write_checkpoint
-
-    root = Path(args.workdir)
-    out = root / f"{args.synthetic}-{args.precision}-{args.ep}"
-    if not (out / "genai_config.json").exists():
-        size, extra = (
-            ("tiny", SHAPES[args.synthetic]) if args.synthetic in SHAPES else (args.synthetic, {})
-        )
-        config = make_config(size, max_position_embeddings=4096, **extra)
-        checkpoint = write_checkpoint(root / f"{args.synthetic}-ckpt", config, chat=True, seed=1)
-        build(checkpoint, out, args.precision, args.ep)
-        shutil.rmtree(checkpoint)
+        mine = [r for r in results if r["setting"] == setting.name]
+        values = {
+            "output_tok_s": [r["output_tok_s"] for r in mine if r["output_tok_s"]],
+            "ttft_p50_ms": [r["ttft_p50_ms"] for r in mine if r["ttft_p50_ms"] is not None],
+            "ttft_p99_ms": [r["ttft_p99_ms"] for r in mine if r["ttft_p99_ms"] is not None],
+            "vs_first": [
+                pair[setting.name]["output_tok_s"] / pair[first]["output_tok_s"]
+                for pair in by_round.values()
+                if setting.name in pair and pair[first]["output_tok_s"]
+            ],
+        }
+        errors = sum(r["errors"] for r in mine)
+        for metric, numbers in values.items():
+            if numbers:
+                unit = {"output_tok_s": "tok/s", "vs_first": "x"}.get(metric, "ms")
+                out.append(ctx.row(variant=f"{setting.name} replicas x streams", tool="serve",
+                                   metric=metric, unit=unit, params={"errors": errors},
+                                   **measured(numbers)))  # fmt: skip
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    common.require_genai()
-    settings = parse_settings(args.settings)
-    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
-    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), common.load_average()
-    folder = _folder(args)
-    params = {
-        "folder": str(folder),
-        "settings": settings,
-        "devices": devices,
-        "prompt": args.prompt,
-        "output": args.output,
-        "requests": args.requests,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "startup_s": args.startup_s,
-        "serve_flags": args.serve_flags,
-    }
-    try:
-        rows = run(params)
-    finally:
-        if not args.folder and not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    machine = args.machine or common.default_machine_name()
-    table = summarize(rows, settings)
-    markdown = "\n".join(
-        [
-            f"# Replicas on Ray Serve ({machine}, {started})",
-            "",
-            f"`python -m benchmarks.replicas {' '.join(argv or sys.argv[1:])}`",
-            "",
-            f"model: {args.folder or f'synthetic {args.synthetic} {args.precision} {args.ep}'}; "
-            f"prompt ~{args.prompt} tokens, up to {args.output} out, {args.requests} requests "
-            f"per stream; load average at start {load_start}",
-            "",
-            common.markdown_table(HEADER, table),
-        ]
-    )
-    print(markdown)
-    payload = {
-        "started": started,
-        "machine": common.machine_info(),
-        "params": {**params, "settings": [s.name for s in settings]},
-        "rows": rows,
-    }
-    common.write_results(f"replicas-{machine}", payload, markdown)
+def built(ctx, args) -> Path:
+    """The folder the replicas serve: given, the small shape, or the run's --model."""
+    if args.folder:
+        return Path(args.folder)
+    if args.shape == "model":
+        return ctx.build(ctx.precisions[0])
+    from internlm2_graph import build
+    from internlm2_graph.synthetic import make_config, write_checkpoint
 
-
-if __name__ == "__main__":
-    main()
+    precision = ctx.precisions[0]
+    out = ctx.workdir / "replicas" / f"{args.shape}-{precision}-{ctx.ep}"
+    if not (out / "genai_config.json").exists():
+        size, extra = ("tiny", SHAPES[args.shape]) if args.shape in SHAPES else (args.shape, {})
+        config = make_config(size, max_position_embeddings=4096, **extra)
+        source = write_checkpoint(out.parent / f"{args.shape}-ckpt", config, chat=True, seed=1)
+        build(source, out, precision, ctx.ep)
+        shutil.rmtree(source)
+    return out

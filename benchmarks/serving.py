@@ -18,25 +18,21 @@ Output lengths are fixed with min_tokens (eos masked), so random weights cannot 
 mid-stream, 5% malformed) against the HTTP server: status counts, answers that differ from
 the same greedy prompt answered alone, requests holding a cache afterwards, RSS before/after.
 
-    python -m benchmarks.serving FOLDER [--clients 1,8] [--prompt 32] [--output 64] ...
-    python -m benchmarks.serving FOLDER --load
+    python -m benchmarks run serving --param folder=FOLDER clients=1,8 prompt=32 gen=64
+    python -m benchmarks run serving --param folder=FOLDER load=true
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
 import socket
-import statistics
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULTS = {
     "clients": [1, 8],
     "paths": ["engine", "http", "chat"],
@@ -278,30 +274,6 @@ def _line(row: dict) -> str:
     )
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """Medians over rounds and the ratios the issue asks about."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["path"], row["workload"], row["clients"]), []).append(row)
-    out = []
-    for (path, workload, clients), group in sorted(groups.items()):
-        tok_s = [r["output_tok_s"] for r in group]
-        tpot = [r["tpot_p50_s"] for r in group if r["tpot_p50_s"]]
-        out.append(
-            {
-                "path": path,
-                "workload": workload,
-                "clients": clients,
-                "rounds": len(group),
-                "output_tok_s_median": statistics.median(tok_s),
-                "output_tok_s_min": min(tok_s),
-                "output_tok_s_max": max(tok_s),
-                "tpot_p50_median_s": statistics.median(tpot) if tpot else None,
-            }
-        )
-    return out
-
-
 # ----- the load run -----
 
 
@@ -434,60 +406,3 @@ def load(params: dict) -> list[dict]:
     }
     print(json.dumps(row, indent=1))
     return [row]
-
-
-def _machine_note() -> dict:
-    import os
-
-    return {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "when": time.ctime()}
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder")
-    parser.add_argument("--clients", default="1,8")
-    parser.add_argument("--paths", default="engine,http,chat")
-    parser.add_argument("--workloads", default="fixed")
-    parser.add_argument("--prompt", type=int, default=DEFAULTS["prompt_tokens"])
-    parser.add_argument("--output", type=int, default=DEFAULTS["output_tokens"])
-    parser.add_argument("--requests-per-client", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="serve's default")
-    parser.add_argument("--mixed-scale", type=float, default=1.0)
-    parser.add_argument("--load", action="store_true", help="the robustness run instead")
-    parser.add_argument("--name", default="serving", help="results file name")
-    args = parser.parse_args(argv)
-    start = _machine_note()
-    if args.load:
-        rows = load({"folder": args.folder, "max_batch_size": args.max_batch_size})
-        report = {"rows": rows}
-    else:
-        params = {
-            "folder": args.folder,
-            "clients": [int(c) for c in args.clients.split(",")],
-            "paths": args.paths.split(","),
-            "workloads": args.workloads.split(","),
-            "prompt_tokens": args.prompt,
-            "output_tokens": args.output,
-            "requests_per_client": args.requests_per_client,
-            "rounds": args.rounds,
-            "max_batch_size": args.max_batch_size,
-            "max_length": args.max_length,
-            "batch_wait_ms": args.batch_wait_ms,
-            "mixed_scale": args.mixed_scale,
-        }
-        rows = run(params)
-        report = {"params": params, "rows": rows, "medians": ratios(rows)}
-        for row in report["medians"]:
-            print(row)
-    report.update(start=start, end=_machine_note(), folder=str(args.folder))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{args.name}-cpu2.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

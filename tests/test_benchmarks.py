@@ -6,13 +6,14 @@ import dataclasses
 import importlib.util
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import common, convert, gpu_steps, kernel_profile, report, rows
+from benchmarks import common, convert, gpu_steps, harness, kernel_profile, report, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +98,36 @@ def test_one_gpu_driver_without_python_inside():
     text = drivers[0].read_text()
     assert subprocess.run(["bash", "-n", str(drivers[0])]).returncode == 0
     assert not re.search(r"python3? +(-c|-)\s", text), "Python belongs in benchmarks/gpu_steps.py"
-    for module in re.findall(r"python3? -m ([\w.]+)", text):
+    for module in set(re.findall(r"python3? -m ([\w.]+)", text)):
         assert importlib.util.find_spec(module) is not None, module
+        if module.startswith("benchmarks."):  # a module without main() would run nothing, exit 0
+            assert "def main(" in (ROOT / (module.replace(".", "/") + ".py")).read_text(), module
+    for suites, params in harness_calls(text):
+        harness.modules(suites, params)  # the suites, study and settings exist
     listed = set(re.findall(r"^([\w-]+)\)", text, flags=re.M))
     usage = text.split("set -euo pipefail")[0]
     assert all(task in usage for task in listed), listed - set(re.findall(r"[\w-]+", usage))
+
+
+def harness_calls(script: str) -> list[tuple[list[str], dict[str, str]]]:
+    """(suites, {setting: value}) of each `python3 -m benchmarks run` in a shell script."""
+    calls = []
+    for line in script.replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        found = re.search(r"python3? -m benchmarks run ([\w,]+)(.*)", line)
+        if not found:
+            continue
+        words, params = shlex.split(found.group(2).split(";")[0]), {}
+        if "--param" in words:
+            for word in words[words.index("--param") + 1 :]:
+                if word.startswith("-"):
+                    break
+                key, sep, value = word.partition("=")
+                if sep and re.fullmatch(r"[a-z_0-9]+", key):
+                    params[key] = value
+        calls.append((found.group(1).split(","), params))
+    return calls
 
 
 def test_gpu_steps_write_scales_and_turn_the_builders_cuda_graph_on(tmp_path):

@@ -20,7 +20,11 @@ METRICS = {
     "speculative": {"tok_s", "speedup", "acceptance"},
     "kernels": {"us_per_run"},
     "serving": {
-        "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+        "output_tok_s",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tpot_p50_s",
+        "tpot_p99_s",
         "speedup_vs_1_client",
     },  # fmt: skip
 }
@@ -103,3 +107,24 @@ def test_studies_return_rows_on_the_tiny_checkpoint(tmp_path, suite, study):
     found = rows.read(out)
     assert {r.metric for r in found} == STUDIES[suite, study]
     assert all(r.suite == suite and r.machine and r.value == r.value for r in found)
+
+
+def test_serving_measures_a_given_folder_and_engine_load_its_engine(tmp_path, tiny_checkpoint):
+    """folder= serves a built folder instead of building; study=engine_load drives og.Engine on
+    given folders (the CPU's static engine here; paged folders on CUDA)."""
+    from internlm2_graph import build
+
+    folder = tmp_path / "int4"
+    build(tiny_checkpoint, folder, "int4", "cpu")
+    common = ["--smoke", "--repeat", "1", "--workdir", str(tmp_path / "work")]
+    served, loaded = tmp_path / "served.json", tmp_path / "loaded.json"
+    assert (
+        main(["run", "serving", *common, "--out", str(served), "--param", f"folder={folder}"]) == 0
+    )
+    variants = {r.variant for r in rows.read(served)}
+    assert variants and all(v.startswith("int4 cpu ") for v in variants), variants
+    args = ["--param", "study=engine_load", f"folders=tiny={folder}"]
+    assert main(["run", "serving", *common, "--out", str(loaded), *args]) == 0
+    found = {(r.variant, r.metric): r.value for r in rows.read(loaded)}
+    assert found["closed_loop x2", "output_tok_s"] > 0
+    assert found["identical x2", "identical_share"] == 1.0

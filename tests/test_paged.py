@@ -554,7 +554,7 @@ def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
         "identical": 3,
         "identical_output": 4,
     }
-    rows = {(r["measurement"], r.get("streams")): r for r in engine_load.run(params)}
+    rows = {(r["measurement"], r.get("streams")): r for r in engine_load.measure(params)}
     for streams in (1, 3):
         row = rows["closed_loop", streams]
         assert row["failed"] == 0 and row["turns"] == streams * 2

@@ -6,15 +6,25 @@ Each client sends its next request when the last one is answered; fixed prompt/o
 straight), `chat` (one client on og.Generator as `internlm2-graph chat` drives it: the baseline
 for time per output token). Client counts and paths alternate within each of `--repeat`
 rounds. The measuring is benchmarks/serving.py's `run(params)` (its rows are this suite's
-rows before they become Row records); its `--load` mode is the robustness run.
+rows before they become Row records). `folder=DIR` serves a built folder instead of building
+one; `load=true` is the robustness run instead (1,000 requests from 64 clients, 10% dropped
+mid-stream, 5% malformed: status counts, changed greedy replies, caches left, RSS).
+
+Studies (`--param study=NAME`): engine_load (og.Engine closed loops on paged folders, CUDA),
+paged_check (the paged graph against the reference on CUDA), replicas (Ray Serve replicas).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks import harness, serving
 from benchmarks.rows import measured
 
+STUDIES = {"engine_load": "engine_load", "paged_check": "paged_gpu", "replicas": "replicas"}
 PARAMS = {
+    "folder": "",
+    "load": False,
     "clients": "1,8",
     "paths": "engine,http,chat",
     "workloads": "fixed,mixed",
@@ -34,10 +44,17 @@ METRICS = {
 
 
 def run(ctx: harness.Context) -> list:
+    given = Path(ctx.param("folder", ""))
+    if given.name:
+        folders = {harness.built_variant(given.name, given, ctx.ep): given}
+    else:
+        folders = {f"{p} {ctx.ep}": ctx.build(p) for p in ctx.precisions}
+    if ctx.param("load", False):
+        return [row for v, folder in folders.items() for row in load_rows(ctx, v, folder)]
     out = []
-    for precision in ctx.precisions:
+    for variant, folder in folders.items():
         params = {
-            "folder": ctx.build(precision),
+            "folder": folder,
             "clients": [int(c) for c in str(ctx.param("clients", PARAMS["clients"])).split(",")],
             "paths": ctx.param("paths", PARAMS["paths"]).split(","),
             "workloads": ctx.param("workloads", PARAMS["workloads"]).split(","),
@@ -48,7 +65,32 @@ def run(ctx: harness.Context) -> list:
             "rounds": ctx.repeat,
         }
         results = serving.run(params)
-        out += rows_of(ctx, f"{precision} {ctx.ep}", params, results)
+        out += rows_of(ctx, variant, params, results)
+    return out
+
+
+LOAD_METRICS = (  # the robustness run's counts: each should be 0, but the RSS
+    "server_errors_5xx",
+    "well_formed_unanswered",
+    "malformed_not_4xx",
+    "greedy_differing",
+    "active_requests_after",
+    "second_run_5xx",
+    "second_run_greedy_differing",
+)
+
+
+def load_rows(ctx: harness.Context, variant: str, folder: Path) -> list:
+    (result,) = serving.load({"folder": folder, "max_batch_size": ctx.param("max_batch_size", 16)})
+    params = {k: result[k] for k in ("requests", "clients", "statuses", "greedy_compared")}
+    out = [
+        ctx.row(variant=f"{variant} load", tool="http", metric=metric, value=result[metric],
+                unit="requests", params=params)
+        for metric in LOAD_METRICS
+    ]  # fmt: skip
+    for metric in ("rss_idle_mb", "rss_after_first_run_mb", "rss_after_second_run_mb"):
+        out.append(ctx.row(variant=f"{variant} load", tool="http", metric=metric,
+                           value=result[metric], unit="MB", params=params))  # fmt: skip
     return out
 
 
