@@ -526,6 +526,9 @@ def test_ctrl_c_leaves_no_half_written_folder(tiny_checkpoint, tmp_path):
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background (nohup, `cmd &`) inherits an
+        # ignored SIGINT, and Python then never raises KeyboardInterrupt (the build ran on).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Progress lines go to stderr as tensors are written: the first one means mid-write.
     first = process.stderr.readline()
