@@ -80,7 +80,12 @@ def mb(n: int) -> str:
 
 class Bench:
     def __init__(
-        self, workdir: Path, eval_tokens: int, threads: int | None = None, sequences: int = 32
+        self,
+        workdir: Path,
+        eval_tokens: int,
+        threads: int | None = None,
+        sequences: int = 32,
+        held_out: bool = False,
     ) -> None:
         self.workdir, self.threads, self.sequences = workdir, threads, sequences
         workdir.mkdir(parents=True, exist_ok=True)
@@ -90,10 +95,15 @@ class Bench:
             "prose": smollm2.encode(self.checkpoint, smollm2.eval_text(), eval_tokens),
             "code": smollm2.encode(self.checkpoint, smollm2.code_text(), eval_tokens),
         }
+        if held_out:  # scored beside the others, never folded into `all`
+            self.texts["held"] = smollm2.encode(
+                self.checkpoint, smollm2.held_out_text(), eval_tokens
+            )
         self.builds = workdir / "builds"
         self.fp32 = self.builds / "fp32"
         quant_quality.measured_build(self.checkpoint, self.fp32, "fp32", {})
-        self.rows_dir = workdir / f"rows-{eval_tokens}"  # scores depend on the text scored
+        # scores depend on the text scored
+        self.rows_dir = workdir / f"rows-{eval_tokens}{'-held' if held_out else ''}"
         self.rows_dir.mkdir(exist_ok=True)
         self._calibration: tuple[Path, Path] | None = None
         self.reference = CachedLogits(self.fp32, workdir / "fp32-logits", threads)
@@ -241,6 +251,9 @@ def model_bytes(folder: Path) -> int:
 
 def report(rows: list[dict], bed_stats: dict, args) -> str:
     header = ["model", "bytes (MB)", "ppl all (prose / code)", "KL all (prose / code)", "top-1"]
+    held = all("held" in row for row in rows)
+    if held:
+        header.append("held-out ppl / KL")
     table = []
     for row in sorted(rows, key=lambda r: -r["bytes"]):
         a = row["all"]
@@ -253,6 +266,7 @@ def report(rows: list[dict], bed_stats: dict, args) -> str:
                 f"{a['kl']:.4f} ({row['prose']['kl']:.4f} / {row['code']['kl']:.4f})",
                 f"{a['top1']:.3f}",
             ]
+            + ([f"{row['held']['perplexity']:.3f} / {row['held']['kl']:.4f}"] if held else [])
         )
     machine = common.machine_info()
     return "\n".join(
@@ -265,7 +279,14 @@ def report(rows: list[dict], bed_stats: dict, args) -> str:
             f"{bed_stats['q4_1_roundtrip_rel_rms_before']:.2e} before, "
             f"{bed_stats['q4_1_roundtrip_rel_rms_after']:.2e} after. "
             f"Evaluation: {args.eval_tokens} tokens each of prose and code, windows of 1024, "
-            "KL(bed fp32 || row) per token; `all` = both texts. Ours at accuracy_level=0, "
+            "KL(bed fp32 || row) per token; `all` = both texts"
+            + (
+                " (held-out: as many tokens of pydoc_data.topics, the language reference, "
+                "which neither calibration nor the layout search saw)"
+                if held
+                else ""
+            )
+            + ". Ours at accuracy_level=0, "
             "gptaq rows calibrated, rtn rows rounded to nearest; llama.cpp's GGUFs dequantized "
             "by gguf-py. Calibration (our GPTAQ and llama-imatrix, `imatrixN`): the same "
             f"{args.calibration_sequences} x 512 tokens of calibrate.default_text().",
@@ -292,11 +313,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="of 512 tokens, for GPTAQ and llama-imatrix alike")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime threads when scoring")  # fmt: skip
+    parser.add_argument("--held-out", action="store_true",
+                        help="also score smollm2.held_out_text (rows-N-held)")  # fmt: skip
     parser.add_argument("--machine", default=common.default_machine_name())
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args(argv)
 
-    bench = Bench(args.workdir, args.eval_tokens, args.threads, args.calibration_sequences)
+    bench = Bench(args.workdir, args.eval_tokens, args.threads, args.calibration_sequences,
+                  args.held_out)  # fmt: skip
     rows = [bench.fp32_row()]
     for item in filter(None, args.llamacpp.split(",")):
         kind, _, matrix = item.partition("+")
