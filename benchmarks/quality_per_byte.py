@@ -54,6 +54,7 @@ PARAMS = {
     "eval_tokens": 4096,
     "calibration_sequences": 32,  # of 512 tokens, for GPTAQ and llama-imatrix alike
     "threads": 0,  # onnxruntime threads when scoring (0: its default)
+    "held_out": False,  # also score smollm2.held_out_text (text "held", never in "all")
 }
 SMOKE: dict = {}  # real weights and llama.cpp's tools: SmolLM2-135M (fixtures.smollm2)
 
@@ -89,7 +90,12 @@ def mb(n: int) -> str:
 
 class Bench:
     def __init__(
-        self, workdir: Path, eval_tokens: int, threads: int | None = None, sequences: int = 32
+        self,
+        workdir: Path,
+        eval_tokens: int,
+        threads: int | None = None,
+        sequences: int = 32,
+        held_out: bool = False,
     ) -> None:
         self.workdir, self.threads, self.sequences = workdir, threads, sequences
         workdir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +105,15 @@ class Bench:
             "prose": smollm2.encode(self.checkpoint, smollm2.eval_text(), eval_tokens),
             "code": smollm2.encode(self.checkpoint, smollm2.code_text(), eval_tokens),
         }
+        if held_out:  # scored beside the others, never folded into `all`
+            self.texts["held"] = smollm2.encode(
+                self.checkpoint, smollm2.held_out_text(), eval_tokens
+            )
         self.builds = workdir / "builds"
         self.fp32 = self.builds / "fp32"
         quant_quality.measured_build(self.checkpoint, self.fp32, "fp32", {})
-        self.rows_dir = workdir / f"rows-{eval_tokens}"  # scores depend on the text scored
+        # scores depend on the text scored
+        self.rows_dir = workdir / f"rows-{eval_tokens}{'-held' if held_out else ''}"
         self.rows_dir.mkdir(exist_ok=True)
         self._calibration: tuple[Path, Path] | None = None
         self.reference = CachedLogits(self.fp32, workdir / "fp32-logits", threads)
@@ -251,7 +262,9 @@ def model_bytes(folder: Path) -> int:
 def run(ctx: harness.Context) -> list[Row]:
     args = harness.settings(ctx, PARAMS)
     bed = ctx.workdir / "smollm2" / "bed"  # beside the checkpoint the other SmolLM2 studies share
-    bench = Bench(bed, args.eval_tokens, args.threads or None, args.calibration_sequences)
+    bench = Bench(
+        bed, args.eval_tokens, args.threads or None, args.calibration_sequences, args.held_out
+    )
     rows = [("ours", bench.fp32_row())]
     for item in filter(None, args.llamacpp.split(",")):
         kind, _, matrix = item.partition("+")
@@ -268,7 +281,7 @@ def run(ctx: harness.Context) -> list[Row]:
 def rows_of(ctx: harness.Context, tool: str, row: dict, eval_tokens: int) -> list[Row]:
     out = [ctx.row(model="smollm2-135m-bed", variant=row["name"], tool=tool, metric="mb",
                    value=row["bytes"] / 1e6, unit="MB")]  # fmt: skip
-    for text in ("all", *TEXTS):
+    for text in ("all", *TEXTS, *(("held",) if "held" in row else ())):
         suffix = "" if text == "all" else f"_{text}"
         for metric, unit in (("perplexity", ""), ("kl", "nats"), ("top1", "")):
             if row[text].get(metric) is None:

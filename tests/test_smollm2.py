@@ -155,3 +155,17 @@ def test_gguf_round_trip(tmp_path):
         got = item.values()
         assert got.shape == item.shape == want.shape, item.name
         assert np.array_equal(got.astype(ml_dtypes.bfloat16).astype(np.float32), want), item.name
+
+
+def test_held_out_text_shares_nothing_with_calibration_or_selection_texts():
+    """The third text quality_per_byte --held-out scores must be unseen: no 80-character
+    stretch of it (sampled every 997 characters) in the calibration text or in the prose and
+    code the layouts were chosen on."""
+    from fixtures.smollm2 import code_text, eval_text, held_out_text
+    from internlm2_graph.calibration.data import default_text
+
+    held = held_out_text()
+    assert len(held) > 100_000  # enough for the benchmark's 2048 tokens
+    seen = "\n".join((default_text(), eval_text(), code_text()))
+    stretches = [held[i : i + 80] for i in range(0, len(held) - 80, 997)]
+    assert [s for s in stretches if s in seen] == []

@@ -21,6 +21,7 @@ from internlm2_graph.presets import PRESETS
 from internlm2_graph.quantize import dequantize, quantize
 from internlm2_graph.reference import quantized_reference
 from internlm2_graph.sizes import weight_bytes
+from internlm2_graph.tensor_precision import format_name
 from internlm2_graph.verify import eos_ids, og_greedy
 
 PROMPT = [1, 17, 230, 5, 981, 44, 12, 600, 73]
@@ -194,7 +195,7 @@ def test_preset_resolves_and_explicit_options_override():
     name = "q4_mixed"
     target = resolve_target("int4", "cpu", {"quant_preset": name})
     preset = PRESETS[name][2]
-    assert target.embedding_quant.bits == int(preset["embedding_precision"][3:])
+    assert format_name(target.embedding_quant) == preset["embedding_precision"]
     assert target.tensor_rules
     overridden = resolve_target(
         "int4", "cpu", {"quant_preset": name, "embedding_precision": "float", "block_size": "64"}
@@ -205,6 +206,45 @@ def test_preset_resolves_and_explicit_options_override():
         overridden.tensor_rules
         == resolve_target("int4", "cpu", {"quant_preset": name, "block_size": "64"}).tensor_rules
     )
+
+
+@pytest.mark.parametrize("depth", [2, 5, 30])
+def test_q4_mixed_names_the_same_layers_at_any_depth(depth):
+    """The preset's layer picks are first/last counts, so one preset serves every depth: the
+    w2 of the first two and last two layers int8 (all of them at depth 2), the rest int4."""
+    linear = resolve_target("int4", "cpu", {"quant_preset": "q4_mixed"}).for_layers(depth)
+    formats = {
+        name: [format_name(linear.linear_spec(f"model.layers.{n}.{name}")) for n in range(depth)]
+        for name in ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2")
+    }
+    assert set(formats["attention.wqkv"]) == {"int8-b64-sym"}
+    assert set(formats["attention.wo"]) == {"int4-b32-asym"}
+    assert set(formats["feed_forward.w1"]) == {"int4-b64-asym"}
+    ends = {0, 1, depth - 2, depth - 1}
+    assert [n for n, f in enumerate(formats["feed_forward.w2"]) if f == "int8-b128-sym"] == sorted(
+        ends
+    )
+    assert {f for n, f in enumerate(formats["feed_forward.w2"]) if n not in ends} <= {
+        "int4-b32-asym"
+    }
+
+
+@pytest.mark.model
+def test_q4_mixed_on_a_tied_checkpoint_shares_the_table_and_computes_exactly(
+    tied_checkpoint, tmp_path
+):
+    options = ["accuracy_level=0", "quant_preset=q4_mixed"]
+    build(tied_checkpoint, tmp_path / "m", "int4", "cpu", options)
+    inits, nodes = initializers(tmp_path / "m")
+    assert not any(name.startswith("output.") for name in inits)
+    head = next(n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == EMBEDDING)
+    assert head.input[2] == "model.tok_embeddings.scales"
+    # asymmetric linears carry zero points, the int8 ones do not
+    linears = [n for n in nodes if n.op_type == "MatMulNBits"]
+    with_zero_points = {n.input[1] for n in linears if len(n.input) > 3 and n.input[3]}
+    assert any("feed_forward.w1" in name for name in with_zero_points)
+    assert not any("attention.wqkv" in name for name in with_zero_points)
+    assert_exact(tied_checkpoint, tmp_path / "m", "int4", options)
 
 
 @pytest.mark.parametrize(
