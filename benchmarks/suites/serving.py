@@ -16,6 +16,7 @@ paged_check (the paged graph against the reference on CUDA), replicas (Ray Serve
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from benchmarks import harness, serving
@@ -45,7 +46,8 @@ METRICS = {
 
 def run(ctx: harness.Context) -> list:
     given = Path(ctx.param("folder", ""))
-    if given.name:
+    if given.name:  # its rows are labelled with the folder, not the synthetic --model
+        ctx = dataclasses.replace(ctx, model=given.name)
         folders = {harness.built_variant(given.name, given, ctx.ep): given}
     else:
         folders = {f"{p} {ctx.ep}": ctx.build(p) for p in ctx.precisions}
