@@ -101,8 +101,6 @@ PROMPTS = {
 }
 
 
-
-
 @dataclass
 class Case:
     setting: str

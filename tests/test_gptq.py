@@ -251,8 +251,13 @@ def split_text(tiny_checkpoint, tmp_path_factory):
         (["block_size=32"], "gptaq"),
         (["block_size=64", "lm_head_precision=int8"], "gptaq"),
         # tensor_precision: each linear calibrated in its own format
-        (["embedding_precision=int8", "tensor_precision=feed_forward.w2@1:int8,"
-          "attention.wqkv@0:int4-b16-asym"], "gptaq"),  # fmt: skip
+        (
+            [
+                "embedding_precision=int8",
+                "tensor_precision=feed_forward.w2@1:int8,attention.wqkv@0:int4-b16-asym",
+            ],
+            "gptaq",
+        ),  # fmt: skip
     ],
 )
 def test_a_gptq_build_runs_and_is_closer_to_fp32_than_round_to_nearest(

@@ -159,7 +159,6 @@ def cholesky_inverse(h: np.ndarray, device: Device = NUMPY) -> np.ndarray:
     return out
 
 
-
 def block_grid(block: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of ``block`` [block_size, N] (transposed weights), by
     quantize.py's rule (quantize.block_grid). float32 [N] each."""
@@ -226,7 +225,6 @@ def grid_error(block, scale, zp, importance, qmax) -> np.ndarray:
     restored -= block
     restored *= restored
     return importance @ restored
-
 
 
 def gptq(
