@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="seconds-long settings: does it run?")
     run.add_argument("--workdir", type=Path, help="checkpoints and builds (default: a temp dir)")
     run.add_argument("--machine", default=None, help="name in the rows file (default: detected)")
+    run.add_argument(
+        "--label",
+        help="the rows' model (default: --model or the checkpoint's folder name; set "
+        "it when the settings name built folders of another model)",
+    )
     run.add_argument("--out", type=Path, help="rows file to write (default: results/rows/...)")
     table = commands.add_parser("table", help="rows as a table")
     table.add_argument("files", nargs="*", type=Path, help="rows files (default: all committed)")
@@ -123,7 +128,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="internlm2-bench-") as scratch:
         workdir = args.workdir or Path(scratch)
         ctx = harness.Context(
-            model=args.checkpoint.name if args.checkpoint else args.model,
+            model=args.label or (args.checkpoint.name if args.checkpoint else args.model),
             source=args.checkpoint,
             workdir=workdir,
             ep=args.ep,

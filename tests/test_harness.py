@@ -124,8 +124,9 @@ def test_serving_measures_a_given_folder_and_engine_load_its_engine(tmp_path, ti
     variants = {r.variant for r in rows.read(served)}
     assert variants and all(v.startswith("int4 cpu ") for v in variants), variants
     assert {r.model for r in rows.read(served)} == {"int4"}  # the folder's name
-    args = ["--param", "study=engine_load", f"folders=tiny={folder}"]
+    args = ["--label", "given", "--param", "study=engine_load", f"folders=tiny={folder}"]
     assert main(["run", "serving", *common, "--out", str(loaded), *args]) == 0
+    assert {r.model for r in rows.read(loaded)} == {"given"}
     found = {(r.variant, r.metric): r.value for r in rows.read(loaded)}
     assert found["closed_loop x2", "output_tok_s"] > 0
     assert found["identical x2", "identical_share"] == 1.0
