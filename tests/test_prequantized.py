@@ -18,6 +18,7 @@ from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.cli import main
 from internlm2_graph.prequantized import read_codes, read_layout
 from internlm2_graph.synthetic import make_config, write_checkpoint
+from internlm2_graph.synthetic.checkpoint import write_safetensors
 from internlm2_graph.synthetic.prequantized import (
     act_order_g_idx,
     dequantize_groups,
@@ -25,7 +26,6 @@ from internlm2_graph.synthetic.prequantized import (
     pack_compressed_tensors,
     pack_gptq,
     write_prequantized,
-    write_tensors,
 )
 
 # --- the format authors' unpacking code, ported line by line to numpy ----------------------
@@ -121,7 +121,7 @@ def layers(draw):
 
 def _as_checkpoint(folder: Path, module: str, tensors: dict) -> Checkpoint:
     folder.mkdir(parents=True, exist_ok=True)
-    write_tensors(
+    write_safetensors(
         folder / "model.safetensors",
         {f"{module}.{k}": (_code(v), v.shape, lambda v=v: iter([v])) for k, v in tensors.items()},
     )

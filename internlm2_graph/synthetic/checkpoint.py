@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import ml_dtypes
@@ -164,13 +165,11 @@ def _write_shards(folder, shapes, config, seed, dtype, shard_bytes) -> None:
     )
     weight_map = {}
     for filename, members in zip(names, shards):
-        _write_safetensors(
-            folder / filename,
-            {n: shapes[n] for n in members},
-            code,
-            itemsize,
-            lambda n, s: _random_slices(rng, n, s, config, np_dtype),
-        )
+        tensors = {
+            n: (code, shapes[n], partial(random_slices, rng, n, shapes[n], config, np_dtype))
+            for n in members
+        }
+        write_safetensors(folder / filename, tensors)
         weight_map |= {n: filename for n in members}
     if len(shards) > 1:
         total = sum(math.prod(s) * itemsize for s in shapes.values())
@@ -178,22 +177,28 @@ def _write_shards(folder, shapes, config, seed, dtype, shard_bytes) -> None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_safetensors(path: Path, shapes: dict, code: str, itemsize: int, slices) -> None:
+# safetensors dtype codes -> bytes per element
+ITEMSIZES = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple, Callable]]) -> None:
+    """A safetensors file from (dtype code, shape, producer of arrays in order) per tensor, so
+    that no tensor needs to be whole in memory."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        end = offset + math.prod(shape) * itemsize
+    for name, (code, shape, _) in tensors.items():
+        end = offset + math.prod(shape) * ITEMSIZES[code]
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in shapes.items():
-            for block in slices(name, shape):
-                block.tofile(f)
+        for _, _, produce in tensors.values():
+            for block in produce():
+                np.ascontiguousarray(block).tofile(f)
 
 
-def _random_slices(rng, name: str, shape, config: dict, np_dtype) -> Iterator[np.ndarray]:
+def random_slices(rng, name: str, shape, config: dict, np_dtype) -> Iterator[np.ndarray]:
     """Random bf16 values, |x| in one binade: norms in [1, 2); others scaled like 1/sqrt(fan_in)."""
     total = math.prod(shape)
     if name.endswith("norm.weight"):

@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from internlm2_graph.checkpoint import Checkpoint
 from internlm2_graph.prequantized import AWQ_ORDER, LAYER_LINEARS
-from internlm2_graph.synthetic.checkpoint import _random_slices, tensor_shapes
+from internlm2_graph.synthetic.checkpoint import random_slices, tensor_shapes, write_safetensors
 from internlm2_graph.synthetic.tokenizer import train_tokenizer
 
 FORMATS = ("awq", "gptq", "compressed-tensors")
@@ -197,24 +196,6 @@ def quantization_config(
 # --- writers ----------------------------------------------------------------------------------
 
 
-def write_tensors(path: Path, tensors: dict[str, tuple[str, tuple, Callable]]) -> None:
-    """A safetensors file from (dtype code, shape, producer of arrays in order) per tensor, so
-    that no tensor needs to be whole in memory."""
-    itemsizes = {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, (code, shape, _) in tensors.items():
-        end = offset + math.prod(shape) * itemsizes[code]
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for _, (_, _, produce) in tensors.items():
-            for block in produce():
-                np.ascontiguousarray(block).tofile(f)
-
-
 def _whole(array: np.ndarray) -> tuple[str, tuple, Callable[[], Iterator[np.ndarray]]]:
     return SAFETENSORS_DTYPES[array.dtype], array.shape, lambda: iter([array])
 
@@ -223,7 +204,7 @@ def _write_shards(folder: Path, shards: list[dict]) -> None:
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for filename, tensors in zip(names, shards):
-        write_tensors(folder / filename, tensors)
+        write_safetensors(folder / filename, tensors)
         weight_map |= dict.fromkeys(tensors, filename)
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -301,7 +282,7 @@ def _write_dequantized(src: Path, folder: Path, config: dict, floats: dict) -> N
         if (src / name).is_file():
             shutil.copyfile(src / name, folder / name)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_tensors(folder / "model.safetensors", {n: _whole(a) for n, a in floats.items()})
+    write_safetensors(folder / "model.safetensors", {n: _whole(a) for n, a in floats.items()})
 
 
 def write_random_prequantized(
@@ -328,7 +309,7 @@ def write_random_prequantized(
     shards: list[dict] = [{}]
 
     def floats(name: str, shape: tuple) -> tuple:
-        return "BF16", shape, lambda: _random_slices(rng, name, shape, config, ml_dtypes.bfloat16)
+        return "BF16", shape, lambda: random_slices(rng, name, shape, config, ml_dtypes.bfloat16)
 
     for name, shape in shapes.items():
         module = name.removesuffix(".weight")
@@ -373,7 +354,7 @@ def _flush(folder: Path, shards: list[dict], last: bool = False) -> None:
         if not tensors:
             continue
         filename = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        write_tensors(folder / filename, tensors)
+        write_safetensors(folder / filename, tensors)
         weight_map |= dict.fromkeys(tensors, filename)
     del shards[: len(done)]
     index_path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}) + "\n")
