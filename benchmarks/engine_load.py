@@ -115,7 +115,8 @@ def drive(
                 del active[id(event.request)]
                 records.append(record)
                 stream = record["stream"]
-                history[stream] = np.concatenate([history[stream], record["ids"]])
+                if resend:
+                    history[stream] = np.concatenate([history[stream], record["ids"]])
                 position[stream] += 1
                 if not same_request:
                     closed.append(requests.pop(stream))
@@ -431,7 +432,6 @@ UNITS.update({f"{k}_{q}_ms": "ms" for k in ("ttft", "tpot") for q in ("p50", "p9
 
 def run(ctx) -> list:
     from benchmarks import harness
-    from benchmarks.rows import measured
 
     settings = harness.settings(ctx, PARAMS)
     params = {
@@ -445,8 +445,8 @@ def run(ctx) -> list:
         raise SystemExit("error: study=engine_load needs --param folders=NAME=DIR,...")
     groups: dict[tuple, list[dict]] = {}
     for result in measure(params):
-        groups.setdefault((result["model"], result["measurement"], result.get("streams")), [])
-        groups[result["model"], result["measurement"], result.get("streams")].append(result)
+        key = (result["model"], result["measurement"], result.get("streams"))
+        groups.setdefault(key, []).append(result)
     out = []
     for (model, measurement, streams), results in groups.items():
         details = {
@@ -456,17 +456,8 @@ def run(ctx) -> list:
         if "cached_prompt_tokens" in results[0]:
             settings_of["cached_prompt_tokens"] = [r["cached_prompt_tokens"] for r in results]
             settings_of["prompt_tokens"] = [r["prompt_tokens"] for r in results]
-        for metric, unit in UNITS.items():
-            values = [r[metric] for r in results if r.get(metric) is not None]
-            if values:
-                out.append(
-                    ctx.row(
-                        variant=f"{measurement} x{streams}",
-                        tool=model,
-                        metric=metric,
-                        unit=unit,
-                        params={**settings_of, **details},
-                        **measured(values),
-                    )
-                )
+        variant, params_of = f"{measurement} x{streams}", {**settings_of, **details}
+        out += harness.metric_rows(
+            ctx, results, UNITS, variant=variant, tool=model, params=params_of
+        )
     return out

@@ -125,6 +125,17 @@ def built_variant(name: str, folder: Path, ep: str) -> str:
     return " ".join(filter(None, [convert.precision_of(entry, folder.name, Path("")), ep]))
 
 
+def metric_rows(ctx: Context, results: list[dict], units: dict[str, str], **fields) -> list:
+    """A row per metric in `units` that `results` (repeated measurements) carry: its median and
+    spread over them; `fields` (variant, tool, params) are the rows' own."""
+    out = []
+    for metric, unit in units.items():
+        values = [r[metric] for r in results if r.get(metric) is not None]
+        if values:
+            out.append(ctx.row(metric=metric, unit=unit, **fields, **rows.measured(values)))
+    return out
+
+
 def settings(ctx: Context, params: dict) -> SimpleNamespace:
     """A study's settings as attributes, each typed by its default in `params`."""
     return SimpleNamespace(**{key: ctx.param(key, default) for key, default in params.items()})

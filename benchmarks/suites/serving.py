@@ -110,19 +110,8 @@ def rows_of(ctx, variant: str, params: dict, results: list[dict]) -> list:
             "gen": params["output_tokens"] if workload == "fixed" else "mixed",
             "max_batch_size": params["max_batch_size"],
         }
-        for metric, unit in METRICS.items():
-            values = [r[metric] for r in group if r[metric] is not None]
-            if values:
-                out.append(
-                    ctx.row(
-                        variant=f"{variant} {workload} C={clients}",
-                        tool=path,
-                        metric=metric,
-                        unit=unit,
-                        params=settings,
-                        **measured(values),
-                    )
-                )
+        named = {"variant": f"{variant} {workload} C={clients}", "tool": path, "params": settings}
+        out += harness.metric_rows(ctx, group, METRICS, **named)
         # Throughput against one client of the same path, round by round (same load).
         alone = {r["round"]: r for r in groups.get((path, workload, 1), ())}
         ratios = [
@@ -131,14 +120,5 @@ def rows_of(ctx, variant: str, params: dict, results: list[dict]) -> list:
             if clients != 1 and r["round"] in alone
         ]
         if ratios:
-            out.append(
-                ctx.row(
-                    variant=f"{variant} {workload} C={clients}",
-                    tool=path,
-                    metric="speedup_vs_1_client",
-                    unit="x",
-                    params=settings,
-                    **measured(ratios),
-                )
-            )
+            out.append(ctx.row(metric="speedup_vs_1_client", unit="x", **named, **measured(ratios)))
     return out
