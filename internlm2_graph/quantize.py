@@ -256,6 +256,12 @@ def quantize_ort(weight_out_in: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     return q
 
 
+def zero_point_codes(q: QuantizedWeight) -> np.ndarray:
+    """An asymmetric weight's zero points unpacked: uint8 [N, k_blocks], one code a block."""
+    codes = q.zero_points if q.spec.bits == 8 else _unpack_nibbles(q.zero_points)
+    return codes[:, : q.k_blocks]
+
+
 def dequantize(q: QuantizedWeight) -> np.ndarray:
     """[N, K] float32 reference: (code - zero_point) * scale, as MatMulNBits defines it."""
     _, mid = _levels(q.spec.bits)
@@ -263,8 +269,7 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
     if q.zero_points is None:
         zp = np.full(q.scales.shape, mid, np.float32)
     else:
-        zp_codes = q.zero_points if q.spec.bits == 8 else _unpack_nibbles(q.zero_points)
-        zp = zp_codes[:, : q.k_blocks].astype(np.float32)
+        zp = zero_point_codes(q).astype(np.float32)
     scales = q.scales.astype(np.float32).reshape(q.n, q.k_blocks)
     w = (codes.astype(np.float32) - zp[..., None]) * scales[..., None]
     return w.reshape(q.n, -1)[:, : q.k]

@@ -23,7 +23,7 @@ from internlm2_graph.checkpoint import Checkpoint, TensorRef, wrong_dtype
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
 from internlm2_graph.precision import QuantSpec
-from internlm2_graph.quantize import QuantizedWeight, _unpack_nibbles, quantize
+from internlm2_graph.quantize import QuantizedWeight, quantize, zero_point_codes
 from internlm2_graph.rope import rotary_rows
 
 NUMPY_DTYPES = {
@@ -333,8 +333,7 @@ def embedding_zero_points(q: QuantizedWeight) -> np.ndarray:
     """MatMulNBits' packed zero points -> GatherBlockQuantized's [rows, blocks, 1], one code a
     byte (its rank must equal the data's; with one block per row on the quantized axis, the
     code sits in the low nibble)."""
-    codes = q.zero_points if q.spec.bits == 8 else _unpack_nibbles(q.zero_points)
-    return np.ascontiguousarray(codes[:, : q.k_blocks, None])
+    return np.ascontiguousarray(zero_point_codes(q)[..., None])
 
 
 def tied(checkpoint: Checkpoint, a: str, b: str) -> bool:
