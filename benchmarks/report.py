@@ -11,6 +11,7 @@ tests compare the committed README and docs/benchmarks.md with what these functi
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,23 @@ LONG_TIMING, LONG_CAPACITY = (
     "long-context-h200-7b-int4-capacity.json",
 )
 LONG = ["fp16", "int8_per_channel", "fp8_per_channel"]  # KV cache schemes
+# Quality per byte on the SmolLM2 bed (benchmarks/quality_per_byte.py's own result files):
+# (file, row name, label), largest first.
+PER_BYTE_SOURCE = "quality-per-byte-cpu2-asym.json"
+PER_BYTE_32 = "quality-per-byte-cpu2-calib32.json"
+PER_BYTE = [
+    (PER_BYTE_SOURCE, "fp32", "fp32"),
+    (PER_BYTE_SOURCE, "llama.cpp-Q5_K_M-imatrix8", "llama.cpp Q5_K_M + imatrix"),
+    (PER_BYTE_SOURCE, "llama.cpp-Q4_K_M-imatrix8", "llama.cpp Q4_K_M + imatrix"),
+    (PER_BYTE_SOURCE, "llama.cpp-Q4_K_M", "llama.cpp Q4_K_M"),
+    (PER_BYTE_SOURCE, "gptaq8-F", "ours `q4_mixed`, gptaq"),
+    (PER_BYTE_32, "llama.cpp-Q4_K_M-imatrix", "llama.cpp Q4_K_M + imatrix, 32 chunks"),
+    (PER_BYTE_32, "gptaq32-F", "ours `q4_mixed`, gptaq 32 sequences"),
+    (PER_BYTE_SOURCE, "llama.cpp-Q4_K_S-imatrix8", "llama.cpp Q4_K_S + imatrix"),
+    (PER_BYTE_SOURCE, "llama.cpp-Q4_1", "llama.cpp Q4_1"),
+    (PER_BYTE_SOURCE, "llama.cpp-IQ4_XS-imatrix8", "llama.cpp IQ4_XS + imatrix"),
+    (PER_BYTE_SOURCE, "gptaq8-q4_small", "ours `q4_small`, gptaq"),
+]
 
 
 def pick(found: list[rows.Row], line: Line, tool: str, metric: str, **params) -> rows.Row | None:
@@ -200,6 +218,26 @@ def decode_runs(found: list[rows.Row]) -> str:
     return f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
 
 
+def per_byte_table() -> str:
+    files: dict[str, dict] = {}
+    body = []
+    for source, name, label in PER_BYTE:
+        if source not in files:
+            found_rows = json.loads((common.RESULTS / source).read_text())["rows"]
+            files[source] = {r["name"]: r for r in found_rows}
+        row = files[source][name]
+        body.append(
+            [
+                label,
+                f"{row['bytes'] / 1e6:.1f}",
+                f"{row['all']['perplexity']:.3f}",
+                f"{row['all']['kl']:.4f}",
+                f"{row['all']['top1']:.3f}",
+            ]
+        )
+    return common.markdown_table(["model", "MB", "perplexity", "KL to fp32", "top-1"], body)
+
+
 def headline(found: list[rows.Row]) -> str:
     return (
         "Export: wall time and peak RSS of the whole process tree.\n\n"
@@ -207,7 +245,12 @@ def headline(found: list[rows.Row]) -> str:
         "Decode: greedy, batch 1, 128 new tokens after a 128-token prompt, median of "
         f"{decode_runs(found)} runs\n"
         "alternating with the builder's; the bound is memory bandwidth / bytes a step reads.\n\n"
-        f"{decode_table(found)}\n"
+        f"{decode_table(found)}\n\n"
+        "Quality per byte: SmolLM2-135M moved off its Q4_1 grid, llama.cpp's mixes (built from\n"
+        "source, dequantized) beside our presets, 2048 tokens each of prose and code, the same 8\n"
+        "calibration sequences for GPTAQ and llama-imatrix unless said; 2-core CPU\n"
+        "([more](docs/quality-per-byte.md)).\n\n"
+        f"{per_byte_table()}\n"
     )
 
 

@@ -77,9 +77,10 @@ class QuantizedWeight:
         return self.packed.shape[1]
 
 
-def _levels(bits: int) -> tuple[int, int]:
-    """(largest code, midpoint): the code range is 0..qmax, the implicit zero point is mid."""
-    return (1 << bits) - 1, 1 << (bits - 1)
+def levels(spec: QuantSpec) -> tuple[int, int]:
+    """(largest code, midpoint): the code range is 0..qmax, the implicit zero point is mid.
+    Every grid, rounding and packing step asks here (one place for a format's code range)."""
+    return (1 << spec.bits) - 1, 1 << (spec.bits - 1)
 
 
 def _empty_outputs(n: int, k: int, spec: QuantSpec) -> QuantizedWeight:
@@ -130,7 +131,7 @@ def block_grid(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[np.ndar
     one place the grid rule lives (module docstring). Symmetric: the zero point is the midpoint,
     returned as a float32 scalar (broadcasting a per-block array costs a pass). Asymmetric: a
     float32 array of whole numbers in 0..qmax."""
-    qmax, mid = _levels(spec.bits)
+    qmax, mid = levels(spec)
     if spec.symmetric:
         ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
         return ext * np.float32(-1.0 / mid), np.float32(mid)  # exact: a power of two
@@ -165,7 +166,7 @@ def round_codes(w: np.ndarray, recip: np.ndarray, zp, qmax: int) -> np.ndarray:
 
 def _quantize_into(rows: np.ndarray, spec: QuantSpec, q: QuantizedWeight, start: int) -> None:
     """Quantize weight rows [start, start + len(rows)) into q's preallocated arrays."""
-    qmax, mid = _levels(spec.bits)
+    qmax, mid = levels(spec)
     x = to_blocks(rows, q.k_blocks, spec.block_size)
     hi = x.max(axis=-1)
     lo = x.min(axis=-1)
@@ -264,7 +265,7 @@ def zero_point_codes(q: QuantizedWeight) -> np.ndarray:
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:
     """[N, K] float32 reference: (code - zero_point) * scale, as MatMulNBits defines it."""
-    _, mid = _levels(q.spec.bits)
+    _, mid = levels(q.spec)
     codes = q.packed if q.spec.bits == 8 else _unpack_nibbles(q.packed)
     if q.zero_points is None:
         zp = np.full(q.scales.shape, mid, np.float32)
@@ -300,7 +301,7 @@ def from_codes(
     """
     n, k = codes.shape
     q = _empty_outputs(n, k, spec)
-    _, mid = _levels(spec.bits)
+    _, mid = levels(spec)
     zp = np.asarray(zero_points).astype(np.uint8)
     padded = np.repeat(zp, spec.block_size, axis=1)
     padded[:, :k] = codes

@@ -43,6 +43,7 @@ from internlm2_graph.precision import QuantSpec
 from internlm2_graph.quantize import (
     QuantizedWeight,
     from_codes,
+    levels,
     reciprocal,
     round_codes,
 )
@@ -177,7 +178,7 @@ def searched_grid(
     the highest, times a shrink factor; asymmetric ones shrink the low end, the high end or
     both. The layout is unchanged: only the values of scale and zero point differ.
     """
-    qmax, mid = (1 << spec.bits) - 1, 1 << (spec.bits - 1)
+    qmax, mid = levels(spec)
     best_scale, best_zp = block_grid(block, spec)
     best = grid_error(block, best_scale, best_zp, importance, qmax)
     hi = block.max(axis=0)
@@ -209,7 +210,7 @@ def searched_grid(
 
 def search_candidates(spec: QuantSpec) -> tuple:
     """searched_grid's candidates as factors (compute.searched_grid_graph), in its order."""
-    mid = 1 << (spec.bits - 1)
+    mid = levels(spec)[1]
     if spec.symmetric:
         pairs = ((np.float32(-r / mid), np.float32(r / (mid - 1))) for r in SHRINK)
         return (np.float32(-1.0 / mid), *(f for pair in pairs for f in pair))
@@ -247,7 +248,7 @@ def gptq(
     runs there (compute.OnnxRuntime.gptq_columns: the same rounding, another float order).
     """
     n, k = weight.shape
-    bs, qmax = spec.block_size, (1 << spec.bits) - 1
+    bs, qmax = spec.block_size, levels(spec)[0]
     wt = np.array(weight.T, dtype=np.float32, order="C")  # [K, N]: a column is a row here
 
     def grid(block: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +281,7 @@ def _static_grids(wt, spec, importance, device, grid) -> tuple[np.ndarray, np.nd
     on the device in one graph, or in threads (elementwise numpy releases the GIL)."""
     k, bs = len(wt), spec.block_size
     if importance is not None and k % bs == 0 and isinstance(device, OnnxRuntime):
-        return device.searched_grids(wt, importance, bs, (1 << spec.bits) - 1, spec.symmetric,
+        return device.searched_grids(wt, importance, bs, levels(spec)[0], spec.symmetric,
                                      search_candidates(spec))  # fmt: skip
     with ThreadPoolExecutor(THREADS) as pool:
         grids = list(pool.map(lambda b: grid(wt[b * bs : (b + 1) * bs], b * bs),
@@ -295,7 +296,7 @@ def _columns(wt, factor, spec, scales, zero_points, positions, lazy, regrid=None
     reaches its first column (filling `scales` and `zero_points`); without, they are fixed.
     Returns the codes [K, N] by column."""
     k, n = wt.shape
-    bs, qmax = spec.block_size, (1 << spec.bits) - 1
+    bs, qmax = spec.block_size, levels(spec)[0]
     codes = np.empty((k, n), np.uint8)
     recips = np.empty_like(scales) if regrid is not None else reciprocal(scales)
     for i1 in range(0, k, lazy):
