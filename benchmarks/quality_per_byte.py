@@ -20,8 +20,11 @@ One calibration text for both sides: `calibrate.default_text()` as SmolLM2 ids w
 sequences that overlap the evaluation text (quant_quality.calibration_ids), GPTAQ's budget
 (32 sequences of 512); llama-imatrix reads the same sequences decoded to text, 512-token chunks.
 Rows are cached under the workdir (rows/NAME.json): rerunning scores only what is new. `variants`
-adds ad-hoc rows, NAME:KEY=VALUE KEY=VALUE;... (ablations). Rows per model: MB, and perplexity,
-KL and top-1 on both texts (`all`), prose and code.
+adds ad-hoc rows, NAME:KEY=VALUE KEY=VALUE;... (ablations); a key `recipe.FIELD` sets a field of
+the method's recipe (calibration/recipes.py) rather than an --extra_option: `recipe.damp=1e6`
+turns GPTQ's error feedback off and leaves its importance-weighted grid search, which is what
+llama.cpp does with an importance matrix. Rows per model: MB, and perplexity, KL and top-1 on
+both texts (`all`), prose and code.
 """
 
 from __future__ import annotations
@@ -234,11 +237,13 @@ class Bench:
     def our_row(self, name: str, options: dict) -> dict:
         def make():
             ids_file, _ = self.calibration()
-            full = {**BASE, **options}
+            tweaks = {k[len("recipe.") :]: json.loads(v)  # numbers and booleans
+                      for k, v in options.items() if k.startswith("recipe.")}  # fmt: skip
+            full = {**BASE, **{k: v for k, v in options.items() if not k.startswith("recipe.")}}
             if full["algo_config"] != "rtn":
                 full["calibration_data"] = str(ids_file)
             build = self.builds / name
-            stats = quant_quality.measured_build(self.checkpoint, build, "int4", full)
+            stats = quant_quality.measured_build(self.checkpoint, build, "int4", full, tweaks)
             return {
                 "kind": "ours",
                 "options": options,
