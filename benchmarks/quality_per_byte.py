@@ -237,9 +237,8 @@ class Bench:
     def our_row(self, name: str, options: dict) -> dict:
         def make():
             ids_file, _ = self.calibration()
-            tweaks = {k[len("recipe.") :]: json.loads(v)  # numbers and booleans
-                      for k, v in options.items() if k.startswith("recipe.")}  # fmt: skip
-            full = {**BASE, **{k: v for k, v in options.items() if not k.startswith("recipe.")}}
+            extra, tweaks = split_options(options)
+            full = {**BASE, **extra}
             if full["algo_config"] != "rtn":
                 full["calibration_data"] = str(ids_file)
             build = self.builds / name
@@ -255,6 +254,15 @@ class Bench:
             }
 
         return self.cached(name, make)
+
+
+def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict]:
+    """A variant's settings as (--extra_options, recipe fields): `recipe.FIELD=VALUE` keys go to
+    the method's recipe, their values read as JSON (numbers, true/false)."""
+    extra = {k: v for k, v in options.items() if not k.startswith("recipe.")}
+    fields = (k for k in options if k not in extra)
+    recipe = {k.removeprefix("recipe."): json.loads(options[k]) for k in fields}
+    return extra, recipe
 
 
 def model_bytes(folder: Path) -> int:

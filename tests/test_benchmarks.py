@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, convert, gpu_steps, harness, kernel_profile, report, rows
+from benchmarks import (
+    common,
+    convert,
+    gpu_steps,
+    harness,
+    kernel_profile,
+    quality_per_byte,
+    report,
+    rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,3 +157,11 @@ def test_gpu_steps_write_scales_and_turn_the_builders_cuda_graph_on(tmp_path):
 def test_probes_state_their_finding():
     for probe in sorted((ROOT / "benchmarks" / "probes").glob("[!_]*.py")):
         assert "Finding" in (ast.get_docstring(ast.parse(probe.read_text())) or ""), probe.name
+
+
+def test_per_byte_variants_split_recipe_fields_from_extra_options():
+    extra, recipe = quality_per_byte.split_options(
+        {"algo_config": "gptq", "recipe.damp": "1e6", "recipe.search": "false", "block_size": "64"}
+    )
+    assert extra == {"algo_config": "gptq", "block_size": "64"}
+    assert recipe == {"damp": 1e6, "search": False}
