@@ -465,6 +465,9 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(client, ray_sessi
 
 def test_sigint_drains_a_streaming_reply(command, client, ray_session):
     pids = replica_pids(ray_session)
+    # Leave the cluster before the SIGINT ends it: a driver whose GCS is gone terminates its own
+    # process (this pytest) 60 s later ("Failed to connect to GCS within 60 seconds").
+    ray_session.shutdown()
     chunks = client.chat.completions.create(
         **_request("Tell me a long story, number 2.", stream=True, max_tokens=1800)
     )
