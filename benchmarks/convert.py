@@ -3,15 +3,16 @@
     python -m benchmarks.convert       # rewrites benchmarks/results/rows/converted-*.json
 
 The studies' earlier command-line versions wrote their own JSON shapes: export-*.json,
-runtime-*.json (now the decode suite), quant-quality-*.json and long-context-*.json hold the
-numbers the README's headline tables cite; speculative-* and mask-count-* (benchmarks/probes/
-mask_count.py, which still writes them) those of the suites of the same names. Each of their
+runtime-*.json (now the decode suite), quant-quality-*.json, quality-per-byte-*.json and
+long-context-*.json hold the numbers the README's headline tables cite; speculative-* and
+mask-count-* (benchmarks/probes/mask_count.py, which still writes them) those of the suites of
+the same names. Each of their
 measurements becomes a row, with the file's machine, versions, commit, load and start time, and
 the file as its `source`. Where a study makes rows of the same payload today (export,
-quant_quality, speculative) it calls the mapping here; long_context's is its own rows_of, which
-this calls: one mapping each. common.write_results refreshes the kind's rows whenever such a
-file is written, and a test checks the committed rows equal what this makes of the committed
-files, so a converted number cannot drift from the measured one.
+quant_quality, quality_per_byte, speculative) it calls the mapping here; long_context's is its
+own rows_of, which this calls: one mapping each. common.write_results refreshes the kind's rows
+whenever such a file is written, and a test checks the committed rows equal what this makes of
+the committed files, so a converted number cannot drift from the measured one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from pathlib import Path
 from benchmarks import common, long_context, rows
 
 GB = 1e9
-KINDS = ("export", "runtime", "quant-quality", "long-context", "speculative", "mask-count")
+KINDS = (
+    "export",
+    "runtime",
+    "quant-quality",
+    "quality-per-byte",
+    "long-context",
+    "speculative",
+    "mask-count",
+)
 
 
 def sources(kind: str, results: Path = common.RESULTS) -> list[Path]:
@@ -175,6 +184,32 @@ def quant_quality_rows(payload: dict, path: Path) -> list[rows.Row]:
     return out
 
 
+SCORES = (("perplexity", "ppl", ""), ("kl", "kl", "nats"), ("top1", "top1", ""))
+
+
+def per_byte_rows(entry: dict, eval_tokens: int, **stamp) -> list[rows.Row]:
+    """One row of the per-byte study (benchmarks/quality_per_byte.py, the SmolLM2 bed): MB, then
+    perplexity, KL to the bed's fp32 logits and top-1 on both texts (`all`), prose, code and,
+    where scored, the held-out text. One run each (no spread)."""
+    tool = "llama.cpp" if entry["kind"] == "llama.cpp" else "ours"
+    base = {"suite": "quality", "model": "smollm2-135m-bed", "variant": entry["name"], "tool": tool}
+    out = [rows.Row(**base, metric="mb", value=entry["bytes"] / 1e6, unit="MB", **stamp)]
+    for text in ("all", "prose", "code", *(("held",) if "held" in entry else ())):
+        suffix = "" if text == "all" else f"_{text}"
+        for key, metric, unit in SCORES:
+            if entry[text].get(key) is not None:
+                value, params = entry[text][key], {"eval_tokens": eval_tokens}
+                out.append(rows.Row(**base, metric=metric + suffix, value=value, unit=unit,
+                                    params=params, **stamp))  # fmt: skip
+    return out
+
+
+def quality_per_byte_rows(payload: dict, path: Path) -> list[rows.Row]:
+    """The per-byte study's files, written before it returned rows."""
+    tokens, stamp = payload["args"]["eval_tokens"], where(payload, path)
+    return [row for entry in payload["rows"] for row in per_byte_rows(entry, tokens, **stamp)]
+
+
 def long_context_rows(payload: dict, path: Path) -> list[rows.Row]:
     """The file's timing and capacity as long_context's rows; the size and precision come from
     the file's name (`--machine h200-7b-int4-...`)."""
@@ -265,6 +300,7 @@ CONVERT = {
     "export": export_rows,
     "runtime": runtime_rows,
     "quant-quality": quant_quality_rows,
+    "quality-per-byte": quality_per_byte_rows,
     "long-context": long_context_rows,
     "speculative": speculative_rows,
     "mask-count": mask_count_rows,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common, harness, quant_quality
+from benchmarks import common, convert, harness, quant_quality
 from benchmarks.rows import Row
 from fixtures import llamacpp, smollm2
 from internlm2_graph.evaluate import kl_and_top1, log_softmax, windows
@@ -278,29 +278,14 @@ def run(ctx: harness.Context) -> list[Row]:
     bench = Bench(
         bed, args.eval_tokens, args.threads or None, args.calibration_sequences, args.held_out
     )
-    rows = [("ours", bench.fp32_row())]
+    rows = [bench.fp32_row()]
     for item in filter(None, args.llamacpp.split(",")):
         kind, _, matrix = item.partition("+")
-        rows.append(("llama.cpp", bench.llamacpp_row(kind, matrix == "imatrix")))
+        rows.append(bench.llamacpp_row(kind, matrix == "imatrix"))
     variants = {name: VARIANTS[name] for name in filter(None, args.ours.split(","))}
     for item in filter(None, args.variants.split(";")):
         name, _, options = item.partition(":")
         variants[name] = dict(o.split("=", 1) for o in options.split())
     for name, options in variants.items():
-        rows.append(("ours", bench.our_row(name, options)))
-    return [r for tool, row in rows for r in rows_of(ctx, tool, row, args.eval_tokens)]
-
-
-def rows_of(ctx: harness.Context, tool: str, row: dict, eval_tokens: int) -> list[Row]:
-    out = [ctx.row(model="smollm2-135m-bed", variant=row["name"], tool=tool, metric="mb",
-                   value=row["bytes"] / 1e6, unit="MB")]  # fmt: skip
-    for text in ("all", *TEXTS, *(("held",) if "held" in row else ())):
-        suffix = "" if text == "all" else f"_{text}"
-        for metric, unit in (("perplexity", ""), ("kl", "nats"), ("top1", "")):
-            if row[text].get(metric) is None:
-                continue
-            name = {"perplexity": "ppl"}.get(metric, metric) + suffix
-            out.append(ctx.row(model="smollm2-135m-bed", variant=row["name"], tool=tool,
-                               metric=name, value=row[text][metric], unit=unit,
-                               params={"eval_tokens": eval_tokens}))  # fmt: skip
-    return out
+        rows.append(bench.our_row(name, options))
+    return [r for row in rows for r in convert.per_byte_rows(row, args.eval_tokens)]

@@ -11,7 +11,6 @@ tests compare the committed README and docs/benchmarks.md with what these functi
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ LONG_TIMING, LONG_CAPACITY = (
     "long-context-h200-7b-int4-capacity.json",
 )
 LONG = ["fp16", "int8_per_channel", "fp8_per_channel"]  # KV cache schemes
-# Quality per byte on the SmolLM2 bed (benchmarks/quality_per_byte.py's own result files):
+# Quality per byte on the SmolLM2 bed (quality_per_byte.py's files, as converted rows):
 # (file, row name, label), largest first.
 PER_BYTE_SOURCE = "quality-per-byte-cpu2-asym.json"
 PER_BYTE_32 = "quality-per-byte-cpu2-calib32.json"
@@ -218,23 +217,16 @@ def decode_runs(found: list[rows.Row]) -> str:
     return f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
 
 
-def per_byte_table() -> str:
-    files: dict[str, dict] = {}
+PER_BYTE_DIGITS = {"mb": 1, "ppl": 3, "kl": 4, "top1": 3}  # decimals shown
+
+
+def per_byte_table(found: list[rows.Row]) -> str:
     body = []
     for source, name, label in PER_BYTE:
-        if source not in files:
-            found_rows = json.loads((common.RESULTS / source).read_text())["rows"]
-            files[source] = {r["name"]: r for r in found_rows}
-        row = files[source][name]
-        body.append(
-            [
-                label,
-                f"{row['bytes'] / 1e6:.1f}",
-                f"{row['all']['perplexity']:.3f}",
-                f"{row['all']['kl']:.4f}",
-                f"{row['all']['top1']:.3f}",
-            ]
-        )
+        line, tool = Line(source, "smollm2-135m-bed", name), name.split("-")[0]
+        cell = {m: pick(found, line, "ours" if tool != "llama.cpp" else tool, m)
+                for m in ("mb", "ppl", "kl", "top1")}  # fmt: skip
+        body.append([label, *(f"{cell[m].value:.{d}f}" for m, d in PER_BYTE_DIGITS.items())])
     return common.markdown_table(["model", "MB", "perplexity", "KL to fp32", "top-1"], body)
 
 
@@ -250,7 +242,7 @@ def headline(found: list[rows.Row]) -> str:
         "source, dequantized) beside our presets, 2048 tokens each of prose and code, the same 8\n"
         "calibration sequences for GPTAQ and llama-imatrix unless said; 2-core CPU\n"
         "([more](docs/quality-per-byte.md)).\n\n"
-        f"{per_byte_table()}\n"
+        f"{per_byte_table(found)}\n"
     )
 
 
