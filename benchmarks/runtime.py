@@ -13,14 +13,13 @@ Needs only onnxruntime-genai, onnx and numpy: runs on a machine with just the re
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import common
-from internlm2_graph.runtime import cpu_threads_overlay, physical_cores
+from internlm2_graph.runtime import threads_here
 
 # --- the runtime ----------------------------------------------------------------------------
 
@@ -33,9 +32,9 @@ def load(folder: Path, ep: str):
         config.clear_providers()
         if ep != "cpu":
             config.append_provider(ep)
-    if ep == "cpu":  # every tool's folder gets the same threads (runtime.cpu_threads_overlay)
+    if ep == "cpu":  # every tool's folder gets the same threads (runtime.threads_here)
         own = json.loads((folder / "genai_config.json").read_text())
-        threads = cpu_threads_overlay(own, physical_cores(), os.cpu_count())
+        threads = threads_here(own)
         if threads:
             config.overlay(json.dumps(threads))
     return og.Model(config)

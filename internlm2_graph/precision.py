@@ -598,9 +598,7 @@ def _paged(options: dict[str, str], execution_provider: str) -> PagedSpec | None
         max_scheduled_tokens=_optional_int(options, "max_scheduled_tokens"),
         chunk_size=_optional_int(options, "paged_chunk_size"),
         prune_lm_head=_bool(options, "prune_lm_head", False),
-        prefix_caching=_bool(options, "prefix_caching", False)
-        if "prefix_caching" in options
-        else None,
+        prefix_caching=_bool(options, "prefix_caching", None),
     )
 
 
@@ -641,7 +639,7 @@ def _filename(options: dict[str, str]) -> str:
     return name
 
 
-def _bool(options: dict[str, str], key: str, default: bool) -> bool:
+def _bool(options: dict[str, str], key: str, default: bool | None) -> bool | None:
     if key not in options:
         return default
     value = options[key].strip().lower()

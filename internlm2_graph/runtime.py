@@ -107,6 +107,11 @@ def cpu_threads_overlay(config: dict, cores: int | None, logical: int | None) ->
     return {"model": {"decoder": {"session_options": {"intra_op_num_threads": cores}}}}
 
 
+def threads_here(config: dict) -> dict | None:
+    """cpu_threads_overlay for the cores this process may run on."""
+    return cpu_threads_overlay(config, physical_cores(), os.cpu_count())
+
+
 def physical_cores() -> int | None:
     """Cores this process may run on, counting hardware threads of one core once (Linux)."""
     try:
@@ -136,7 +141,7 @@ def og_config(folder: str | Path, spec: Speculative | str | None = None):
     og = genai()
     folder = Path(folder)
     own = json.loads((folder / "genai_config.json").read_text("utf-8"))
-    threads = cpu_threads_overlay(own, physical_cores(), os.cpu_count())
+    threads = threads_here(own)
     if spec is None:
         config = og.Config(str(folder))
     else:

@@ -71,29 +71,25 @@ def run(ctx: harness.Context) -> list:
     return out
 
 
-LOAD_METRICS = (  # the robustness run's counts: each should be 0, but the RSS
-    "server_errors_5xx",
-    "well_formed_unanswered",
-    "malformed_not_4xx",
-    "greedy_differing",
-    "active_requests_after",
-    "second_run_5xx",
-    "second_run_greedy_differing",
-)
+# The robustness run's numbers: counts that should all be 0, then the server's RSS.
+LOAD_METRICS = {
+    **dict.fromkeys(
+        ("server_errors_5xx", "well_formed_unanswered", "malformed_not_4xx", "greedy_differing",
+         "active_requests_after", "second_run_5xx", "second_run_greedy_differing"),
+        "requests",
+    ),  # fmt: skip
+    **dict.fromkeys(("rss_idle_mb", "rss_after_first_run_mb", "rss_after_second_run_mb"), "MB"),
+}
 
 
 def load_rows(ctx: harness.Context, variant: str, folder: Path) -> list:
     (result,) = serving.load({"folder": folder, "max_batch_size": ctx.param("max_batch_size", 16)})
     params = {k: result[k] for k in ("requests", "clients", "statuses", "greedy_compared")}
-    out = [
+    return [
         ctx.row(variant=f"{variant} load", tool="http", metric=metric, value=result[metric],
-                unit="requests", params=params)
-        for metric in LOAD_METRICS
+                unit=unit, params=params)
+        for metric, unit in LOAD_METRICS.items()
     ]  # fmt: skip
-    for metric in ("rss_idle_mb", "rss_after_first_run_mb", "rss_after_second_run_mb"):
-        out.append(ctx.row(variant=f"{variant} load", tool="http", metric=metric,
-                           value=result[metric], unit="MB", params=params))  # fmt: skip
-    return out
 
 
 def rows_of(ctx, variant: str, params: dict, results: list[dict]) -> list:
