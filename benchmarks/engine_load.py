@@ -262,15 +262,11 @@ def trace(engine, folder: Path, streams: int, params: dict, settle: int = 24, st
     (benchmarks.kernel_profile's grouping) against the wall time of a step; the difference is
     the GPU waiting for the host (the engine's scheduling, sampling, input copies)."""
     import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks.kernel_profile import kind_of
 
     vocab = vocab_size(folder)
     drive(engine, closed_loop_streams(streams, 1, params["prompt"], 16, vocab, 1), False)
     work = closed_loop_streams(streams, 1, params["prompt"], settle + steps + 8, vocab, 2)
-    prof, clock = profile(activities=[ProfilerActivity.CUDA]), {}
+    prof, clock = _profiler(), {}
 
     def after_run(n: int) -> None:
         if n == settle:
@@ -283,11 +279,7 @@ def trace(engine, folder: Path, streams: int, params: dict, settle: int = 24, st
             prof.__exit__(None, None, None)
 
     drive(engine, work, same_request=False, after_run=after_run)
-    kinds: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            kind = kind_of(event.name)
-            kinds[kind] = kinds.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3 / steps
+    kinds = _kernel_ms(prof, steps)
     busy = sum(kinds.values())
     step = 1e3 * clock["wall"] / steps
     return {
@@ -295,9 +287,53 @@ def trace(engine, folder: Path, streams: int, params: dict, settle: int = 24, st
         "step_ms": step,
         "gpu_busy_ms": busy,
         "gpu_idle_share": 1 - busy / step,
-        "kernels_ms_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "kernels_ms_per_step": kinds,
         "output_tok_s": streams / (step / 1e3),
     }
+
+
+def trace_mixed(engine, folder: Path, params: dict) -> dict:
+    """Where the chat traffic's time goes (prompt-heavy, unlike a decode step): CUPTI over the
+    whole mixed run, GPU busy time by kernel kind against its wall time."""
+    import torch
+
+    prof = _profiler()
+    torch.cuda.synchronize()
+    with prof:
+        start = time.perf_counter()
+        result = mixed(engine, folder, params, seed=7)
+        torch.cuda.synchronize()
+        wall = 1e3 * (time.perf_counter() - start)
+    kinds = _kernel_ms(prof, 1)
+    busy = sum(kinds.values())
+    return {
+        "streams": params["conversations"],
+        "run_ms": wall,
+        "gpu_busy_ms": busy,
+        "gpu_idle_share": 1 - busy / wall,
+        "kernels_ms": kinds,
+        "output_tok_s": result["output_tok_s"],
+    }
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def _kernel_ms(prof, per: int) -> dict:
+    """GPU milliseconds by kernel kind (benchmarks.kernel_profile's grouping), divided by `per`."""
+    from torch.autograd import DeviceType
+
+    from benchmarks.kernel_profile import kind_of
+
+    kinds: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kind = kind_of(event.name)
+            kinds[kind] = kinds.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3 / per
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def generator_decode(folder: Path, prompt: int, output: int, repeat: int) -> dict:
@@ -337,6 +373,7 @@ DEFAULTS = {
     "generator": {},  # label -> a GroupQueryAttention folder
     "generator_repeat": 3,
     "trace": 0,  # streams to trace a decode step at (0: no trace)
+    "trace_mixed": False,  # trace the whole chat traffic run too
 }
 
 
@@ -382,12 +419,14 @@ def _one_engine(label: str, folder: Path, round_: int, params: dict) -> list[dic
         rows.append({**base, "measurement": "resend", "streams": params["conversations"], **row})
         print(_line(rows[-1]), flush=True)
     first = label == next(iter(params["models"]))
-    for measurement in ("trace", "identical"):
+    for measurement in ("trace", "trace_mixed", "identical"):
         # The identity check (a minute of 7B decoding) runs for the first model only.
-        if params[measurement] and round_ == 0 and (first or measurement == "trace"):
+        if params[measurement] and round_ == 0 and (first or measurement != "identical"):
             try:
                 if measurement == "trace":
                     row = trace(engine, folder, params["trace"], params)
+                elif measurement == "trace_mixed":
+                    row = trace_mixed(engine, folder, params)
                 else:
                     output = params["identical_output"]
                     row = identical(engine, folder, params["identical"], output, 3)
@@ -424,9 +463,12 @@ PARAMS = {  # folders / generator: NAME=DIR,... (paged folders / GroupQueryAtten
     "resend": False,
     "identical": 0,
     "trace": 0,
+    "trace_mixed": False,
 }
 SMOKE = {"streams": "1,2", "prompt": 8, "output": 4, "requests": 1, "identical": 2, "mixed": False}
 UNITS = {"output_tok_s": "tok/s", "identical_share": "", "step_ms": "ms", "gpu_busy_ms": "ms"}
+UNITS.update({"run_ms": "ms", "gpu_idle_share": ""})
+DETAILS = ("first_difference", "kernels_ms_per_step", "kernels_ms")  # into params, not metrics
 UNITS.update({f"{k}_{q}_ms": "ms" for k in ("ttft", "tpot") for q in ("p50", "p99")})
 
 
@@ -449,9 +491,7 @@ def run(ctx) -> list:
         groups.setdefault(key, []).append(result)
     out = []
     for (model, measurement, streams), results in groups.items():
-        details = {
-            k: v for k, v in results[0].items() if k in ("first_difference", "kernels_ms_per_step")
-        }
+        details = {k: v for k, v in results[0].items() if k in DETAILS}
         settings_of = {"streams": streams, "prompt": params["prompt"], "output": params["output"]}
         if "cached_prompt_tokens" in results[0]:
             settings_of["cached_prompt_tokens"] = [r["cached_prompt_tokens"] for r in results]

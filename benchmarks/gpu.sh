@@ -27,10 +27,11 @@
 #   paged-prepare-now SIZE PRECISION...  the same, in the foreground (what paged-prepare runs)
 #   paged-load SIZE PRECISION [K=V ...]   waits for paged-prepare, then og.Engine
 #       closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our GQA
-#       folder's single-stream og.Generator decode
+#       folder's single-stream og.Generator decode (ONLY="ours builder_cg": those models)
 #   paged-clean SIZE                 frees the disk for the next size
-#   paged-variants SIZE PRECISION    linked copies of our paged folder that paged-load adds:
-#       ours_pc (prefix_caching on), ours_fpa (enable_cuda_fpa_intb_gemm, int4/int8)
+#   paged-variants SIZE PRECISION [prune]   linked copies of our paged folder that paged-load
+#       adds: ours_pc (prefix_caching on), ours_fpa (enable_cuda_fpa_intb_gemm, int4/int8);
+#       with prune, ours_prune too (a build: prune_lm_head=true)
 #   paged-serve SIZE PRECISION [K=V ...]   `serve` on our paged folder: engine and HTTP
 #       (the [serve] wheels in .whl: see docs/paged-attention.md)
 # serve's CPU path on this machine's cores (og's CPU kernels; a second CPU beside ours):
@@ -318,10 +319,13 @@ paged-load)
     paged_wait_ready "$size" "$p"
     gpu=$(gpu_name)
     folders="ours=$W/$size-$p-ours"
-    for v in pc fpa; do
+    for v in pc fpa prune; do
         [ -d "$W/$size-$p-ours-$v" ] && folders="$folders,ours_$v=$W/$size-$p-ours-$v"
     done
     folders="$folders,builder=$W/$size-$p-builder,builder_cg=$W/$size-$p-builder-cg"
+    if [ -n "${ONLY:-}" ]; then  # ONLY="ours builder_cg": just these models
+        folders=$(tr , '\n' <<< "$folders" | grep -E "^($(tr ' ' '|' <<< "$ONLY"))=" | paste -sd,)
+    fi
     # K=V: more engine_load settings, e.g. resend=true identical=64 trace=64 streams=1,64
     python3 -m benchmarks run serving -e cuda --repeat "${REPEAT:-1}" --machine "$gpu-$size-$p" \
         --param study=engine_load folders="$folders" generator="ours_gqa=$W/$size-$p-gqa" "$@"
@@ -335,6 +339,11 @@ paged-variants)
     if [ "$p" = int4 ] || [ "$p" = int8 ]; then
         steps linked-copy "$W/$size-$p-ours" "$W/$size-$p-ours-fpa"
         steps set-config "$W/$size-$p-ours-fpa" 'model/decoder/session_options/ep.cuda.fpa_intb_gemm="1"'
+    fi
+    if [ "${4:-}" = prune ]; then
+        timed "ours $size $p paged prune_lm_head" python3 -m internlm2_graph \
+            -i "$W/$size-internlm2" -o "$W/$size-$p-ours-prune" -p "$p" -e cuda -q --overwrite \
+            --extra_options use_paged_attention=true prune_lm_head=true $POOL
     fi
     ;;
 paged-serve)
