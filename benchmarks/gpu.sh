@@ -32,6 +32,9 @@
 #   paged-variants SIZE PRECISION [prune]   linked copies of our paged folder that paged-load
 #       adds: ours_pc (prefix_caching on), ours_fpa (enable_cuda_fpa_intb_gemm, int4/int8);
 #       with prune, ours_prune too (a build: prune_lm_head=true)
+#   paged-fpa SIZE [K=V ...]         fpA_intB settings on our int4 paged folder (after
+#       paged-prepare SIZE int4): which kernel runs at each M (ORT_FPA_INTB_DEBUG), then
+#       og.Engine with the default MatMulNBits, fpA_intB, + gemv_paired_k, + gemv_wave_aware
 #   paged-serve SIZE PRECISION [K=V ...]   `serve` on our paged folder: engine and HTTP
 #       (the [serve] wheels in .whl: see docs/paged-attention.md)
 # serve's CPU path on this machine's cores (og's CPU kernels; a second CPU beside ours):
@@ -345,6 +348,27 @@ paged-variants)
             -i "$W/$size-internlm2" -o "$W/$size-$p-ours-prune" -p "$p" -e cuda -q --overwrite \
             --extra_options use_paged_attention=true prune_lm_head=true $POOL
     fi
+    ;;
+paged-fpa)
+    size=$2
+    shift 2
+    paged_wait_ready "$size" int4
+    base=$W/$size-int4-ours folders="ours=$W/$size-int4-ours"
+    for v in fpa:fpa_intb_gemm fpapk:fpa_intb_gemv_paired_k fpawa:fpa_intb_gemv_wave_aware; do
+        name=${v%%:*} src=$base-fpa
+        [ "$name" = fpa ] && src=$base
+        steps linked-copy "$src" "$base-$name"
+        steps set-config "$base-$name" "model/decoder/session_options/ep.cuda.${v#*:}=\"1\""
+        folders="$folders,ours_$name=$base-$name"
+    done
+    echo "=== which fpA_intB kernel runs, by M (one short run, ORT_FPA_INTB_DEBUG=1)"
+    ORT_FPA_INTB_DEBUG=1 python3 -m benchmarks run serving -e cuda --out "$W/fpa-debug.json" \
+        --param study=engine_load folders="fpa=$base-fpa" streams=1,8,64 requests=1 output=8 \
+        mixed=false 2>&1 | grep -a 'fpA_intB' | sort | uniq -c | sort -rn | head -40 || true
+    gpu=$(gpu_name)
+    python3 -m benchmarks run serving -e cuda --repeat "${REPEAT:-1}" --machine "$gpu-$size-int4-fpa" \
+        --param study=engine_load folders="$folders" streams=1,8,64,128 requests=1 mixed=false "$@"
+    copy_out benchmarks/results/rows/serving-"$gpu-$size-int4-fpa"*
     ;;
 paged-serve)
     size=$2 p=$3
