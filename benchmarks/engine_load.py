@@ -391,7 +391,10 @@ def measure(params: dict) -> list[dict]:
         print(_line(rows[-1]), flush=True)
     for round_ in range(params["rounds"]):
         for label, folder in _alternating(params["models"], round_):
-            rows += _one_engine(label, Path(folder), round_, params)
+            try:
+                rows += _one_engine(label, Path(folder), round_, params)
+            except Exception as err:  # one setting that fails must not cost the others' rows
+                print(f"{label}: FAILED {type(err).__name__}: {err}", flush=True)
     return rows
 
 

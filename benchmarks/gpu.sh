@@ -34,7 +34,9 @@
 #       with prune, ours_prune too (a build: prune_lm_head=true)
 #   paged-fpa SIZE [K=V ...]         fpA_intB settings on our int4 paged folder (after
 #       paged-prepare SIZE int4): which kernel runs at each M (ORT_FPA_INTB_DEBUG), then
-#       og.Engine with the default MatMulNBits, fpA_intB, + gemv_paired_k, + gemv_wave_aware
+#       og.Engine with the default MatMulNBits, fpA_intB, + gemv_paired_k, + gemv_wave_aware,
+#       + profile_m up to 16384 (prompts of 64 x 128 tokens are profiled at load, not lazily),
+#       and the default without its CUDA graph
 #   paged-serve SIZE PRECISION [K=V ...]   `serve` on our paged folder: engine and HTTP
 #       (the [serve] wheels in .whl: see docs/paged-attention.md)
 # serve's CPU path on this machine's cores (og's CPU kernels; a second CPU beside ours):
@@ -354,11 +356,15 @@ paged-fpa)
     shift 2
     paged_wait_ready "$size" int4
     base=$W/$size-int4-ours folders="ours=$W/$size-int4-ours"
-    for v in fpa:fpa_intb_gemm fpapk:fpa_intb_gemv_paired_k fpawa:fpa_intb_gemv_wave_aware; do
-        name=${v%%:*} src=$base-fpa
-        [ "$name" = fpa ] && src=$base
-        steps linked-copy "$src" "$base-$name"
-        steps set-config "$base-$name" "model/decoder/session_options/ep.cuda.${v#*:}=\"1\""
+    # NAME:FROM:SETTING, FROM the folder it copies (ours, or ours_fpa), SETTING under
+    # model/decoder/session_options. nocg: is fpA_intB's one-stream loss the CUDA graph's?
+    o=session_options buckets=1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192,16384
+    for v in fpa::ep.cuda.fpa_intb_gemm=1 fpapk:-fpa:ep.cuda.fpa_intb_gemv_paired_k=1 \
+        fpawa:-fpa:ep.cuda.fpa_intb_gemv_wave_aware=1 fpapm:-fpa:ep.cuda.fpa_intb_profile_m=$buckets \
+        nocg::provider_options/0/cuda/enable_cuda_graph=0; do
+        IFS=: read -r name from setting <<< "$v"
+        steps linked-copy "$base$from" "$base-$name"
+        steps set-config "$base-$name" "model/decoder/$o/${setting%%=*}=\"${setting#*=}\""
         folders="$folders,ours_$name=$base-$name"
     done
     echo "=== which fpA_intB kernel runs, by M (one short run, ORT_FPA_INTB_DEBUG=1)"

@@ -101,7 +101,8 @@ def linked_copy(args) -> None:
 
 def set_config(args) -> None:
     """Set genai_config.json entries: PATH=VALUE, PATH a /-separated key path (keys may hold
-    dots, as ep.cuda.fpa_intb_gemm does), VALUE JSON (a bare word stays a string)."""
+    dots, as ep.cuda.fpa_intb_gemm does; a number indexes a list, as provider_options/0/cuda),
+    VALUE JSON (a bare word stays a string)."""
     path = Path(args.folder) / "genai_config.json"
     genai = json.loads(path.read_text())
     for setting in args.settings:
@@ -109,7 +110,8 @@ def set_config(args) -> None:
         *parents, last = keys.split("/")
         section = genai
         for key in parents:
-            section = section.setdefault(key, {})
+            is_list = isinstance(section, list)
+            section = section[int(key)] if is_list else section.setdefault(key, {})
         try:
             section[last] = json.loads(value)
         except json.JSONDecodeError:
