@@ -24,6 +24,7 @@
 #   paged-prepare SIZE PRECISION...  returns at once: builds in the background (setsid, so it
 #       outlives the call): checkpoint, our paged and GQA folders, the builder's paged folder
 #       (same weights, through the Llama copy) and a copy of it with its CUDA graph on
+#       (BUILDER=0: ours only)
 #   paged-prepare-now SIZE PRECISION...  the same, in the foreground (what paged-prepare runs)
 #   paged-load SIZE PRECISION [K=V ...]   waits for paged-prepare, then og.Engine
 #       closed loop + mixed traffic, ours / builder / builder + CUDA graph, and our GQA
@@ -249,7 +250,7 @@ paged_prepare_now() {  # paged_prepare_now SIZE PRECISION...: one checkpoint, ea
     shift
     [ -f "$ck/config.json" ] || timed "checkpoint $size" python3 -m internlm2_graph.synthetic \
         "$ck" --size "$size"
-    (
+    [ "${BUILDER:-1}" = 0 ] || (  # BUILDER=0: our folders only
         [ -f "$ck-llama/config.json" ] || timed "llama copy" steps llama-copy "$ck" "$ck-llama"
         for p in "$@"; do
             timed "builder $size $p paged" python3 -m onnxruntime_genai.models.builder \
