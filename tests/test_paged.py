@@ -533,15 +533,16 @@ def test_inspect_shows_the_paged_cache(tmp_path):
 
 
 @pytest.mark.model
-def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
+def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path, capsys):
     """Closed loop and chat rows add up (streams x requests x output tokens), and greedy replies
-    alone equal the same replies run together on the CPU's deterministic kernels."""
+    alone equal the same replies run together on the CPU's deterministic kernels. A model that
+    fails is reported and costs the others nothing."""
     from benchmarks import engine_load
 
     folder = tmp_path / "int4"
     build(tiny_checkpoint, folder, "int4", "cpu")
     params = {
-        "models": {"tiny": str(folder)},
+        "models": {"tiny": str(folder), "gone": str(tmp_path / "missing")},
         "streams": [1, 3],
         "prompt": 10,
         "output": 5,
@@ -565,6 +566,7 @@ def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
     assert chat["turns"] == 2 and chat["failed"] == 0 and chat["prompt_tokens"] > 20
     same = rows["identical", 3]
     assert same["identical_share"] == 1.0 and same["alone_repeatable"]
+    assert "gone: FAILED" in capsys.readouterr().out
 
     # As HTTP clients send chat: each request carries the conversation so far, until a new one.
     model, engine = engine_load.open_engine(folder)
@@ -573,3 +575,27 @@ def test_engine_load_counts_every_token(tiny_checkpoint, tmp_path):
         engine, [[(a, 3, True), (b, 2, False), (c, 2, True)]], False, resend=True
     )
     assert [t["prompt"] for t in turns] == [7, 7 + 3 + 4, 5]
+
+
+def test_set_config_reaches_into_lists(tmp_path):
+    """gpu_steps set-config: keys with dots stay keys, a number indexes a list (provider_options
+    is one), JSON values parse and bare words stay strings."""
+    import json
+
+    from benchmarks import gpu_steps
+
+    config = {"model": {"decoder": {"session_options": {"provider_options": [{"cuda": {}}]}}}}
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    options = "model/decoder/session_options"
+    gpu_steps.main([
+        "set-config", str(tmp_path),
+        f'{options}/provider_options/0/cuda/enable_cuda_graph="0"',
+        f'{options}/ep.cuda.fpa_intb_profile_m="1,2,4"',
+        "search/max_length=4096",
+        "search/note=bare",
+    ])  # fmt: skip
+    got = json.loads((tmp_path / "genai_config.json").read_text())
+    session = got["model"]["decoder"]["session_options"]
+    assert session["provider_options"] == [{"cuda": {"enable_cuda_graph": "0"}}]
+    assert session["ep.cuda.fpa_intb_profile_m"] == "1,2,4"
+    assert got["search"] == {"max_length": 4096, "note": "bare"}
