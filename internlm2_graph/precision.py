@@ -45,7 +45,8 @@ OPTIONS = {
     "use_cuda_bf16": "true/false: bf16 activations for int4 on cuda (default false: fp16)",
     "enable_cuda_graph": "true/false: capture decode in a CUDA graph (default true on cuda)",
     "enable_cuda_fpa_intb_gemm": "true/false: int4/int8 weights through onnxruntime's fpA_intB "
-    "GEMM on cuda: faster for many og.Engine streams, slower for one (default false)",
+    "GEMM on cuda: faster for many og.Engine streams, slower for one; symmetric weights in "
+    "blocks of 32 only (default false)",
     "max_length": "default search.max_length written to genai_config (default min(context, 4096))",
     "kv_cache_quant_scheme": "int8|int4|fp8 x _per_tensor|_per_channel: a quantized KV cache "
     "(default none); scales from kv_cache_scale_file, else calibrated on calibration_data",
@@ -399,6 +400,9 @@ def resolve_target(
     rules: tuple[TensorRule, ...] = ()
     if quantized:
         quant, lm_head_quant, embedding_quant, rules = _quant_specs(precision, cuda, options)
+    fpa_intb_gemm = quantized and _bool(options, "enable_cuda_fpa_intb_gemm", False)
+    if fpa_intb_gemm:
+        _check_fpa_intb(quant)
     algorithm = _algorithm(options, calibrated_kv)
     return Target(
         precision=precision,
@@ -413,10 +417,35 @@ def resolve_target(
         algorithm=algorithm,
         calibration_data=options.get("calibration_data"),
         paged=_paged(options, execution_provider),
-        fpa_intb_gemm=quantized and _bool(options, "enable_cuda_fpa_intb_gemm", False),
+        fpa_intb_gemm=fpa_intb_gemm,
         embedding_quant=embedding_quant,
         tensor_rules=rules,
     )
+
+
+def fpa_intb_refusal(spec: QuantSpec) -> str | None:
+    """Why onnxruntime-gpu 1.31's fpA_intB kernels would not take a MatMulNBits of `spec`, or
+    None. Its wheel carries the compact kernel set: scale-only weights (no zero points, no
+    g_idx) in blocks of 32 (read from the wheel's kernels and messages); any other node keeps the
+    default path, so the session option would do nothing for it."""
+    if not spec.symmetric:
+        return "asymmetric weights (zero points)"
+    if spec.block_size != 32:
+        return f"blocks of {spec.block_size}"
+    if spec.permuted:
+        return "act-order weights (g_idx)"
+    return None
+
+
+def _check_fpa_intb(quant: QuantSpec) -> None:
+    why = fpa_intb_refusal(quant)
+    if why:
+        raise InternLM2GraphError(
+            f"--extra_options enable_cuda_fpa_intb_gemm=true: onnxruntime-gpu's fpA_intB kernels "
+            f"take symmetric weights in blocks of 32, not {why}, and would leave every "
+            "MatMulNBits on the default path; drop is_symmetric=false / int4_block_size, or "
+            "enable_cuda_fpa_intb_gemm"
+        )
 
 
 def _check_names(options: dict[str, str], other_options: Iterable[str]) -> None:

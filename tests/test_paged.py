@@ -35,6 +35,7 @@ from internlm2_graph.synthetic import make_config
 from internlm2_graph.weights import WeightBinder
 
 PAGED = {"use_paged_attention": "true"}
+FPA = {"enable_cuda_fpa_intb_gemm": "true"}
 
 
 def config_for(heads: int, kv_heads: int, head_dim: int = 16, layers: int = 2) -> InternLM2Config:
@@ -473,6 +474,9 @@ def test_plain_graph_is_unchanged_by_paged_code():
         ("fp32", "cuda", PAGED, "CUDA GroupQueryAttention runs fp16/bf16 only"),
         ("int4", "cpu", {"enable_cuda_fpa_intb_gemm": "true"}, "only applies to --execution_pro"),
         ("fp16", "cuda", {"enable_cuda_fpa_intb_gemm": "true"}, "only apply to --precision int4"),
+        ("int4", "cuda", {**FPA, "is_symmetric": "false"}, "not asymmetric weights"),
+        ("int4", "cuda", {**FPA, "int4_block_size": "64"}, "not blocks of 64"),
+        ("int8", "cuda", {**FPA, "int4_block_size": "128"}, "not blocks of 128"),
     ],
 )
 def test_refusals(precision, provider, options, message):

@@ -302,6 +302,10 @@ def awq_checkpoint(float_checkpoint, tmp_path_factory) -> Path:
         (["-p", "int4", "--extra_options", "is_symmetric=false"], "is_symmetric"),
         (["-p", "int4", "--extra_options", "algo_config=gptq"], "algo_config"),
         (["-p", "int8"], "int8 would requantize"),
+        (
+            ["-p", "int4", "-e", "cuda", "--extra_options", "enable_cuda_fpa_intb_gemm=true"],
+            "with asymmetric weights (zero points), and onnxruntime-gpu's fpA_intB",
+        ),
     ],
 )
 def test_options_that_would_change_the_codes_are_refused(
