@@ -13,6 +13,7 @@ decode), the baseline a single engine stream is held to.
         folders=ours=FOLDER,builder=FOLDER streams=1,8,32,64,128 resend=true
     python -m benchmarks run serving -e cuda --param study=engine_load folders=ours=FOLDER \
         identical=64                     # concurrent vs alone
+    ... trace=64 trace_mixed=true        # GPU time by kernel kind: a decode step, the chat run
 
 `measure(params)` gives flat dicts (one per model x measurement); `run(ctx)` turns them into the
 harness's rows (benchmarks/rows.py). Models run in turn, rounds (`--repeat`) alternate the order.
@@ -471,8 +472,8 @@ PARAMS = {  # folders / generator: NAME=DIR,... (paged folders / GroupQueryAtten
 SMOKE = {"streams": "1,2", "prompt": 8, "output": 4, "requests": 1, "identical": 2, "mixed": False}
 UNITS = {"output_tok_s": "tok/s", "identical_share": "", "step_ms": "ms", "gpu_busy_ms": "ms"}
 UNITS.update({"run_ms": "ms", "gpu_idle_share": ""})
-DETAILS = ("first_difference", "kernels_ms_per_step", "kernels_ms")  # into params, not metrics
 UNITS.update({f"{k}_{q}_ms": "ms" for k in ("ttft", "tpot") for q in ("p50", "p99")})
+DETAILS = ("first_difference", "kernels_ms_per_step", "kernels_ms")  # into params, not metrics
 
 
 def run(ctx) -> list:
