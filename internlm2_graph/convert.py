@@ -22,6 +22,7 @@ from internlm2_graph.precision import (
     LM_HEAD,
     QUANT_OPTIONS,
     Target,
+    check_fpa_intb,
     parse_extra_options,
     resolve_target,
 )
@@ -217,6 +218,7 @@ def for_checkpoint(target: Target, checkpoint: Checkpoint, config: InternLM2Conf
     target = target.for_layers(config.num_hidden_layers)
     if target.can_tie and tied(checkpoint, EMBEDDING, f"{LM_HEAD}.weight"):
         target = replace(target, tied_head=True)
+    check_fpa_intb(target, config.num_hidden_layers, str(checkpoint.folder))
     return target
 
 

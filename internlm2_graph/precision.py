@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from internlm2_graph import presets
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.tensor_precision import TensorRule, parse_format, parse_rules
+from internlm2_graph.tensor_precision import LINEARS, TensorRule, parse_format, parse_rules
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -435,6 +435,24 @@ def fpa_intb_refusal(spec: QuantSpec) -> str | None:
     if spec.permuted:
         return "act-order weights (g_idx)"
     return None
+
+
+def check_fpa_intb(target: Target, layers: int, source: str) -> None:
+    """enable_cuda_fpa_intb_gemm is refused where no MatMulNBits of the build can take it,
+    whatever decided the layers' formats (tensor_precision, a pre-quantized checkpoint)."""
+    if not target.fpa_intb_gemm:
+        return
+    names = [*(f"model.layers.{i}.{n}" for i in range(layers) for n in LINEARS), LM_HEAD]
+    specs = [spec for spec in map(target.linear_spec, names) if spec is not None]
+    why = [fpa_intb_refusal(spec) for spec in specs]
+    if specs and all(why):
+        kind = f" (a {target.prequantized} checkpoint)" if target.prequantized else ""
+        raise InternLM2GraphError(
+            f"--extra_options enable_cuda_fpa_intb_gemm=true: every quantized linear built from "
+            f"{source}{kind} has {why[0]}, and onnxruntime-gpu's fpA_intB kernels take "
+            "symmetric weights in blocks of 32 only; drop the option (its layers run on the "
+            "default MatMulNBits path)"
+        )
 
 
 def _check_fpa_intb(quant: QuantSpec) -> None:

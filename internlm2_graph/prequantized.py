@@ -38,7 +38,7 @@ import numpy as np
 from internlm2_graph.checkpoint import Checkpoint, TensorRef, wrong_dtype
 from internlm2_graph.config import InternLM2Config
 from internlm2_graph.errors import InternLM2GraphError
-from internlm2_graph.precision import ALIASES, QuantSpec, Target, fpa_intb_refusal
+from internlm2_graph.precision import ALIASES, QuantSpec, Target
 from internlm2_graph.quantize import QuantizedWeight
 
 FORMATS = ("awq", "gptq", "compressed-tensors")
@@ -607,15 +607,6 @@ def target(
             symmetric=scheme.symmetric,
             accuracy_level=base.quant.accuracy_level,
             permuted=_act_order(checkpoint, layout, module, scheme, k),
-        )
-    quantized = [spec for spec in specs.values() if spec is not None]
-    why = [fpa_intb_refusal(spec) for spec in quantized]
-    if base.fpa_intb_gemm and quantized and all(why):
-        raise InternLM2GraphError(
-            f"--extra_options enable_cuda_fpa_intb_gemm=true: {checkpoint.folder} is a "
-            f"{layout.name} checkpoint with {why[0]}, and onnxruntime-gpu's fpA_intB kernels "
-            "take symmetric weights in blocks of 32 only; drop the option (its layers run on "
-            "the default MatMulNBits path)"
         )
     return replace(base, layer_specs=specs, prequantized=layout.name)
 

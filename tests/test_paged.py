@@ -32,6 +32,7 @@ from internlm2_graph.precision import PagedSpec, resolve_target
 from internlm2_graph.reference import Cache, Reference, paged_attention
 from internlm2_graph.sizes import describe, paged_block_bytes, paged_blocks
 from internlm2_graph.synthetic import make_config
+from internlm2_graph.tensor_precision import LINEARS
 from internlm2_graph.weights import WeightBinder
 
 PAGED = {"use_paged_attention": "true"}
@@ -492,6 +493,22 @@ def test_cpu_build_refused_in_one_line_before_any_write(tiny_checkpoint, tmp_pat
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "og.Engine runs a folder built without it" in error
     assert not out.exists()
+
+
+@pytest.mark.model
+def test_fpa_intb_refused_where_no_linear_could_take_it(tiny_checkpoint, tmp_path, capsys):
+    """tensor_precision that moves every linear off fpA_intB's formats is refused like the
+    options that do (one check over the build's layers); one eligible linear is enough."""
+    asym = ",".join(f"{name}:int4-b32-asym" for name in LINEARS)
+    argv = ["-i", str(tiny_checkpoint), "-p", "int4", "-e", "cuda", "--extra_options"]
+    options = ["enable_cuda_fpa_intb_gemm=true", f"tensor_precision={asym}"]
+    out = tmp_path / "none"
+    assert main([*argv, *options, "lm_head_precision=int4-b64", "-o", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "every quantized linear built from" in error
+    assert "has asymmetric weights (zero points)" in error and not out.exists()
+    head_takes_it = tmp_path / "head"
+    assert main([*argv, *options, "-o", str(head_takes_it), "-q"]) == 0
 
 
 @pytest.mark.model

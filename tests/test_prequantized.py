@@ -304,7 +304,7 @@ def awq_checkpoint(float_checkpoint, tmp_path_factory) -> Path:
         (["-p", "int8"], "int8 would requantize"),
         (
             ["-p", "int4", "-e", "cuda", "--extra_options", "enable_cuda_fpa_intb_gemm=true"],
-            "with asymmetric weights (zero points), and onnxruntime-gpu's fpA_intB",
+            "has asymmetric weights (zero points), and onnxruntime-gpu's fpA_intB",
         ),
     ],
 )
